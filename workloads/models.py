@@ -1,0 +1,202 @@
+"""Model and tokenizer loading, quantization, LoRA, and the tiny-model factory.
+
+Every model, the tiny one included, is loaded through `from_pretrained`: the factory builds a small
+Llama and a locally trained BPE tokenizer once, saves them with `save_pretrained` into a cache keyed
+by their config, and hands back the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from workloads.config import REPO_ROOT, LoraConfig, ModelConfig, QuantizationConfig, TinyModelConfig
+
+TINY_FACTORY_VERSION = 2  # bump when the factory's output changes, so caches rebuild
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+# ChatML; {% generation %} marks assistant text for TRL's assistant_only_loss.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [REPO_ROOT / "workloads/bundled/arithmetic_train.jsonl"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where built models live: $LLMC_CACHE or ~/.cache/llmcluster."""
+    return Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmcluster")).expanduser()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A directory or hub id for `from_pretrained`; builds the tiny model on first use."""
+    if cfg.name == "tiny":
+        return str(build_tiny_model(cfg.tiny))
+    local = Path(cfg.name).expanduser()
+    return str(local.resolve()) if local.exists() else cfg.name
+
+
+def build_tiny_model(cfg: TinyModelConfig, out_dir: Path | None = None) -> Path:
+    """Build (or reuse from the cache) a small Llama and its tokenizer; returns the directory."""
+    key = hashlib.sha256(
+        json.dumps([TINY_FACTORY_VERSION, cfg.model_dump()], sort_keys=True).encode()
+        + b"".join(p.read_bytes() for p in _CORPUS)
+    ).hexdigest()[:12]
+    target = Path(out_dir) if out_dir else cache_dir() / "models" / f"tiny-{key}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        tokenizer = _train_tokenizer(cfg)
+        tokenizer.save_pretrained(staging)
+        _init_llama(cfg, tokenizer).save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: concurrent builders race safely, the first one wins
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _corpus_lines() -> list[str]:
+    lines = []
+    for path in _CORPUS:
+        for row in map(json.loads, path.read_text().splitlines()):
+            lines.extend(str(v) for v in row.values())
+    lines += ["user", "assistant", "system", "The answer is", "Question:", "Answer:"]
+    return lines
+
+
+def _train_tokenizer(cfg: TinyModelConfig):
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Digits one token each: arithmetic stays learnable for a tiny model.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus_lines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",  # ends an assistant turn, so generation stops there
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "</s>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=cfg.max_position_embeddings,
+    )
+
+
+def _init_llama(cfg: TinyModelConfig, tokenizer):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str,
+    dtype: str = "float32",
+    quantization: QuantizationConfig | None = None,
+    device: str | torch.device | None = None,
+):
+    """A causal LM from `path`; 4-bit bitsandbytes weights when `quantization` is given."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": torch_dtype(dtype)}
+    if quantization is not None:
+        compute = torch_dtype(quantization.compute_dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            # DeepSpeed shards what it sees; storage in the compute dtype lets ZeRO-3 partition 4-bit weights.
+            bnb_4bit_quant_storage=compute,
+        )
+        kwargs["device_map"] = {"": device or "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization is None and device is not None:
+        model.to(device)
+    return model
+
+
+def attach_lora(model, cfg: LoraConfig, quantized: bool = False, gradient_checkpointing: bool = False):
+    """Freeze the base and add trainable LoRA adapters (k-bit preparation first for QLoRA)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def merge_adapter(base_path: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Write base+adapter as one plain model. Merges into a full-precision base, never a 4-bit one."""
+    from peft import PeftModel
+
+    base = load_model(base_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    load_tokenizer(base_path).save_pretrained(out)
+    return out

@@ -1,0 +1,67 @@
+"""What a run leaves for people: metrics CSV, loss-curve PNG, the resolved recipe, a summary table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from workloads.config import dump_recipe
+
+
+def save_recipe(recipe: BaseModel, run_dir: Path) -> Path:
+    """The resolved recipe (every default filled in) beside the run's outputs: it reproduces the run."""
+    path = run_dir / "recipe.yaml"
+    dump_recipe(recipe, path)
+    return path
+
+
+def progress_line(row: dict, total_steps: int) -> str:
+    parts = [f"step {row['step']:>5}/{total_steps}", f"loss {row['loss']:.4f}"]
+    if row.get("eval_loss") is not None:
+        parts.append(f"eval_loss {row['eval_loss']:.4f}")
+    parts += [f"lr {row['lr']:.2e}", f"grad_norm {row['grad_norm']:.3f}", f"{row['tokens_per_second']:.0f} tok/s"]
+    return "[train] " + " | ".join(parts)
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
+    """Train loss per step and eval loss where measured, on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", linewidth=1)
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_summary(title: str, summary: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"results in {run_dir}")

@@ -1,0 +1,161 @@
+"""DeepSpeed or plain DDP behind one object: the train loop calls `train_step`, `save`, `load`, `export`.
+
+The DeepSpeed config comes from `workloads.plan.deepspeed_config` (pure, so GPU recipes are
+checked without a GPU). The optimizer, scheduler and gradient accumulation live here, not in recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from workloads.config import FinetuneRecipe, TrainConfig
+from workloads.plan import deepspeed_config
+
+_STATE_TAG = "state"
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier on the base learning rate at an optimizer step: warmup, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_scheduler == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class Strategy:
+    """Wraps the model for distributed training; one optimizer step per `train_step` call."""
+
+    def __init__(self, model: torch.nn.Module, recipe: FinetuneRecipe, world_size: int, device: torch.device):
+        self.recipe, self.world_size, self.device = recipe, world_size, device
+        self.use_deepspeed = recipe.deepspeed.enabled
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.use_deepspeed:
+            if not recipe.scaling.use_gpu:
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            import deepspeed
+
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model,
+                model_parameters=params,
+                config=deepspeed_config(recipe, world_size),
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.train)),
+            )
+            self.module = self.engine.module
+        else:
+            model.to(device)
+            self.engine = (
+                torch.nn.parallel.DistributedDataParallel(model)
+                if world_size > 1 and dist.is_initialized() else model
+            )
+            self.module = model
+            self.optimizer = torch.optim.AdamW(
+                params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay
+            )
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.train))
+
+    @property
+    def zero3(self) -> bool:
+        return self.use_deepspeed and self.recipe.deepspeed.stage == 3
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.engine(**batch).loss
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """Forward/backward every micro-batch, then one optimizer step; returns (mean loss, grad norm)."""
+        self.engine.train()
+        losses = []
+        for batch in micro_batches:
+            loss = self.forward_loss(batch)
+            if self.use_deepspeed:
+                self.engine.backward(loss)  # scales by accumulation steps itself
+                self.engine.step()  # steps the optimizer only at the accumulation boundary
+            else:
+                (loss / len(micro_batches)).backward()
+            losses.append(loss.item())
+        if self.use_deepspeed:
+            grad_norm = self.engine.get_global_grad_norm()
+        else:
+            trainable = [p for p in self.module.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.recipe.train.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return sum(losses) / len(losses), float(grad_norm if grad_norm is not None else float("nan"))
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """Token-weighted mean loss over this rank's batches, summed across all ranks."""
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            totals += torch.tensor([self.forward_loss(batch).item() * tokens, tokens], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        return float(totals[0] / max(totals[1], 1.0))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, directory: Path, rank: int, trainable_only: bool) -> None:
+        """Optimizer, scheduler and trainable weights of this rank into `directory/state` (all ranks)."""
+        state_dir = directory / _STATE_TAG
+        if self.use_deepspeed:
+            self.engine.save_checkpoint(str(state_dir), tag=_STATE_TAG, exclude_frozen_parameters=trainable_only)
+        elif rank == 0:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            weights = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+            torch.save(
+                {"weights": weights, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                state_dir / "trainer.pt",
+            )
+
+    def load(self, directory: Path) -> None:
+        state_dir = directory / _STATE_TAG
+        if self.use_deepspeed:
+            path, _ = self.engine.load_checkpoint(str(state_dir), tag=_STATE_TAG, load_module_strict=False)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed state in {state_dir}")
+            return
+        state = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["weights"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def export(self, directory: Path, rank: int, tokenizer) -> None:
+        """Rank 0 writes the HF-format model (the adapter alone for LoRA); all ranks must call it."""
+        params = [p for p in self.module.parameters() if p.requires_grad or not hasattr(self.module, "peft_config")]
+        gather = nullcontext()
+        if self.zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            if rank == 0:
+                self.module.save_pretrained(directory, safe_serialization=True)
+                tokenizer.save_pretrained(directory)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
