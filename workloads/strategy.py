@@ -123,10 +123,8 @@ class Strategy:
         elif rank == 0:
             state_dir.mkdir(parents=True, exist_ok=True)
             weights = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
-            torch.save(
-                {"weights": weights, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                state_dir / "trainer.pt",
-            )
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            torch.save({"weights": weights, **state}, state_dir / "trainer.pt")
 
     def load(self, directory: Path) -> None:
         state_dir = directory / _STATE_TAG
