@@ -8,17 +8,16 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from cluster.auth import auth_token
+
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 # Uploading these would waste the size limit on the working dir (and leak local state).
 WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "bench/results/", "**/__pycache__/", ".pytest_cache/"]
 
 
 def auth_headers() -> dict[str, str]:
-    """Ray 2.60 clusters require a bearer token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser()
-        token = path.read_text().strip() if path.is_file() else ""
+    """The dashboard's REST API answers 401 without the cluster token (Ray 2.60 default)."""
+    token = auth_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

@@ -32,6 +32,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from workloads.plan import finetune_plan
 
         report.update(finetune_plan(recipe))
+    if recipe.kind == "serve":
+        from workloads.plan import serve_plan
+
+        report.update(serve_plan(recipe))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -41,6 +45,22 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from workloads.finetune import run
 
     run(recipe, output_dir=args.output_dir, address=args.address)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, kind="serve")
+    from workloads.serve import run
+
+    run(recipe, address=args.address, port=args.port)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, kind="serve")
+    from workloads.generate import run
+
+    run(recipe, Path(args.input), Path(args.output), adapter=args.adapter)
     return 0
 
 
@@ -75,6 +95,21 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "SFT: full, LoRA or QLoRA on Ray Train workers",
         lambda p: (_recipe_args(p), p.add_argument("--output-dir", default=None, help="run directory")),
         _cmd_finetune,
+    ),
+    "serve": (
+        "OpenAI-compatible endpoint (vLLM on Ray Serve) for the model and its LoRA adapters, until Ctrl-C",
+        lambda p: (_recipe_args(p), p.add_argument("--port", type=int, default=None, help="HTTP port")),
+        _cmd_serve,
+    ),
+    "generate": (
+        "offline batch generation through the vLLM engine: JSONL prompts in, JSONL completions out",
+        lambda p: (
+            _recipe_args(p),
+            p.add_argument("--input", required=True, help="JSONL: {prompt} or {messages}, optional sampling fields"),
+            p.add_argument("--output", required=True, help="JSONL written here, one row per input row"),
+            p.add_argument("--adapter", default=None, help="adapters.paths NAME (or a PEFT dir) for every row"),
+        ),
+        _cmd_generate,
     ),
     "make-tiny-model": (
         "build the tiny Llama and tokenizer (cached) and print its directory",

@@ -7,11 +7,12 @@ module imports neither torch nor Ray, so validation runs before any cluster or m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,3 +249,155 @@ def apply_override(raw: dict, item: str) -> None:
 def dump_recipe(recipe: BaseModel, path: Path) -> None:
     """Write the resolved recipe (every default filled in) beside a run's outputs."""
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving and offline generation (kind: serve; `llmc serve` and `llmc generate` read the same recipe)
+# ---------------------------------------------------------------------------------------------
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_NAME = r"^[A-Za-z0-9_.-]+$"
+
+
+class EngineConfig(_Strict):
+    """vLLM engine knobs; continuous batching is the engine's, these bound it."""
+
+    model_id: str = Field("tiny", pattern=_NAME, description="Name clients send as `model`; adapters: MODEL_ID:NAME.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs (engine workers) one replica shards over.")
+    pipeline_parallel_size: int = Field(1, ge=1, le=16, description="Pipeline stages per replica.")
+    max_model_len: int = Field(512, ge=16, description="Context length: prompt plus generated tokens.")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences batched together per engine step.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step; null: vLLM's default.")
+    kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="CPU only: host RAM for the KV cache (GiB).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction for weights + KV.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    enforce_eager: bool = Field(True, description="No CUDA graphs / compilation: quicker start, slower steps.")
+    seed: int = Field(0, description="Engine sampling seed.")
+
+
+class ServeResourcesConfig(_Strict):
+    """Resources of each engine worker (one per tensor x pipeline rank) of one replica."""
+
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0, description="Logical CPUs per engine worker.")
+    gpus_per_worker: float = Field(1, gt=0, le=8, description="GPUs per engine worker when use_gpu is true.")
+    accelerator_type: str | None = Field(None, description="e.g. H100: pin replicas to that GPU type.")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="How one replica's workers are placed; STRICT_PACK keeps TP on one node."
+    )
+
+
+class AutoscalingConfig(_Strict):
+    """Replica count and backpressure of the model deployment (Ray Serve autoscaling)."""
+
+    min_replicas: int = Field(1, ge=0, le=256, description="Replicas kept even when idle (0: scale to zero).")
+    max_replicas: int = Field(1, ge=1, le=256, description="Upper bound the autoscaler may reach.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start; null: min_replicas.")
+    target_ongoing_requests: float = Field(8, gt=0, description="In-flight requests per replica to aim at.")
+    upscale_delay_s: float = Field(10, ge=0, description="Load must persist this long before adding replicas.")
+    downscale_delay_s: float = Field(120, ge=0, description="Idle time before removing replicas.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica runs at once; beyond it they queue.")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Queue bound per caller; when full, clients get 503 at once (-1: unbounded)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError("target_ongoing_requests above max_ongoing_requests can never be reached")
+        return self
+
+
+class AdaptersConfig(_Strict):
+    """LoRA adapters served by name beside the base model, from an object store."""
+
+    enabled: bool = Field(True, description="Serve LoRA adapters (vLLM enable_lora).")
+    paths: dict[str, str] = Field(
+        default_factory=dict, description="NAME: local PEFT adapter dir, uploaded to store_uri/NAME at start."
+    )
+    store_uri: str = Field("s3://llmc-adapters/tiny", description="Object-store folder with one folder per adapter.")
+    endpoint_url: str | None = Field(
+        "local", description="`local`: an S3 endpoint on 127.0.0.1 started on demand; null: the provider's; or a URL."
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest adapter rank the engine accepts.")
+    max_adapters_per_replica: int = Field(4, ge=1, description="Adapters one replica keeps loaded.")
+
+    @field_validator("paths")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in value if not re.match(_NAME, name)]
+        if bad:
+            raise ValueError(f"adapter names {bad} may hold only letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _store(self) -> AdaptersConfig:
+        if not self.store_uri.startswith(("s3://", "gs://", "abfss://", "azure://")):
+            raise ValueError("store_uri must be an object-store URI (s3://, gs://, abfss://, azure://)")
+        if self.endpoint_url == "local" and not self.store_uri.startswith("s3://"):
+            raise ValueError("endpoint_url `local` is an S3 endpoint: store_uri must start with s3://")
+        return self
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="HTTP bind address; anything but loopback needs an API key.")
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Accepted bearer keys (prefer api_key_env: recipes get committed)."
+    )
+    api_key_env: str | None = Field(
+        "LLMC_API_KEYS", description="Environment variable with comma-separated accepted keys, added to api_keys."
+    )
+    allow_unauthenticated: bool = Field(False, description="Allow a non-loopback host with no key at all.")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP router (cache is per replica).")
+
+
+class CacheConfig(_Strict):
+    max_entries: int = Field(1024, ge=0, description="Deterministic (temperature 0) answers kept; 0 turns it off.")
+
+
+class SamplingConfig(_Strict):
+    """Defaults of `llmc generate`; a prompt row may override each one."""
+
+    max_tokens: int = Field(64, ge=1, description="Generated tokens per sample.")
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=64, description="Samples per prompt.")
+    stop: list[str] = Field(default_factory=list, description="Stop sequences.")
+    seed: int | None = Field(0, description="Per-request seed: same seed, same samples.")
+
+
+class ServeRecipe(_Strict):
+    kind: Literal["serve"] = "serve"
+    model: ModelConfig
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: ServeResourcesConfig = Field(default_factory=ServeResourcesConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    generate: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ServeRecipe:
+        s, e = self.server, self.engine
+        if (s.host not in LOOPBACK_HOSTS and not s.api_keys and not s.api_key_env and not s.allow_unauthenticated):
+            raise ValueError(
+                f"server.host {s.host!r} is not loopback and no API key source is set: set server.api_keys or "
+                "server.api_key_env, or server.allow_unauthenticated: true to serve without keys"
+            )
+        if self.model.dtype == "float16" and not self.resources.use_gpu:
+            raise ValueError("model.dtype float16 needs GPUs (resources.use_gpu: true); use float32 or bfloat16 on CPU")
+        if self.model.name == "tiny" and e.max_model_len > self.model.tiny.max_position_embeddings:
+            raise ValueError(f"engine.max_model_len ({e.max_model_len}) exceeds the tiny model's "
+                             f"max_position_embeddings ({self.model.tiny.max_position_embeddings})")
+        if self.generate.max_tokens >= e.max_model_len:
+            raise ValueError("generate.max_tokens must leave room for the prompt within engine.max_model_len")
+        return self
+
+
+RECIPES["serve"] = ServeRecipe

@@ -1,0 +1,305 @@
+"""Serve a model on Ray Serve LLM (vLLM engine) behind an OpenAI-compatible ingress with our own concerns.
+
+Ray Serve LLM does the engine, continuous batching, streaming, LoRA multiplexing, autoscaling and the
+OpenAI routes; this module adds what it does not: API keys (a middleware that only ever sees key
+hashes), a bounded response cache for deterministic requests, request checks with clear 4xx
+messages, and `/health`. `ServeSpec` is a plain description, built by `workloads.serve` from a recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from fastapi import Request
+from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+from ray.llm._internal.serve.core.ingress.ingress import init as _stock_ingress_app
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import JSONResponse, Response
+
+# Routes anyone may call: readiness must work for a load balancer that holds no key.
+PUBLIC_PATHS = frozenset({"/health", "/-/healthz", "/-/routes"})
+CACHE_HEADER = "x-llmc-cache"
+# Fields that identify a request rather than shape its answer: left out of the cache key.
+_NOT_IN_CACHE_KEY = {"request_id", "user", "stream", "stream_options"}
+
+
+@dataclass
+class ServeSpec:
+    """Everything needed to deploy one model (and its adapters) as an OpenAI-compatible app."""
+
+    model_id: str  # the name clients send as `model`
+    model_source: str  # directory or hub id the engine loads
+    engine_kwargs: dict[str, Any]
+    placement_group_config: dict[str, Any]
+    deployment_config: dict[str, Any]  # autoscaling_config, max_ongoing_requests, max_queued_requests
+    env_vars: dict[str, str] = field(default_factory=dict)  # engine and ingress processes
+    accelerator_type: str | None = None
+    lora_uri: str | None = None  # object-store prefix holding one folder per adapter
+    max_adapters_per_replica: int = 4
+    max_model_len: int = 2048
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_hashes: list[str] = field(default_factory=list)  # sha256 hex; the keys never leave the driver
+    cache_entries: int = 1024  # 0 turns the response cache off
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.5
+    app_name: str = "llmc"
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/v1"
+
+
+def key_hash(key: str) -> str:
+    """The form in which an API key travels to the cluster: a SHA-256 hex digest."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingress: API keys, cache, checks
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiKeyMiddleware(BaseHTTPMiddleware):
+    """401 for any non-public route without `Authorization: Bearer <key>` whose hash is allowed."""
+
+    def __init__(self, app, key_hashes: frozenset[str]):
+        super().__init__(app)
+        self._hashes = key_hashes
+
+    async def dispatch(self, request: Request, call_next):
+        if not self._hashes or request.url.path in PUBLIC_PATHS:
+            return await call_next(request)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = key_hash(token.strip()) if scheme.lower() == "bearer" and token.strip() else ""
+        if not any(hmac.compare_digest(digest, allowed) for allowed in self._hashes):
+            # Never echo or log what was presented.
+            return _error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                          "authentication_error")
+        return await call_next(request)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(status_code=status, content=body)
+
+
+class ResponseCache:
+    """A bounded LRU of JSON answers keyed by the request's answer-shaping fields, with counters."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, dict] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    @staticmethod
+    def key(kind: str, body: CompletionRequest | ChatCompletionRequest) -> str | None:
+        """A key for a deterministic (temperature 0, non-streaming) request; None for any other."""
+        if not body.temperature == 0 or body.stream:  # None means the engine's default, not greedy
+            return None
+        fields = body.model_dump(mode="json", exclude_unset=True, exclude=_NOT_IN_CACHE_KEY)
+        return hashlib.sha256(json.dumps([kind, fields], sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, content: dict) -> None:
+        self._entries[key] = content
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries),
+                "max_entries": self.max_entries, "evictions": self.evictions}
+
+
+class LlmcIngress(OpenAiIngress):
+    """Ray Serve LLM's OpenAI router plus request checks, the response cache, `/health` and cache stats."""
+
+    def __init__(self, llm_deployments, model_cards, *, max_model_len: int, cache_entries: int, **kwargs):
+        super().__init__(llm_deployments, model_cards, **kwargs)
+        self._max_model_len = max_model_len
+        self._cache = ResponseCache(cache_entries) if cache_entries > 0 else None
+
+    # Handlers keep their annotations: FastAPI reads the body's type from them.
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._answer("completions", body, request, body.max_tokens, "max_tokens")
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        limit, name = (body.max_completion_tokens, "max_completion_tokens")
+        if limit is None:
+            limit, name = body.max_tokens, "max_tokens"
+        return await self._answer("chat", body, request, limit, name)
+
+    async def health(self) -> Response:
+        """200 once every engine answers its health check, 503 otherwise."""
+        try:
+            for handle in self._default_serve_handles.values():
+                await handle.options(stream=False).check_health.remote()
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return _error(503, f"engine not healthy: {type(exc).__name__}", "service_unavailable")
+        return JSONResponse({"status": "ok", "models": sorted(self._model_cards)})
+
+    async def cache_stats(self) -> Response:
+        """Hit/miss counters of this ingress replica's response cache."""
+        return JSONResponse(self._cache.stats() if self._cache else {"enabled": False})
+
+    async def _answer(self, kind: str, body, request: Request, max_tokens: int | None, param: str) -> Response:
+        problem = self._check(body, max_tokens, param)
+        if problem is not None:
+            return problem
+        key = ResponseCache.key(kind, body) if self._cache else None
+        if key is not None:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return JSONResponse(cached, headers={CACHE_HEADER: "hit"})
+        response = await self._process_llm_request(body, call_method=kind, raw_request=request)
+        if key is not None and isinstance(response, JSONResponse) and response.status_code == 200:
+            self._cache.put(key, json.loads(response.body))
+            response.headers[CACHE_HEADER] = "miss"
+        return response
+
+    def _check(self, body, max_tokens: int | None, param: str) -> JSONResponse | None:
+        """Reject what the engine would reject late or vaguely, naming the field."""
+        if max_tokens is not None and max_tokens < 1:
+            return _error(400, f"{param} must be at least 1, got {max_tokens}", param=param)
+        if max_tokens is not None and max_tokens > self._max_model_len:
+            return _error(400, f"{param}={max_tokens} exceeds the model's context length "
+                               f"({self._max_model_len} tokens, prompt included)", param=param)
+        if body.n is not None and body.n < 1:
+            return _error(400, f"n must be at least 1, got {body.n}", param="n")
+        return None
+
+
+_ENDPOINTS = {
+    **{name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")},
+    "health": lambda app: app.get("/health"),
+    "cache_stats": lambda app: app.get("/v1/cache/stats"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and running the app
+# ---------------------------------------------------------------------------------------------
+
+
+def llm_config(spec: ServeSpec) -> LLMConfig:
+    """The Ray Serve LLM config of the model deployment (engine, placement, autoscaling, LoRA)."""
+    lora = None
+    if spec.lora_uri:
+        lora = {"dynamic_lora_loading_path": spec.lora_uri.rstrip("/"),
+                "max_num_adapters_per_replica": spec.max_adapters_per_replica}
+    return LLMConfig(
+        model_loading_config={"model_id": spec.model_id, "model_source": spec.model_source},
+        engine_kwargs=copy.deepcopy(spec.engine_kwargs),
+        placement_group_config=copy.deepcopy(spec.placement_group_config),
+        deployment_config=copy.deepcopy(spec.deployment_config),
+        runtime_env={"env_vars": dict(spec.env_vars)} if spec.env_vars else None,
+        accelerator_type=spec.accelerator_type,
+        lora_config=lora,
+    )
+
+
+def build_app(spec: ServeSpec):
+    """The Serve application: one LLMServer deployment behind an `LlmcIngress` deployment."""
+    config = llm_config(spec)
+    server = build_llm_deployment(config)
+    app = _stock_ingress_app()  # Ray Serve LLM's FastAPI app: error handling, CORS, request ids
+    app.add_middleware(ApiKeyMiddleware, key_hashes=frozenset(spec.api_key_hashes))  # outermost: runs first
+    ingress_cls = make_fastapi_ingress(LlmcIngress, endpoint_map=_ENDPOINTS, app=app)
+    options = {
+        "name": "ingress",
+        "num_replicas": spec.ingress_replicas,
+        "max_ongoing_requests": 4096,  # the engine deployment sheds load; the router must not
+        "ray_actor_options": {"num_cpus": spec.ingress_cpus,
+                              "runtime_env": {"env_vars": dict(spec.env_vars)} if spec.env_vars else {}},
+    }
+    return serve.deployment(ingress_cls, **options).bind(
+        llm_deployments={spec.model_id: server},
+        model_cards={spec.model_id: to_model_metadata(spec.model_id, config)},
+        lora_paths={spec.model_id: config.lora_config.dynamic_lora_loading_path} if spec.lora_uri else {},
+        max_model_len=spec.max_model_len,
+        cache_entries=spec.cache_entries,
+    )
+
+
+def start(spec: ServeSpec, timeout_s: float = 900) -> str:
+    """Deploy the app on the connected Ray cluster and wait until it runs; returns the base URL."""
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    bound = _running_http_port()
+    if bound is not None and bound != spec.port:
+        raise RuntimeError(f"Serve already runs on this cluster with HTTP port {bound}, not {spec.port}: "
+                           "use that port or stop the other app first")
+    serve.run(build_app(spec), name=spec.app_name, route_prefix="/", blocking=False)
+    _wait_running(spec.app_name, timeout_s)
+    return spec.url
+
+
+def _running_http_port() -> int | None:
+    try:
+        return serve.context._get_global_client().http_config.port
+    except Exception:  # noqa: BLE001 - no client yet
+        return None
+
+
+def _wait_running(app_name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"serving app {app_name!r} failed: {app.message or _deployment_messages(app)}")
+        time.sleep(2)
+    raise TimeoutError(f"serving app {app_name!r} not running after {timeout_s:.0f}s")
+
+
+def _deployment_messages(app) -> str:
+    return "; ".join(f"{name}: {d.message}" for name, d in app.deployments.items() if d.message)
+
+
+def status(app_name: str = "llmc") -> dict:
+    """Application and deployment states, with replica counts (the autoscaler's decisions show here)."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {"app": app_name, "status": "NOT_STARTED", "deployments": {}}
+    return {
+        "app": app_name,
+        "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+        "deployments": {
+            name: {
+                "status": str(getattr(d.status, "value", d.status)),
+                "trigger": str(getattr(d.status_trigger, "value", d.status_trigger)),
+                "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()},
+                "message": d.message,
+            }
+            for name, d in app.deployments.items()
+        },
+    }
+
+
+def stop(app_name: str = "llmc") -> None:
+    """Delete the app (its replicas and engines); Serve itself keeps running for other apps."""
+    if ray.is_initialized():
+        serve.delete(app_name)

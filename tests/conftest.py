@@ -1,0 +1,118 @@
+"""Session fixtures: one tiny model and one real Ray cluster (`ray start --head`) for the whole run.
+
+Every end-to-end test talks to that cluster: subprocesses through RAY_ADDRESS, this process through
+`ray.init(address=...)`. The cluster runs in its own process group, so teardown stops exactly it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# One cache per machine: the tiny model is built once and reused by every later session.
+os.environ.setdefault("LLMC_CACHE", str(Path.home() / ".cache" / "llmcluster"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The session's `ray start` head enforces token auth (Ray 2.60 default); this process and every
+# subprocess driver must send the token, and Ray reads this once, when it is first imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # GCS address for ray.init / RAY_ADDRESS
+    dashboard_url: str  # job submission API
+    temp_dir: str
+    pgid: int  # the cluster's process group: its raylet, GCS and workers
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from workloads.config import TinyModelConfig
+    from workloads.models import build_tiny_model
+
+    return build_tiny_model(TinyModelConfig())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_model_dir) -> RayCluster:
+    """A local head node with 8 logical CPUs (training workers, Serve ingress and engines share it)."""
+    port, dash_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    ray_bin = Path(sys.executable).with_name("ray")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=8",
+         "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+        # Jobs run `python -m workloads.cli`: this venv's python must come first on the cluster's PATH.
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+    )
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}", temp_dir, proc.pid)
+    _wait_for_dashboard(cluster.dashboard_url, proc)
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = cluster.address
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None) if previous is None else os.environ.update(RAY_ADDRESS=previous)
+    _stop_group(proc)
+
+
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)  # noqa: S310 (loopback)
+            return
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP answer (e.g. 401) means it is up
+                return
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {url} did not come up in {timeout}s")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # workers the raylet left behind in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_llmc(*args: str, timeout: float = 900, env: dict | None = None,
+             cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the real `llmc` entry point in a subprocess; output captured for assertions."""
+    return subprocess.run(
+        [sys.executable, "-m", "workloads.cli", *args],
+        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
