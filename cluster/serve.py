@@ -26,6 +26,7 @@ from ray.llm._internal.serve.core.ingress.ingress import init as _stock_ingress_
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse, Response
 
@@ -91,6 +92,12 @@ class ApiKeyMiddleware(BaseHTTPMiddleware):
             return _error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                           "authentication_error")
         return await call_next(request)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's {"detail": ...} errors (e.g. unknown model, 404) in the OpenAI error shape."""
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
+    return _error(exc.status_code, str(exc.detail), kind, param="model" if exc.status_code == 404 else None)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -227,6 +234,7 @@ def build_app(spec: ServeSpec):
     server = build_llm_deployment(config)
     app = _stock_ingress_app()  # Ray Serve LLM's FastAPI app: error handling, CORS, request ids
     app.add_middleware(ApiKeyMiddleware, key_hashes=frozenset(spec.api_key_hashes))  # outermost: runs first
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     ingress_cls = make_fastapi_ingress(LlmcIngress, endpoint_map=_ENDPOINTS, app=app)
     options = {
         "name": "ingress",

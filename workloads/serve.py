@@ -1,0 +1,154 @@
+"""`llmc serve RECIPE [--port P]`: an OpenAI-compatible endpoint for a model and its LoRA adapters.
+
+The driver checks everything it can before touching Ray (recipe, keys, adapters), uploads the
+adapters to the recipe's object store (starting a local S3 endpoint on 127.0.0.1 when the store is
+the default local one), deploys through `cluster.serve`, prints the URL and serves until Ctrl-C,
+then deletes the app. API keys stay in this process: the cluster only receives their hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from workloads.config import LOOPBACK_HOSTS, RecipeError, ServeRecipe, resolve_path
+from workloads.objectstore import LocalS3, s3_env, split_uri, upload_adapter
+from workloads.plan import (
+    SERVE_INGRESS_CPUS,
+    serve_bundle_per_worker,
+    serve_deployment_config,
+    serve_engine_env,
+    serve_engine_kwargs,
+)
+
+
+def api_keys(recipe: ServeRecipe) -> list[str]:
+    """Accepted keys: the recipe's plus the comma-separated ones in `server.api_key_env`."""
+    keys = [k.get_secret_value() for k in recipe.server.api_keys]
+    if recipe.server.api_key_env:
+        keys += [k.strip() for k in os.environ.get(recipe.server.api_key_env, "").split(",") if k.strip()]
+    return keys
+
+
+def check_before_start(recipe: ServeRecipe, keys: list[str]) -> dict[str, Path]:
+    """Refuse what cannot or must not run, before any Ray work; returns the adapter dirs by name."""
+    s = recipe.server
+    if s.host not in LOOPBACK_HOSTS and not keys and not s.allow_unauthenticated:
+        env = f" or ${s.api_key_env}" if s.api_key_env else ""
+        raise RecipeError(
+            f"field 'server.host': refusing to bind {s.host!r} without an API key: set server.api_keys{env}, "
+            "bind 127.0.0.1, or set server.allow_unauthenticated: true"
+        )
+    adapters = {}
+    for name, path in recipe.adapters.paths.items():
+        found = resolve_path(path)
+        config = found / "adapter_config.json" if found else None
+        if config is None or not config.is_file():
+            raise RecipeError(f"field 'adapters.paths.{name}': {path!r} is not a PEFT adapter directory")
+        rank = json.loads(config.read_text()).get("r", 0)
+        if rank > recipe.adapters.max_lora_rank:
+            raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank {rank}, "
+                              f"above max_lora_rank {recipe.adapters.max_lora_rank}")
+        adapters[name] = found
+    if adapters and not recipe.adapters.enabled:
+        raise RecipeError("field 'adapters.enabled': adapters.paths are listed but adapters are disabled")
+    return adapters
+
+
+@contextlib.contextmanager
+def adapter_store(recipe: ServeRecipe, adapters: dict[str, Path]) -> Iterator[tuple[str | None, dict[str, str]]]:
+    """Upload adapters and yield (store URI or None, environment for the S3 endpoint); local S3 lives as long."""
+    a = recipe.adapters
+    if not a.enabled:
+        yield None, {}
+        return
+    with contextlib.ExitStack() as stack:
+        endpoint = a.endpoint_url
+        if endpoint == "local":
+            endpoint = stack.enter_context(LocalS3()).endpoint_url
+        store = a.store_uri.rstrip("/")
+        if store.startswith("s3://"):
+            bucket, prefix = split_uri(store)
+            for name, path in adapters.items():
+                upload_adapter(path, f"s3://{bucket}/{prefix}/{name}", endpoint)
+            if not adapters and endpoint is not None:
+                _ensure_prefix(bucket, prefix, endpoint)
+        elif adapters:
+            raise RecipeError(f"field 'adapters.store_uri': uploading is implemented for s3:// only, got {store!r}")
+        yield store, s3_env(endpoint)
+
+
+def _ensure_prefix(bucket: str, prefix: str, endpoint: str) -> None:
+    """An empty store still has to exist, or listing adapters fails."""
+    from workloads.objectstore import _client, _ensure_bucket
+
+    client = _client(endpoint)
+    _ensure_bucket(client, bucket)
+    client.put_object(Bucket=bucket, Key=f"{prefix}/.keep", Body=b"")
+
+
+def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: dict[str, str], keys: list[str],
+               port: int | None = None):
+    """The plain `cluster.serve.ServeSpec` for this recipe."""
+    from cluster.serve import ServeSpec, key_hash
+
+    r = recipe.resources
+    return ServeSpec(
+        model_id=recipe.engine.model_id,
+        model_source=model_source,
+        engine_kwargs=serve_engine_kwargs(recipe),
+        placement_group_config={"bundle_per_worker": serve_bundle_per_worker(recipe),
+                                "strategy": r.placement_strategy},
+        deployment_config=serve_deployment_config(recipe),
+        env_vars={**serve_engine_env(recipe), **env},
+        accelerator_type=r.accelerator_type,
+        lora_uri=store,
+        max_adapters_per_replica=recipe.adapters.max_adapters_per_replica,
+        max_model_len=recipe.engine.max_model_len,
+        host=recipe.server.host,
+        port=port or recipe.server.port,
+        api_key_hashes=sorted({key_hash(k) for k in keys}),
+        cache_entries=recipe.cache.max_entries,
+        ingress_replicas=recipe.server.ingress_replicas,
+        ingress_cpus=SERVE_INGRESS_CPUS,
+    )
+
+
+def run(recipe: ServeRecipe, address: str | None = None, port: int | None = None,
+        stop_event: threading.Event | None = None) -> None:
+    """Serve until Ctrl-C (or `stop_event`), then delete the app."""
+    keys = api_keys(recipe)
+    adapters = check_before_start(recipe, keys)
+    from cluster import runtime
+    from cluster import serve as cluster_serve
+    from workloads.models import resolve_model_path
+
+    model_source = resolve_model_path(recipe.model)
+    stop_event = stop_event or _stop_on_signals()
+    with adapter_store(recipe, adapters) as (store, env):
+        print(f"[llmc] {runtime.connect(address)}", flush=True)
+        spec = build_spec(recipe, model_source, store, env, keys, port)
+        print(f"[llmc] deploying {spec.model_id} (engine start takes a minute on CPU) ...", flush=True)
+        try:
+            url = cluster_serve.start(spec)
+            names = [spec.model_id] + [f"{spec.model_id}:{name}" for name in adapters]
+            print(f"[llmc] serving models {', '.join(names)}", flush=True)
+            print(f"[llmc] auth: {'bearer key required' if keys else 'none (loopback only)'}", flush=True)
+            print(f"[llmc] ready: {url}", flush=True)
+            while not stop_event.wait(1.0):
+                pass
+        finally:
+            print("[llmc] stopping ...", flush=True)
+            cluster_serve.stop(spec.app_name)
+
+
+def _stop_on_signals() -> threading.Event:
+    event = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: event.set())
+    return event
