@@ -170,7 +170,17 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization is None and device is not None:
         model.to(device)
+    if quantization is not None:
+        _keep_4bit_layout(model)
     return model
+
+
+def _keep_4bit_layout(model) -> None:
+    """bitsandbytes repacks 4-bit weights in place on the first eval-mode CPU forward (AVX512-BF16 path);
+    with non-uint8 storage that repacking cannot be undone and `state_dict()` (checkpoints) then fails."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model, cfg: LoraConfig, quantized: bool = False, gradient_checkpointing: bool = False):
