@@ -1,0 +1,371 @@
+"""Serving end to end: `llmc serve` on the session's Ray cluster, answered through the real `openai` client.
+
+One server for the module (a vLLM engine takes about a minute to start on 2 cores): the tiny model
+plus a LoRA adapter with random weights (no training run needed), an API key from the environment,
+the adapter store a local S3 endpoint started by the driver. Tests that need no server come first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.conftest import REPO, free_port, run_llmc
+from workloads.config import load_recipe
+from workloads.plan import serve_plan
+
+RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
+GPU_RECIPE = REPO / "workloads/configs/llama3-8b-serve.yaml"
+CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
+PROMPT = "12+7="
+
+
+def random_adapter(model_dir: Path, out_dir: Path, seed: int = 1) -> Path:
+    """A PEFT LoRA adapter for the tiny model with random (non-zero) weights: it changes greedy output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(out_dir))
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a server: recipe rules, the plan, the GPU recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def test_non_loopback_host_without_a_key_is_refused_before_any_work():
+    env = {"LLMC_API_KEYS": ""}
+    result = run_llmc("serve", str(RECIPE), "--set", "server.host=0.0.0.0", env=env, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "field 'server.host'" in result.stderr and "refusing to bind '0.0.0.0'" in result.stderr
+    assert "Ray" not in result.stdout  # refused before connecting
+    static = run_llmc("validate", str(RECIPE), "--set", "server.host=0.0.0.0", "--set", "server.api_key_env=null",
+                      timeout=120)
+    assert static.returncode == 2 and "server.host" in static.stderr, static.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("autoscaling.min_replicas=3", "min_replicas (3) exceeds max_replicas"),
+        ("engine.max_model_len=4096", "exceeds the tiny model's max_position_embeddings"),
+        ("adapters.store_uri=/tmp/adapters", "object-store URI"),
+        ("adapters.paths={'a:b': x}", "adapter names"),
+        ("generate.max_tokens=600", "leave room for the prompt"),
+        ("server.cache=1", "unknown field"),
+    ],
+)
+def test_bad_serve_recipe_exits_2_with_the_reason(change, message):
+    result = run_llmc("validate", str(RECIPE), "--set", change, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_gpu_recipe_plan_matches_ray_serve_llm_placement_and_fits_the_cluster(ray_cluster):
+    from ray.serve.llm.deployment import LLMServer
+
+    from cluster.serve import llm_config
+    from workloads.serve import build_spec
+
+    recipe = load_recipe(GPU_RECIPE)
+    plan = serve_plan(recipe)
+    tp = recipe.engine.tensor_parallel_size
+    assert tp == 2 and recipe.resources.use_gpu and recipe.model.dtype == "bfloat16"
+    assert plan["engine_workers_per_replica"] == tp
+    assert [b["GPU"] for b in plan["placement_bundles_per_replica"]] == [1, 1]
+    assert plan["total_resources_at_max_replicas"]["GPU"] == tp * recipe.autoscaling.max_replicas
+    assert plan["engine_kwargs"]["tensor_parallel_size"] == tp and plan["engine_kwargs"]["enable_lora"]
+    # Ray Serve LLM's own placement for the same recipe: the plan must be what it will ask the cluster for.
+    spec = build_spec(recipe, recipe.model.name, recipe.adapters.store_uri, {}, ["key"])
+    options = LLMServer.get_deployment_options(llm_config(spec))
+    assert options["placement_group_bundles"] == plan["placement_bundles_per_replica"]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["autoscaling_config"]["max_replicas"] == recipe.autoscaling.max_replicas
+    assert options["max_queued_requests"] == recipe.autoscaling.max_queued_requests
+    # Every replica fits on one GPU node (STRICT_PACK), and max_replicas fit the cluster's GPU nodes.
+    gpu_nodes = [t for t in CLUSTER["available_node_types"].values() if t.get("resources", {}).get("GPU")]
+    per_node = max(t["resources"]["GPU"] for t in gpu_nodes)
+    cpus_per_node = max(t["resources"].get("CPU", 0) for t in gpu_nodes)
+    assert per_node >= tp and cpus_per_node >= plan["resources_per_replica"]["CPU"]
+    replicas_that_fit = sum(t["max_workers"] * (t["resources"]["GPU"] // tp) for t in gpu_nodes)
+    assert replicas_that_fit >= recipe.autoscaling.max_replicas
+
+
+def test_tiny_and_gpu_serve_recipes_differ_only_where_scale_does():
+    tiny, gpu = load_recipe(RECIPE), load_recipe(GPU_RECIPE)
+    assert tiny.adapters.enabled and gpu.adapters.enabled
+    assert tiny.adapters.store_uri.startswith("s3://") and gpu.adapters.store_uri.startswith("s3://")
+    assert tiny.adapters.endpoint_url == "local" and gpu.adapters.endpoint_url is None
+    assert tiny.server.api_key_env == gpu.server.api_key_env == "LLMC_API_KEYS"
+    assert gpu.autoscaling.max_replicas > gpu.autoscaling.min_replicas  # autoscaled
+
+
+# ---------------------------------------------------------------------------------------------
+# One real server for the rest of the module
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    base: str  # http://127.0.0.1:PORT
+    key: str
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key or self.key, max_retries=0, timeout=300)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model_dir, tmp_path_factory):
+    adapter = random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "arith")
+    port, key = free_port(), "llmc-test-" + secrets.token_hex(12)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workloads.cli", "serve", str(RECIPE), "--port", str(port),
+         "--set", f"adapters.paths.arith={adapter}", "--set", "autoscaling.upscale_delay_s=2"],
+        cwd=REPO, env={**os.environ, "LLMC_API_KEYS": key}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    srv = Server(f"http://127.0.0.1:{port}", key, proc)
+    ready = threading.Event()
+
+    def drain() -> None:  # the driver streams replica logs: keep reading so it never blocks
+        for line in proc.stdout:
+            srv.lines.append(line)
+            if line.startswith("[llmc] ready:"):
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + 600
+    while not ready.wait(2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("llmc serve did not come up:\n" + "".join(srv.lines[-60:]))
+    yield srv
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_models_lists_the_base_model_and_the_adapter_by_name(server):
+    assert {m.id for m in server.client().models.list().data} == {"tiny", "tiny:arith"}
+
+
+def test_completion_and_chat_answer_with_usage(server):
+    client = server.client()
+    done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0.7, top_p=0.9, seed=3)
+    assert done.choices[0].text and done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.completion_tokens <= 12
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                          max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content is not None
+    assert chat.usage.prompt_tokens > 0 and 0 < chat.usage.completion_tokens <= 10
+
+
+def test_streaming_matches_the_non_streamed_greedy_answer(server):
+    client = server.client()
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stream=True))
+    assert len(chunks) > 1 and "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    messages = [{"role": "user", "content": "Add 3 and 4."}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_n_samples_and_stop_sequences(server):
+    client = server.client()
+    many = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=3, temperature=1.0, seed=7)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+    cut = next(i for i, ch in enumerate(text) if i > 0 and ch.isascii() and ch.isalnum())
+    stopped = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=[text[cut]])
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[:cut]
+
+
+def test_adapter_by_name_answers_differently_from_the_base_model(server):
+    client = server.client()
+    base = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0)
+    tuned = client.completions.create(model="tiny:arith", prompt=PROMPT, max_tokens=16, temperature=0)
+    assert tuned.model == "tiny:arith" and tuned.choices[0].text != base.choices[0].text
+    chat = client.chat.completions.create(model="tiny:arith", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content is not None
+
+
+def test_requests_without_a_valid_key_get_401_and_health_is_public(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.key}):
+        resp = httpx.post(f"{server.base}/v1/completions", json={"model": "tiny", "prompt": "x"}, headers=headers)
+        assert resp.status_code == 401 and "API key" in resp.json()["error"]["message"]
+    assert httpx.get(f"{server.base}/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="not-the-key").models.list()
+    health = httpx.get(f"{server.base}/health", timeout=60)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+BAD_REQUESTS = [
+    # (what, path, body or raw bytes, status, words the message must hold)
+    ("malformed JSON", "completions", b'{"model": "tiny", "prompt": ', 400, "JSON"),
+    ("unknown model", "completions", {"model": "nope", "prompt": "x"}, 404, "nope"),
+    ("negative max_tokens", "completions", {"model": "tiny", "prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ("huge max_tokens", "completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**9}, 400, "context length"),
+    ("prompt over the context", "completions", {"model": "tiny", "prompt": "1+1=" * 400, "max_tokens": 4}, 400,
+     "maximum context length"),
+    ("wrong type", "completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("chat without messages", "chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("chat, huge max_tokens", "chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999}, 400, "max_tokens"),
+]
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem_while_a_good_request_succeeds(server):
+    client = server.client()
+    with ThreadPoolExecutor(max_workers=len(BAD_REQUESTS) + 1) as pool:
+        good = pool.submit(client.chat.completions.create, model="tiny", max_tokens=48, temperature=0,
+                           messages=[{"role": "user", "content": "Count to ten."}], extra_body={"ignore_eos": True})
+
+        def send(case):
+            _, path, body, _, _ = case
+            kwargs = {"content": body, "headers": {**server.headers, "content-type": "application/json"}} \
+                if isinstance(body, bytes) else {"json": body, "headers": server.headers}
+            return httpx.post(f"{server.base}/v1/{path}", timeout=120, **kwargs)
+
+        answers = list(pool.map(send, BAD_REQUESTS))
+        reply = good.result(timeout=300)
+    for (what, _, _, status, words), resp in zip(BAD_REQUESTS, answers, strict=True):
+        assert resp.status_code == status, f"{what}: {resp.status_code} {resp.text}"
+        assert words in resp.json()["error"]["message"], f"{what}: {resp.text}"
+    assert reply.usage.completion_tokens == 48
+
+
+def test_repeated_greedy_request_is_answered_from_the_cache(server):
+    client = server.client()
+    before = httpx.get(f"{server.base}/v1/cache/stats", headers=server.headers).json()
+    ask = {"model": "tiny", "prompt": "cache me: 5+5=", "max_tokens": 12, "temperature": 0}
+    first = client.completions.with_raw_response.create(**ask)
+    second = client.completions.with_raw_response.create(**ask)
+    assert (first.headers["x-llmc-cache"], second.headers["x-llmc-cache"]) == ("miss", "hit")
+    assert first.parse().choices[0].text == second.parse().choices[0].text
+    sampled = client.completions.with_raw_response.create(**{**ask, "temperature": 0.8})
+    assert "x-llmc-cache" not in sampled.headers  # only deterministic requests are cached
+    after = httpx.get(f"{server.base}/v1/cache/stats", headers=server.headers).json()
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"] + 1
+    assert after["entries"] <= after["max_entries"]
+
+
+def test_a_burst_beyond_the_queue_gets_quick_503s_not_a_hang(server):
+    recipe = load_recipe(RECIPE)
+    capacity = recipe.autoscaling.max_ongoing_requests + recipe.autoscaling.max_queued_requests
+    burst = 2 * capacity
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str]:
+        body = {"model": "tiny", "prompt": f"{i}+1=", "max_tokens": 96, "temperature": 1.0, "ignore_eos": True}
+        resp = await client.post(f"{server.base}/v1/completions", json=body, headers=server.headers)
+        return resp.status_code, resp.text
+
+    async def fire() -> list[tuple[int, str]]:
+        limits = httpx.Limits(max_connections=burst)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(burst)))
+
+    results = asyncio.run(fire())
+    codes = [code for code, _ in results]
+    print(f"\nburst of {burst}: {codes.count(200)} answered, {codes.count(503)} shed with 503")
+    assert set(codes) <= {200, 503} and codes.count(200) >= recipe.autoscaling.max_ongoing_requests
+    assert codes.count(503) > 0 and all("backpressure" in text for code, text in results if code == 503)
+
+
+def test_load_200_requests_at_concurrency_32_all_succeed(server):
+    client = server.client()
+
+    def one(i: int) -> float:
+        start = time.perf_counter()
+        out = client.completions.create(model="tiny", prompt=f"{i % 50}+{i % 7}=", max_tokens=32, temperature=0.7)
+        assert out.choices[0].text is not None and out.usage.completion_tokens > 0
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        latencies = sorted(pool.map(one, range(200)))
+    wall = time.perf_counter() - start
+    p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
+    print(f"\nload: 200 requests at concurrency 32 in {wall:.1f}s, p50 {p50:.2f}s, p99 {p99:.2f}s")
+    assert len(latencies) == 200
+
+
+def test_autoscaler_adds_a_replica_under_sustained_load(server, ray_cluster):
+    """The controller's decision, not a second running engine: on 2 cores the new engine starts slowly."""
+    import ray
+
+    from cluster import serve as cluster_serve
+
+    ray.init(address=ray_cluster.address, ignore_reinit_error=True, log_to_driver=False)
+    client, stop = server.client(), threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            client.completions.create(model="tiny", prompt="1+1=", max_tokens=48, temperature=0.7)
+
+    def replicas() -> dict:
+        return cluster_serve.status()["deployments"]["LLMServer:tiny"]
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(32)]
+    for t in threads:
+        t.start()
+    seen, deadline = replicas(), time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            seen = replicas()
+            if sum(seen["replicas"].values()) >= 2 or seen["status"] == "UPSCALING":
+                break
+            time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    print(f"\nautoscaler: {json.dumps(seen)}")
+    assert sum(seen["replicas"].values()) >= 2 or seen["status"] == "UPSCALING", seen
+
+
+def test_api_key_never_appears_in_logs(server, ray_cluster):
+    assert any("[llmc] auth: bearer key required" in line for line in server.lines)
+    assert not any(server.key in line for line in server.lines)
+    leaked = []
+    for path in Path(ray_cluster.temp_dir).rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".out", ".err", ".txt", ".json"):
+            with path.open("rb") as handle:
+                if server.key.encode() in handle.read():
+                    leaked.append(str(path))
+    assert not leaked, leaked
