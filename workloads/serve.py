@@ -44,7 +44,9 @@ def check_before_start(recipe: ServeRecipe, keys: list[str]) -> dict[str, Path]:
             f"field 'server.host': refusing to bind {s.host!r} without an API key: set server.api_keys{env}, "
             "bind 127.0.0.1, or set server.allow_unauthenticated: true"
         )
-    adapters = {}
+    adapters: dict[str, Path] = {}
+    if not recipe.adapters.enabled:
+        return adapters  # listed paths are ignored: nothing is uploaded or served
     for name, path in recipe.adapters.paths.items():
         found = resolve_path(path)
         config = found / "adapter_config.json" if found else None
@@ -55,8 +57,6 @@ def check_before_start(recipe: ServeRecipe, keys: list[str]) -> dict[str, Path]:
             raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank {rank}, "
                               f"above max_lora_rank {recipe.adapters.max_lora_rank}")
         adapters[name] = found
-    if adapters and not recipe.adapters.enabled:
-        raise RecipeError("field 'adapters.enabled': adapters.paths are listed but adapters are disabled")
     return adapters
 
 
@@ -119,9 +119,9 @@ def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: d
     )
 
 
-def run(recipe: ServeRecipe, address: str | None = None, port: int | None = None,
-        stop_event: threading.Event | None = None) -> None:
-    """Serve until Ctrl-C (or `stop_event`), then delete the app."""
+@contextlib.contextmanager
+def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = None) -> Iterator[str]:
+    """Deploy the recipe and yield the base URL (`http://HOST:PORT/v1`); the app is deleted on exit."""
     keys = api_keys(recipe)
     adapters = check_before_start(recipe, keys)
     from cluster import runtime
@@ -129,7 +129,6 @@ def run(recipe: ServeRecipe, address: str | None = None, port: int | None = None
     from workloads.models import resolve_model_path
 
     model_source = resolve_model_path(recipe.model)
-    stop_event = stop_event or _stop_on_signals()
     with adapter_store(recipe, adapters) as (store, env):
         print(f"[llmc] {runtime.connect(address)}", flush=True)
         spec = build_spec(recipe, model_source, store, env, keys, port)
@@ -140,11 +139,19 @@ def run(recipe: ServeRecipe, address: str | None = None, port: int | None = None
             print(f"[llmc] serving models {', '.join(names)}", flush=True)
             print(f"[llmc] auth: {'bearer key required' if keys else 'none (loopback only)'}", flush=True)
             print(f"[llmc] ready: {url}", flush=True)
-            while not stop_event.wait(1.0):
-                pass
+            yield url
         finally:
             print("[llmc] stopping ...", flush=True)
             cluster_serve.stop(spec.app_name)
+
+
+def run(recipe: ServeRecipe, address: str | None = None, port: int | None = None,
+        stop_event: threading.Event | None = None) -> None:
+    """`llmc serve`: serve until Ctrl-C (or `stop_event`), then delete the app."""
+    stop_event = stop_event or _stop_on_signals()
+    with serving(recipe, address, port):
+        while not stop_event.wait(1.0):
+            pass
 
 
 def _stop_on_signals() -> threading.Event:
