@@ -41,7 +41,7 @@ class RayCluster:
     address: str  # GCS address for ray.init / RAY_ADDRESS
     dashboard_url: str  # job submission API
     temp_dir: str
-    pgid: int  # the cluster's process group: its raylet, GCS and workers
+    sid: int  # the cluster's process session: its raylet, GCS and every worker (each in its own group)
 
 
 @pytest.fixture(scope="session")
@@ -93,20 +93,25 @@ def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) 
     raise TimeoutError(f"Ray dashboard at {url} did not come up in {timeout}s")
 
 
+def session_processes(sid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process in session `sid`."""
+    listing = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in listing.splitlines()]
+    return [(int(r[0]), r[2] if len(r) > 2 else "") for r in rows if len(r) > 1 and int(r[1]) == sid]
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # workers the raylet left behind in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    """`ray start --block` stops its cluster on SIGTERM; then kill whatever of its session is left."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
         pass
+    for pid, _ in session_processes(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_llmc(*args: str, timeout: float = 900, env: dict | None = None,

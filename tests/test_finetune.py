@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_llmc
+from tests.conftest import REPO, run_llmc, session_processes
 
 pytestmark = pytest.mark.slow
 CONFIGS = REPO / "workloads" / "configs"
@@ -78,13 +78,8 @@ def test_qlora_4bit_zero3_lowers_the_loss(ray_cluster, tmp_path):
 
 
 def _train_workers_of(ray_cluster) -> list[int]:
-    """PIDs of Ray Train workers in this test session's cluster (its own process group)."""
-    pids = []
-    for line in subprocess.run(["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout.splitlines():
-        pid, pgid, args = line.split(None, 2)
-        if int(pgid) == ray_cluster.pgid and "RayTrainWorker" in args:
-            pids.append(int(pid))
-    return pids
+    """PIDs of Ray Train workers of this test session's cluster (not of any other Ray on the machine)."""
+    return [pid for pid, args in session_processes(ray_cluster.sid) if args.startswith("ray::RayTrainWorker")]
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
@@ -97,19 +92,21 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, killed = time.monotonic() + 600, None
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        if list((out / "checkpoints").glob("train-*/checkpoint_*")):
+        # `report` is a barrier: once a second checkpoint appears, the first is registered for sure.
+        if len(list((out / "checkpoints").glob("train-*/checkpoint_*"))) >= 2:
             workers = _train_workers_of(ray_cluster)
             if workers:
                 killed = workers[-1]
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     output, _ = proc.communicate(timeout=900)
+    Path(os.environ.get("LLMC_TEST_LOG", "/dev/null")).write_text(output)
     assert killed is not None, "no checkpoint and live worker to kill were seen\n" + output[-3000:]
     assert proc.returncode == 0, output[-5000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps
     failures = [r for r in summary["restarts"] if r["via"] == "failure"]
-    assert failures and failures[0]["from_step"] >= 10, summary["restarts"]  # did not start over
+    assert failures and failures[0]["from_step"] >= 10, summary["restarts"]  # it did not start over
     # One row per step: steps before the checkpoint come from it, the rest were trained after the restart.
     assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, steps + 1))
 
