@@ -19,7 +19,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from workloads.config import REPO_ROOT, LoraConfig, ModelConfig, QuantizationConfig, TinyModelConfig
 
-TINY_FACTORY_VERSION = 2  # bump when the factory's output changes, so caches rebuild
+TINY_FACTORY_VERSION = 3  # bump when the factory's output changes, so caches rebuild
+# A random lm_head at the usual 0.02 std caps every logit near +-2.5 behind the final RMSNorm, so adapters on
+# a frozen random base cannot express a confident answer (LoRA stalled at eval loss ~4 on the bundled task).
+# Pretrained heads have a wide range; 5x the std gives a start at ~ln(vocab) and room to learn.
+LM_HEAD_INIT_SCALE = 5.0
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 # ChatML; {% generation %} marks assistant text for TRL's assistant_only_loss.
 CHAT_TEMPLATE = (
@@ -129,6 +133,8 @@ def _init_llama(cfg: TinyModelConfig, tokenizer):
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_INIT_SCALE)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
