@@ -1,24 +1,38 @@
-"""The demo's serving stage: serve the fine-tuned adapter beside its base model and ask both a few task questions.
+"""`make demo`: the main path end to end on embedded Ray with the tiny model.
 
-`serve_stage(adapter_dir)` deploys `serve-tiny.yaml` with that adapter (as `tiny:arith`) on the
-current Ray (embedded by default), asks held-out arithmetic questions through the `openai` client,
-prints base and adapter answers side by side, and tears the app down. `python -m workloads.demo_serve
-runs/tiny-lora/adapter` runs it alone.
+1. fine-tune: build the tiny Llama (cached) and LoRA-tune it on the bundled arithmetic task across
+   2 Ray Train workers with DeepSpeed ZeRO-2 (`tiny-lora.yaml`); loss curve, metrics and summary;
+2. serve: deploy `serve-tiny.yaml` with the new adapter (as `tiny:arith`) beside the base model and
+   ask both held-out questions through the `openai` client.
+
+`python -m workloads.demo [--output-dir DIR] [--skip-serve]`; `--set key=value` overrides the
+fine-tuning recipe (e.g. `--set train.max_steps=10` for a quick look).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import secrets
-import sys
 from pathlib import Path
 
 from workloads.config import REPO_ROOT, load_recipe
 from workloads.data import prompt_messages
 
-RECIPE = REPO_ROOT / "workloads/configs/serve-tiny.yaml"
+FINETUNE_RECIPE = REPO_ROOT / "workloads/configs/tiny-lora.yaml"
+SERVE_RECIPE = REPO_ROOT / "workloads/configs/serve-tiny.yaml"
 QUESTIONS = REPO_ROOT / "workloads/bundled/arithmetic_test.jsonl"
+
+
+def finetune_stage(output_dir: Path, overrides: list[str], address: str | None = None) -> dict:
+    """LoRA fine-tuning of the tiny model on Ray Train + DeepSpeed; returns its summary."""
+    from workloads.finetune import run
+
+    recipe = load_recipe(FINETUNE_RECIPE, overrides, kind="finetune")
+    print(f"[demo] 1/2 fine-tuning: {FINETUNE_RECIPE.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
+    return run(recipe, output_dir=str(output_dir), address=address)
 
 
 def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = None) -> dict:
@@ -29,9 +43,10 @@ def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = Non
 
     key = "llmc-demo-" + secrets.token_hex(8)
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
-    recipe = load_recipe(RECIPE, [f"adapters.paths.arith={Path(adapter_dir).resolve()}"], kind="serve")
+    recipe = load_recipe(SERVE_RECIPE, [f"adapters.paths.arith={Path(adapter_dir).resolve()}"], kind="serve")
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()[:questions]]
     tally = {"questions": len(rows), "base_correct": 0, "adapter_correct": 0}
+    print(f"[demo] 2/2 serving: {SERVE_RECIPE.relative_to(REPO_ROOT)} with adapter {adapter_dir}", flush=True)
     with serving(recipe, address=address) as url:
         client = openai.OpenAI(base_url=url, api_key=key)
         adapter_model = f"{recipe.engine.model_id}:arith"
@@ -51,5 +66,28 @@ def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = Non
     return tally
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="runs/demo", help="fine-tuning run directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the fine-tuning recipe (repeatable)")
+    parser.add_argument("--skip-serve", action="store_true", help="stop after fine-tuning")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the answers
+    if args.address is None:
+        os.environ.pop("RAY_ADDRESS", None)  # the demo runs on its own embedded Ray
+    out = Path(args.output_dir).resolve()
+    summary = finetune_stage(out, args.overrides, args.address)
+    tally = None if args.skip_serve else serve_stage(Path(summary["artifact"]), address=args.address)
+    if tally is not None:
+        (out / "demo_answers.json").write_text(json.dumps(tally, indent=2))
+    print(f"\n[demo] eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} "
+          f"in {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s")
+    print(f"[demo] results in {out}: summary.json, metrics.csv, loss_curve.png, adapter/ (PEFT), recipe.yaml")
+    return 0
+
+
 if __name__ == "__main__":
-    serve_stage(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-lora/adapter"))
+    raise SystemExit(main())
