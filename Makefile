@@ -33,6 +33,7 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.finetune_bench
+	$(PY) -m bench.serve_bench
 
 lint: setup
 	$(VENV)/bin/ruff check .

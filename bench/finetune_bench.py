@@ -1,0 +1,562 @@
+"""Fine-tuning benchmark (issue 2): platform overhead, method throughput and peak memory, in one run.
+
+`python -m bench.finetune_bench` (or `make bench`) measures, sequentially on this machine:
+
+1. Peak memory of full / LoRA / QLoRA (NF4) on a 85M-parameter Llama, one fresh subprocess per
+   method: load through `workloads.models.load_model` / `attach_lora`, then a few plain AdamW steps.
+2. Step time of a plain single-process torch loop (2 threads) on that model, global batch 8 x 64
+   tokens, against the real platform path (`workloads.finetune.run`: Ray Train + DDP or DeepSpeed)
+   in three layouts; median steady-state step from each run's own per-step `step_seconds`, start-up
+   (wall minus the steps) reported separately. The plain loop runs before and after the platform
+   runs, to show how much the shared machine drifted meanwhile.
+3. Tokens/s of full vs LoRA vs QLoRA on the tiny model, same steps, through the platform path.
+
+Results: a table on stdout, `bench/results/finetune.{json,md,png}`. Timings are printed and
+recorded, never asserted: the machine is shared and the numbers are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from workloads.config import REPO_ROOT, FinetuneRecipe, TinyModelConfig, load_recipe
+
+RESULTS = REPO_ROOT / "bench" / "results"
+WORK_DIR = REPO_ROOT / "runs" / "bench-finetune"  # run outputs and logs (gitignored)
+BASE_RECIPE = "workloads/configs/tiny-lora.yaml"
+# The 76M-class model of DESIGN.md's baselines: 12 layers x 768, fp32, built by the tiny-model factory.
+BIG_MODEL = TinyModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048)
+GLOBAL_BATCH, SEQ_LEN, THREADS = 8, 64, 2
+PROBE_PREFIX = "PROBE_RESULT "
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way the platform can run the same global batch."""
+
+    name: str
+    deepspeed: bool
+    stage: int
+    workers: int
+    cpus_per_worker: int
+
+    @property
+    def label(self) -> str:
+        backend = f"DeepSpeed ZeRO-{self.stage}" if self.deepspeed else "DDP"
+        return f"{backend}, {self.workers} worker(s) x {self.cpus_per_worker} CPU"
+
+
+LAYOUTS = [
+    Layout("ddp-1x2", False, 0, 1, 2),
+    Layout("ds2-1x2", True, 2, 1, 2),
+    Layout("ds2-2x1", True, 2, 2, 1),  # what the shipped tiny-*.yaml recipes use
+]
+SHIPPED = LAYOUTS[-1]
+# A bigger sibling for the memory probes, where the weights (not activations or imports) dominate.
+LARGE_MODEL = TinyModelConfig(hidden_size=1536, num_layers=12, num_heads=12, intermediate_size=4096)
+MODELS = {"85M": BIG_MODEL, "340M": LARGE_MODEL}
+MEMORY_VARIANTS = ["full", "lora", "qlora"]
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """One model and micro-batch to probe, and the methods to probe it with."""
+
+    model: str
+    micro_batch: int
+    steps: int
+    variants: tuple[str, ...]
+    checkpointing: bool = False  # gradient checkpointing, as QLoRA is run in practice
+
+
+MEMORY_CASES = [
+    MemoryCase("85M", 1, 2, tuple(MEMORY_VARIANTS)),  # weights matter most at batch 1
+    MemoryCase("85M", GLOBAL_BATCH, 1, ("lora", "qlora")),  # the overhead batch: activations dominate
+    MemoryCase("340M", 1, 1, ("lora", "qlora")),
+    MemoryCase("340M", 1, 1, ("lora", "qlora"), checkpointing=True),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: the shipped tiny-lora recipe with overrides, so every field the bench changes is visible
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_overrides(model: TinyModelConfig) -> list[str]:
+    return [f"model.tiny.{k}={v}" for k, v in model.model_dump().items()]
+
+
+def bench_recipe(
+    method: str, layout: Layout, steps: int, model: TinyModelConfig, *, packed: bool, micro_batch: int | None = None
+) -> FinetuneRecipe:
+    """A recipe for `steps` optimizer steps of global batch 8 (x 64 packed tokens when `packed`), no eval."""
+    micro = micro_batch or (GLOBAL_BATCH // layout.workers if packed else 16)
+    overrides = [
+        f"train.method={method}",
+        f"train.max_steps={steps}",
+        f"train.micro_batch_size={micro}",
+        f"train.eval_every={steps}",
+        f"train.checkpoint_every={steps}",
+        f"train.log_every={steps}",
+        "train.warmup_steps=0",
+        "data.eval_path=null",
+        "data.eval_fraction=0",
+        f"data.max_length={SEQ_LEN}",
+        "run.max_failures=0",
+        f"deepspeed.enabled={str(layout.deepspeed).lower()}",
+        f"deepspeed.stage={layout.stage}",
+        f"scaling.num_workers={layout.workers}",
+        f"scaling.cpus_per_worker={layout.cpus_per_worker}",
+        *_model_overrides(model),
+    ]
+    if packed:  # every example exactly SEQ_LEN tokens: batch 8 x 64, as in DESIGN.md's baseline
+        overrides += ["data.packing=true", "data.max_samples=600"]
+    return load_recipe(BASE_RECIPE, overrides, kind="finetune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def steady(step_seconds: list[float], warmup: int) -> dict[str, float]:
+    """Median / mean / spread of the steps after the first `warmup`."""
+    kept = step_seconds[warmup:] or step_seconds
+    return {"median_s": statistics.median(kept), "mean_s": statistics.fmean(kept),
+            "min_s": min(kept), "max_s": max(kept), "n": len(kept)}
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+@contextlib.contextmanager
+def quiet(log_path: Path) -> Iterator[None]:
+    """Send this process's stdout/stderr (and Ray's forwarded worker logs) to `log_path` meanwhile."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with log_path.open("a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def progress_stream() -> TextIO:
+    """The terminal's stderr, kept open while `quiet` redirects fd 2 to a log."""
+    return os.fdopen(os.dup(2), "w", buffering=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Plain single-process torch loop: the baseline
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_loop(recipe: FinetuneRecipe, model_path: str) -> list[float]:
+    """Seconds per optimizer step of forward/backward/clip/AdamW in this process, same batches as rank 0."""
+    import torch
+
+    from workloads.data import build_datasets
+    from workloads.finetune import StepBatches
+    from workloads.models import load_model, load_tokenizer
+    from workloads.strategy import lr_lambda
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(model_path)
+    examples, _ = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    batches = StepBatches(examples, recipe, 0, 1, tokenizer.pad_token_id)
+    model = load_model(model_path, dtype=recipe.model.dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
+    seconds = []
+    for step in range(recipe.train.max_steps):
+        started = time.perf_counter()
+        micro_batches = batches.for_step(step)
+        for batch in micro_batches:
+            (model(**batch).loss / len(micro_batches)).backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The platform path: workloads.finetune.run, exactly what `llmc finetune` does
+# ---------------------------------------------------------------------------------------------
+
+
+def platform_run(recipe: FinetuneRecipe, name: str, address: str | None) -> dict[str, Any]:
+    """Run the recipe through `workloads.finetune.run`; per-step times from the run's own history."""
+    from workloads.finetune import TRAINER_STATE, run
+
+    out = WORK_DIR / name
+    shutil.rmtree(out, ignore_errors=True)
+    load_before = load_average()
+    summary = run(recipe, output_dir=str(out), address=address)
+    history = json.loads((Path(summary["checkpoint"]) / TRAINER_STATE).read_text())["history"]
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # hundreds of MB per run for the big model
+    shutil.rmtree(out / "model", ignore_errors=True)
+    return {
+        "step_seconds": [r["step_seconds"] for r in history],
+        "tokens": [r["tokens"] for r in history],
+        "final_loss": history[-1]["loss"],
+        "train_seconds": summary["train_seconds"],
+        "wall_seconds": summary["wall_seconds"],
+        "startup_seconds": summary["wall_seconds"] - summary["train_seconds"],
+        "tokens_per_second_all_steps": summary["tokens_per_second"],
+        "load_average": [load_before, load_average()],
+    }
+
+
+def steady_tokens_per_second(result: dict[str, Any], warmup: int) -> float:
+    return sum(result["tokens"][warmup:]) / sum(result["step_seconds"][warmup:])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Peak memory probes: one fresh process per method
+# ---------------------------------------------------------------------------------------------
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS), RssAnon and RssFile of this process, in KiB."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def _mapped_weights_kib() -> int:
+    """Resident KiB of mapped `*.safetensors` files (weights `from_pretrained` left memory-mapped)."""
+    total, current = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not line.endswith(":"):
+            current = head[5] if len(head) > 5 else ""
+        elif line.startswith("Rss:") and current.endswith(".safetensors"):
+            total += int(head[1])
+    return total
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux `clear_refs` 5); False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _unmap_weights(model) -> None:
+    """Copy every tensor still backed by the safetensors mmap into private memory, so the mapping goes.
+
+    `from_pretrained` leaves fp32 weights as views of the file. For QLoRA the unquantized rest (embeddings,
+    norms, lm_head) keeps the whole mapping alive, and the pages read while quantizing stay resident:
+    RSS then counts the fp32 file although no live tensor needs most of it. After this copy every
+    method holds exactly its own bytes, in anonymous memory, as on a GPU.
+    """
+    import gc
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if type(tensor).__name__ != "Params4bit":
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    # Quantizing frees hundreds of MB of fp32 temporaries that glibc keeps in its heap; give them back.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_probe(variant: str, model_key: str, steps: int, micro_batch: int,
+                 checkpointing: bool = False) -> dict[str, Any]:
+    """In this (fresh) process: load the big model for `variant`, train `steps`, return peaks in MiB."""
+    import bitsandbytes  # noqa: F401  (imported for every variant, so the import baselines match)
+    import peft  # noqa: F401
+    import torch
+
+    from workloads.data import build_datasets
+    from workloads.finetune import StepBatches
+    from workloads.models import attach_lora, load_model, load_tokenizer, resolve_model_path
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    method = variant
+    recipe = bench_recipe(method, LAYOUTS[0], steps, MODELS[model_key], packed=True, micro_batch=micro_batch)
+    model_path = resolve_model_path(recipe.model)
+    tokenizer = load_tokenizer(model_path)
+    examples, _ = build_datasets(recipe.data, tokenizer, 0)
+    batches = StepBatches(examples, recipe, 0, 1, tokenizer.pad_token_id)
+    mib = 1024.0
+    after_import = _proc_status()
+    can_reset = _reset_peak()
+
+    quant = recipe.quantization if method == "qlora" else None
+    model = load_model(model_path, dtype=recipe.model.dtype, quantization=quant)
+    if checkpointing and method != "qlora":  # as workloads.finetune does; k-bit preparation enables it for QLoRA
+        model.gradient_checkpointing_enable()
+    if method != "full":
+        model = attach_lora(model, recipe.lora, quantized=method == "qlora", gradient_checkpointing=checkpointing)
+    after_load = _proc_status()
+    mapped_after_load = _mapped_weights_kib()
+    _unmap_weights(model)
+    mapped_after_copy = _mapped_weights_kib()
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+
+    before_train = _proc_status()
+    _reset_peak()
+    model.train()
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.learning_rate)
+    seconds = []
+    for step in range(steps):
+        started = time.perf_counter()
+        for batch in batches.for_step(step):
+            model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - started)
+    after_train = _proc_status()
+    return {
+        "variant": variant,
+        "micro_batch": micro_batch,
+        "checkpointing": checkpointing,
+        "rss_after_import_mib": after_import["VmRSS"] / mib,
+        "peak_load_mib": after_load["VmHWM"] / mib if can_reset else None,
+        "rss_after_load_mib": after_load["VmRSS"] / mib,
+        "mapped_weights_after_load_mib": mapped_after_load / mib,
+        "mapped_weights_after_copy_mib": mapped_after_copy / mib,
+        "rss_before_train_mib": before_train["VmRSS"] / mib,
+        "peak_train_mib": after_train["VmHWM"] / mib if can_reset else None,
+        # ru_maxrss is the kernel's high-water mark, which `clear_refs` resets too: take the phases' max.
+        "peak_rss_mib": max(after_import["VmHWM"], after_load["VmHWM"], after_train["VmHWM"]) / mib
+        if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / mib,
+        "weights_mib": weight_bytes / 2**20,
+        "frozen_param_dtypes": frozen_dtypes,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "step_seconds": seconds,
+        "peak_reset_supported": can_reset,
+    }
+
+
+def run_probe(variant: str, case: MemoryCase, log_path: Path) -> dict[str, Any]:
+    """`memory_probe` in a child process (so each peak is that method's alone); its logs to `log_path`."""
+    command = [sys.executable, "-m", "bench.finetune_bench", "--probe", variant, "--probe-model", case.model,
+               "--probe-steps", str(case.steps), "--probe-batch", str(case.micro_batch)]
+    command += ["--probe-checkpointing"] if case.checkpointing else []
+    with log_path.open("a") as log:
+        proc = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
+        log.write(proc.stdout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(PROBE_PREFIX)]
+    if proc.returncode or not lines:
+        return {"variant": variant, "micro_batch": case.micro_batch, "checkpointing": case.checkpointing,
+                "error": f"exit {proc.returncode}; see {log_path}"}
+    return json.loads(lines[-1].removeprefix(PROBE_PREFIX))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_between(recipe: FinetuneRecipe, model_path: str) -> dict[str, Any]:
+    load_before = load_average()
+    return {"step_seconds": plain_loop(recipe, model_path), "load_average": [load_before, load_average()]}
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, in order: memory probes, then plain/platform interleaved, then methods."""
+    from tqdm import tqdm
+
+    from cluster.runtime import connect, shutdown
+    from workloads.models import build_tiny_model
+
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    log = WORK_DIR / "bench.log"
+    log.write_text("")
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_start": load_average()},
+        "settings": {"global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN, "steps": args.steps,
+                     "plain_steps": args.plain_steps, "warmup": args.warmup, "method_steps": args.method_steps,
+                     "plain_threads": THREADS, "models": {k: v.model_dump() for k, v in MODELS.items()}},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    cases = [] if args.skip_memory else MEMORY_CASES
+    n_tasks = sum(len(c.variants) for c in cases) + 1 + 2 * len(LAYOUTS) + 1 + 3
+    bar = tqdm(total=n_tasks, file=progress_stream(), desc="finetune bench", unit="run")
+
+    def task(desc: str) -> None:
+        bar.set_postfix_str(desc)
+
+    # 1. memory: no Ray, one child process per variant (models built first, so no probe counts the build)
+    with quiet(log):
+        for key in sorted({case.model for case in cases}):
+            build_tiny_model(MODELS[key])
+    memory = []
+    for case in cases:
+        for variant in case.variants:
+            task(f"memory {case.model} batch {case.micro_batch} {variant}")
+            memory.append({"model": case.model, **run_probe(variant, case, log)})
+            bar.update()
+    results["memory"] = memory
+
+    # 2. overhead: a plain-loop run before the first layout and after every layout, so each layout's
+    #    ratio is taken against the plain runs on either side of it (the machine's load drifts).
+    with quiet(log):
+        big_model_path = str(build_tiny_model(BIG_MODEL))
+        plain_recipe = bench_recipe("full", LAYOUTS[0], args.plain_steps, BIG_MODEL, packed=True)
+        task("ray init")
+        started = time.perf_counter()
+        print(connect(args.address), flush=True)
+        results["ray_init_seconds"] = time.perf_counter() - started
+        bar.update()
+        task("plain torch loop")
+        plain_runs = [plain_between(plain_recipe, big_model_path)]
+        bar.update()
+        layouts = {}
+        for layout in LAYOUTS:
+            task(layout.name)
+            recipe = bench_recipe("full", layout, args.steps, BIG_MODEL, packed=True)
+            try:
+                layouts[layout.name] = {"layout": asdict(layout), **platform_run(recipe, layout.name, args.address)}
+            except Exception as exc:  # one broken layout must not lose the others' numbers
+                layouts[layout.name] = {"layout": asdict(layout), "error": f"{type(exc).__name__}: {exc}"}
+            bar.update()
+            task(f"plain torch loop after {layout.name}")
+            plain_runs.append(plain_between(plain_recipe, big_model_path))
+            bar.update()
+
+        # 3. tokens/s per method on the tiny model: the shipped layout (ZeRO-2, 2 x 1), same steps
+        methods = {}
+        for method in ("full", "lora", "qlora"):
+            task(f"tiny {method}")
+            recipe = bench_recipe(method, SHIPPED, args.method_steps, TinyModelConfig(), packed=False)
+            try:
+                methods[method] = platform_run(recipe, f"tiny-{method}", args.address)
+            except Exception as exc:
+                methods[method] = {"error": f"{type(exc).__name__}: {exc}"}
+            bar.update()
+        shutdown()
+    bar.close()
+
+    for run in plain_runs:
+        run["steady"] = steady(run["step_seconds"], args.warmup)
+    plain_medians = [r["steady"]["median_s"] for r in plain_runs]
+    plain_all = statistics.median(s for r in plain_runs for s in r["step_seconds"][args.warmup:])
+    results["plain"] = {"runs": plain_runs, "median_s": plain_all, "run_medians_s": plain_medians,
+                        "tokens_per_second": GLOBAL_BATCH * SEQ_LEN / plain_all}
+    for i, entry in enumerate(layouts.values()):
+        if "error" not in entry:
+            entry["steady"] = steady(entry["step_seconds"], args.warmup)
+            entry["plain_neighbours_s"] = plain_medians[i : i + 2]
+            entry["ratio_vs_neighbour_plain"] = entry["steady"]["median_s"] / statistics.fmean(plain_medians[i : i + 2])
+            entry["ratio_vs_plain"] = entry["steady"]["median_s"] / plain_all
+            entry["tokens_per_second_steady"] = steady_tokens_per_second(entry, args.warmup)
+    results["layouts"] = layouts
+    for entry in methods.values():
+        if "error" not in entry:
+            entry["steady"] = steady(entry["step_seconds"], args.warmup)
+            entry["tokens_per_second_steady"] = steady_tokens_per_second(entry, args.warmup)
+    results["methods"] = {"layout": asdict(SHIPPED), "model": TinyModelConfig().model_dump(), "runs": methods}
+    results["memory_ratios"] = memory_ratios(memory)
+    results["winner"] = winner(layouts)
+    results["machine"]["load_average_at_end"] = load_average()
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return results
+
+
+def memory_ratios(memory: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """QLoRA / LoRA per (model, batch, checkpointing): train peak, the same above the import baseline, weights."""
+    out = []
+    by = {(m["model"], m["micro_batch"], m["checkpointing"], m["variant"]): m for m in memory if "error" not in m}
+    for (model, batch, checkpointing, variant), q in by.items():
+        lora = by.get((model, batch, checkpointing, "lora"))
+        if variant != "qlora" or lora is None:
+            continue
+        out.append({
+            "model": model, "micro_batch": batch, "variant": variant + (" + grad ckpt" if checkpointing else ""),
+            "train_peak": q["peak_train_mib"] / lora["peak_train_mib"],
+            "train_peak_above_import": (q["peak_train_mib"] - q["rss_after_import_mib"])
+            / (lora["peak_train_mib"] - lora["rss_after_import_mib"]),
+            "lifetime_peak": q["peak_rss_mib"] / lora["peak_rss_mib"],
+            "weights": q["weights_mib"] / lora["weights_mib"],
+        })
+    return out
+
+
+def winner(layouts: dict[str, Any]) -> str | None:
+    ok = {k: v for k, v in layouts.items() if "error" not in v}
+    return min(ok, key=lambda k: ok[k]["steady"]["median_s"]) if ok else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per platform run (85M model)")
+    parser.add_argument("--plain-steps", type=int, default=6, help="optimizer steps per plain-loop run")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the steady-state median")
+    parser.add_argument("--method-steps", type=int, default=30, help="steps per method run (tiny model)")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the memory probes")
+    parser.add_argument("--address", default=None, help="a Ray cluster to measure instead of embedded Ray")
+    parser.add_argument("--notes", default=None, help="Markdown file whose text goes under 'Reading'")
+    parser.add_argument("--probe", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-model", choices=list(MODELS), default="85M", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-batch", type=int, default=GLOBAL_BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.probe:
+        result = memory_probe(args.probe, args.probe_model, args.probe_steps, args.probe_batch,
+                              args.probe_checkpointing)
+        print(PROBE_PREFIX + json.dumps(result), flush=True)
+        return 0
+    if args.address is None:
+        os.environ.pop("RAY_ADDRESS", None)  # a shared cluster would measure someone else's load
+    from bench.finetune_report import auto_notes, plot, print_tables, write_markdown
+
+    results = run_bench(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "finetune.json").write_text(json.dumps(results, indent=2))
+    notes = auto_notes(results)
+    if args.notes:
+        notes += "\n\n" + Path(args.notes).read_text()
+    write_markdown(results, notes, RESULTS / "finetune.md")
+    plot(results, RESULTS / "finetune.png")
+    print_tables(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
