@@ -6,7 +6,7 @@
    method: load through `workloads.models.load_model` / `attach_lora`, then a few plain AdamW steps.
 2. Step time of a plain single-process torch loop (2 threads) on that model, global batch 8 x 64
    tokens, against the real platform path (`workloads.finetune.run`: Ray Train + DDP or DeepSpeed)
-   in three layouts; median steady-state step from each run's own per-step `step_seconds`, start-up
+   in four layouts; median steady-state step from each run's own per-step `step_seconds`, start-up
    (wall minus the steps) reported separately. The plain loop runs before and after the platform
    runs, to show how much the shared machine drifted meanwhile.
 3. Tokens/s of full vs LoRA vs QLoRA on the tiny model, same steps, through the platform path.
@@ -63,6 +63,7 @@ class Layout:
 
 LAYOUTS = [
     Layout("ddp-1x2", False, 0, 1, 2),
+    Layout("ds0-1x2", True, 0, 1, 2),  # DeepSpeed's engine without ZeRO partitioning
     Layout("ds2-1x2", True, 2, 1, 2),
     Layout("ds2-2x1", True, 2, 2, 1),  # what the shipped tiny-*.yaml recipes use
 ]
