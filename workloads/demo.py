@@ -45,7 +45,7 @@ def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = Non
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
     recipe = load_recipe(SERVE_RECIPE, [f"adapters.paths.arith={Path(adapter_dir).resolve()}"], kind="serve")
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()[:questions]]
-    tally = {"questions": len(rows), "base_correct": 0, "adapter_correct": 0}
+    tally = {"questions": len(rows), "base_correct": 0, "adapter_correct": 0, "answers": []}
     print(f"[demo] 2/2 serving: {SERVE_RECIPE.relative_to(REPO_ROOT)} with adapter {adapter_dir}", flush=True)
     with serving(recipe, address=address) as url:
         client = openai.OpenAI(base_url=url, api_key=key)
@@ -59,6 +59,7 @@ def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = Non
                 answers[model] = (reply.choices[0].message.content or "").strip()
             tally["base_correct"] += answers[recipe.engine.model_id] == expected
             tally["adapter_correct"] += answers[adapter_model] == expected
+            tally["answers"].append({"question": row["input"], "expected": expected, **answers})
             print(f"[demo] {row['input']:>9} = {expected:<5} base: {answers[recipe.engine.model_id]!r:<14} "
                   f"fine-tuned: {answers[adapter_model]!r}")
         print(f"[demo] correct: base {tally['base_correct']}/{len(rows)}, "
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "demo_answers.json").write_text(json.dumps(tally, indent=2))
     print(f"\n[demo] eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} "
           f"in {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s")
-    print(f"[demo] results in {out}: summary.json, metrics.csv, loss_curve.png, adapter/ (PEFT), recipe.yaml")
+    print(f"[demo] results in {out}: summary.json, metrics.csv, loss_curve.png, adapter/ (PEFT), recipe.yaml, "
+          f"demo_answers.json")
     return 0
 
 
