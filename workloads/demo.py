@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[demo] eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} "
           f"in {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s")
     print(f"[demo] results in {out}: summary.json, metrics.csv, loss_curve.png, adapter/ (PEFT), recipe.yaml, "
-          f"demo_answers.json")
+          "demo_answers.json")
     return 0
 
 
