@@ -40,6 +40,8 @@ def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     assert summary["steps"] == 60 and summary["tokens_per_second"] > 0
     assert (out / "loss_curve.png").stat().st_size > 0 and (out / "recipe.yaml").exists()
     assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, 61))
+    kept = sorted(c for c in (out / "checkpoints").glob("train-*/checkpoint_*") if c.is_dir())
+    assert len(kept) == 2 and [(c / "model").exists() for c in kept] == [False, True]  # HF export: last only
 
     from peft import PeftModel
 
@@ -93,7 +95,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     deadline, killed = time.monotonic() + 600, None
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         # `report` is a barrier: once a second checkpoint appears, the first is registered for sure.
-        if len(list((out / "checkpoints").glob("train-*/checkpoint_*"))) >= 2:
+        if len([c for c in (out / "checkpoints").glob("train-*/checkpoint_*") if c.is_dir()]) >= 2:
             workers = _train_workers_of(ray_cluster)
             if workers:
                 killed = workers[-1]

@@ -94,12 +94,18 @@ def _restore(strategy: Strategy, resume_from: str | None) -> dict:
     return state
 
 
-def _save_checkpoint(strategy: Strategy, state: dict, metrics: dict, rank: int, tokenizer, trainable_only: bool):
-    """Every rank writes its shard; rank 0 adds the HF model and the trainer state; then report."""
+def _save_checkpoint(strategy: Strategy, state: dict, metrics: dict, rank: int, tokenizer, trainable_only: bool,
+                     final: bool):
+    """Every rank writes its shard; rank 0 adds the trainer state (and, in the last one, the HF model); report.
+
+    Only the last checkpoint carries the HF export: for a full 8B model that is 16 GB, and resuming needs
+    only the training state.
+    """
     with tempfile.TemporaryDirectory(prefix="llmc-ckpt-") as tmp:
         path = Path(tmp)
         strategy.save(path, rank, trainable_only)
-        strategy.export(path / "model", rank, tokenizer)
+        if final:
+            strategy.export(path / "model", rank, tokenizer)
         if rank == 0:
             (path / TRAINER_STATE).write_text(json.dumps(state))
         cluster_train.report(metrics, path if any(path.iterdir()) else None)
@@ -149,7 +155,7 @@ def train_worker(config: dict) -> None:
         if rank == 0 and (step % train.log_every == 0 or step == train.max_steps or "eval_loss" in row):
             print(reporting.progress_line(row, train.max_steps), flush=True)
         if step % train.checkpoint_every == 0 or step == train.max_steps:
-            _save_checkpoint(strategy, state, row, rank, tokenizer, trainable_only)
+            _save_checkpoint(strategy, state, row, rank, tokenizer, trainable_only, final=step == train.max_steps)
         elif step % train.log_every == 0:
             cluster_train.report(row)
 
