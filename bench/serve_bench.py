@@ -16,15 +16,14 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from workloads.serve import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -108,51 +107,16 @@ def vllm_inprocess(model_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_endpoint(shape: dict, port: int) -> subprocess.Popen:
+def start_endpoint(shape: dict) -> ServeProcess:
     """`llmc serve` on its own embedded Ray: one replica, no adapters, no response cache (every request runs)."""
     sets = [f"model.tiny.{k}={v}" for k, v in shape.items()] + [
         "adapters.enabled=false", "cache.max_entries=0", "autoscaling.max_replicas=1",
         "autoscaling.max_ongoing_requests=64", "autoscaling.target_ongoing_requests=32",
         "autoscaling.max_queued_requests=-1", "server.api_key_env=null"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLMC_API_KEYS")}
-    command = [sys.executable, "-m", "workloads.cli", "serve", str(RECIPE), "--port", str(port)]
-    for item in sets:
-        command += ["--set", item]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    ready, tail = threading.Event(), []
-
-    def drain() -> None:
-        for line in proc.stdout:
-            tail[:] = (tail + [line])[-40:]
-            if line.startswith("[llmc] ready:"):
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 900
-    while not ready.wait(2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_endpoint(proc)
-            raise RuntimeError("llmc serve did not come up:\n" + "".join(tail))
-    return proc
-
-
-def stop_endpoint(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGINT, 120), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    process = ServeProcess(RECIPE, overrides=sets, env=env)
+    process.wait_ready(timeout_s=900)
+    return process
 
 
 async def _drive(base: str, batch: list[str], concurrency: int) -> dict:
@@ -178,14 +142,13 @@ async def _drive(base: str, batch: list[str], concurrency: int) -> dict:
 
 
 def endpoint(shape: dict) -> dict:
-    port = _free_port()
-    proc = start_endpoint(shape, port)
-    base = f"http://127.0.0.1:{port}"
+    process = start_endpoint(shape)
+    base = process.base_url
     try:
         asyncio.run(_drive(base, prompts(32), 32))  # warm up
         return {str(c): asyncio.run(_drive(base, prompts(n), c)) for c, n in LEVELS.items()}
     finally:
-        stop_endpoint(proc)
+        process.stop()
 
 
 # ---------------------------------------------------------------------------------------------

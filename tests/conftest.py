@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from workloads.objectstore import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 # One cache per machine: the tiny model is built once and reused by every later session.
@@ -28,12 +29,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The session's `ray start` head enforces token auth (Ray 2.60 default); this process and every
 # subprocess driver must send the token, and Ray reads this once, when it is first imported.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

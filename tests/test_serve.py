@@ -11,14 +11,11 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,9 +23,10 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, run_llmc
+from tests.conftest import REPO, run_llmc
 from workloads.config import load_recipe
 from workloads.plan import serve_plan
+from workloads.serve import ServeProcess
 
 RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 GPU_RECIPE = REPO / "workloads/configs/llama3-8b-serve.yaml"
@@ -129,8 +127,11 @@ def test_tiny_and_gpu_serve_recipes_differ_only_where_scale_does():
 class Server:
     base: str  # http://127.0.0.1:PORT
     key: str
-    proc: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
+    process: ServeProcess
+
+    @property
+    def lines(self) -> list[str]:
+        return self.process.lines
 
     def client(self, key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key or self.key, max_retries=0, timeout=300)
@@ -143,34 +144,15 @@ class Server:
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_model_dir, tmp_path_factory):
     adapter = random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "arith")
-    port, key = free_port(), "llmc-test-" + secrets.token_hex(12)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workloads.cli", "serve", str(RECIPE), "--port", str(port),
-         "--set", f"adapters.paths.arith={adapter}", "--set", "autoscaling.upscale_delay_s=2"],
-        cwd=REPO, env={**os.environ, "LLMC_API_KEYS": key}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
-    srv = Server(f"http://127.0.0.1:{port}", key, proc)
-    ready = threading.Event()
-
-    def drain() -> None:  # the driver streams replica logs: keep reading so it never blocks
-        for line in proc.stdout:
-            srv.lines.append(line)
-            if line.startswith("[llmc] ready:"):
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 600
-    while not ready.wait(2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("llmc serve did not come up:\n" + "".join(srv.lines[-60:]))
-    yield srv
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
+    key = "llmc-test-" + secrets.token_hex(12)
+    process = ServeProcess(RECIPE, overrides=[f"adapters.paths.arith={adapter}", "autoscaling.upscale_delay_s=2"],
+                           env={**os.environ, "LLMC_API_KEYS": key})
     try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        process.wait_ready(timeout_s=600)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield Server(process.base_url, key, process)
+    process.stop()  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
 
 
 def test_models_lists_the_base_model_and_the_adapter_by_name(server):

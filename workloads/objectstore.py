@@ -36,7 +36,7 @@ class LocalS3:
     """An S3-compatible endpoint (moto) on 127.0.0.1, in a thread of this process: `with LocalS3() as s3:`."""
 
     def __init__(self, port: int | None = None):
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._server = None
 
@@ -66,6 +66,14 @@ def upload_adapter(adapter_dir: Path, uri: str, endpoint_url: str | None) -> str
     return f"s3://{bucket}/{prefix}"
 
 
+def ensure_prefix(uri: str, endpoint_url: str | None) -> None:
+    """Create the bucket and an empty folder at `uri`: an empty adapter store must exist, or listing it fails."""
+    client = _client(endpoint_url)
+    bucket, prefix = split_uri(uri)
+    _ensure_bucket(client, bucket)
+    client.put_object(Bucket=bucket, Key=f"{prefix}/.keep", Body=b"")
+
+
 def _client(endpoint_url: str | None):
     import boto3
 
@@ -82,7 +90,8 @@ def _ensure_bucket(client, bucket: str) -> None:
         client.create_bucket(Bucket=bucket)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

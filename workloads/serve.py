@@ -12,12 +12,15 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from workloads.config import LOOPBACK_HOSTS, RecipeError, ServeRecipe, resolve_path
-from workloads.objectstore import LocalS3, s3_env, split_uri, upload_adapter
+from workloads.config import LOOPBACK_HOSTS, REPO_ROOT, RecipeError, ServeRecipe, resolve_path
+from workloads.objectstore import LocalS3, ensure_prefix, free_port, s3_env, upload_adapter
 from workloads.plan import (
     SERVE_INGRESS_CPUS,
     serve_bundle_per_worker,
@@ -25,6 +28,8 @@ from workloads.plan import (
     serve_engine_env,
     serve_engine_kwargs,
 )
+
+READY_LINE = "[llmc] ready:"  # `llmc serve` prints this, then the URL, once it answers
 
 
 def api_keys(recipe: ServeRecipe) -> list[str]:
@@ -73,23 +78,13 @@ def adapter_store(recipe: ServeRecipe, adapters: dict[str, Path]) -> Iterator[tu
             endpoint = stack.enter_context(LocalS3()).endpoint_url
         store = a.store_uri.rstrip("/")
         if store.startswith("s3://"):
-            bucket, prefix = split_uri(store)
             for name, path in adapters.items():
-                upload_adapter(path, f"s3://{bucket}/{prefix}/{name}", endpoint)
+                upload_adapter(path, f"{store}/{name}", endpoint)
             if not adapters and endpoint is not None:
-                _ensure_prefix(bucket, prefix, endpoint)
+                ensure_prefix(store, endpoint)
         elif adapters:
             raise RecipeError(f"field 'adapters.store_uri': uploading is implemented for s3:// only, got {store!r}")
         yield store, s3_env(endpoint)
-
-
-def _ensure_prefix(bucket: str, prefix: str, endpoint: str) -> None:
-    """An empty store still has to exist, or listing adapters fails."""
-    from workloads.objectstore import _client, _ensure_bucket
-
-    client = _client(endpoint)
-    _ensure_bucket(client, bucket)
-    client.put_object(Bucket=bucket, Key=f"{prefix}/.keep", Body=b"")
 
 
 def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: dict[str, str], keys: list[str],
@@ -138,7 +133,7 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
             names = [spec.model_id] + [f"{spec.model_id}:{name}" for name in adapters]
             print(f"[llmc] serving models {', '.join(names)}", flush=True)
             print(f"[llmc] auth: {'bearer key required' if keys else 'none (loopback only)'}", flush=True)
-            print(f"[llmc] ready: {url}", flush=True)
+            print(f"{READY_LINE} {url}", flush=True)
             yield url
         finally:
             print("[llmc] stopping ...", flush=True)
@@ -159,3 +154,50 @@ def _stop_on_signals() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: event.set())
     return event
+
+
+class ServeProcess:
+    """`llmc serve RECIPE` in a child process of its own session, for tests and benchmarks.
+
+    Every output line is kept in `lines` (a reader thread drains the pipe, so the driver never blocks);
+    `wait_ready` returns once the READY_LINE appears; `stop` sends Ctrl-C so the app is deleted.
+    """
+
+    def __init__(self, recipe: str | Path, port: int | None = None, overrides: list[str] = (),
+                 env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "workloads.cli", "serve", str(recipe), "--port", str(self.port)]
+        for item in overrides:
+            command += ["--set", item]
+        self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith(READY_LINE):
+                self._ready.set()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the server answers; if it exits or times out first, stop it and raise with its log tail."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("llmc serve did not come up:\n" + "".join(self.lines[-60:]))
+
+    def stop(self) -> None:
+        """Ctrl-C (the driver deletes the app and stops its S3 endpoint), then SIGKILL if it hangs."""
+        for sig, wait in ((signal.SIGINT, 120), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=wait)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
