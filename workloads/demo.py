@@ -45,25 +45,28 @@ def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = Non
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
     recipe = load_recipe(SERVE_RECIPE, [f"adapters.paths.arith={Path(adapter_dir).resolve()}"], kind="serve")
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()[:questions]]
-    tally = {"questions": len(rows), "base_correct": 0, "adapter_correct": 0, "answers": []}
+    base_model = recipe.engine.model_id
+    adapter_model = f"{base_model}:arith"
+    answers = []
     print(f"[demo] 2/2 serving: {SERVE_RECIPE.relative_to(REPO_ROOT)} with adapter {adapter_dir}", flush=True)
     with serving(recipe, address=address) as url:
         client = openai.OpenAI(base_url=url, api_key=key)
-        adapter_model = f"{recipe.engine.model_id}:arith"
         print(f"\n[demo] asking {url} (models {[m.id for m in client.models.list().data]})")
         for row in rows:
             messages, expected = prompt_messages(row, "alpaca")
-            answers = {}
-            for model in (recipe.engine.model_id, adapter_model):
+            answer = {"question": row["input"], "expected": expected}
+            for model in (base_model, adapter_model):
                 reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
-                answers[model] = (reply.choices[0].message.content or "").strip()
-            tally["base_correct"] += answers[recipe.engine.model_id] == expected
-            tally["adapter_correct"] += answers[adapter_model] == expected
-            tally["answers"].append({"question": row["input"], "expected": expected, **answers})
-            print(f"[demo] {row['input']:>9} = {expected:<5} base: {answers[recipe.engine.model_id]!r:<14} "
-                  f"fine-tuned: {answers[adapter_model]!r}")
-        print(f"[demo] correct: base {tally['base_correct']}/{len(rows)}, "
-              f"fine-tuned {tally['adapter_correct']}/{len(rows)}")
+                answer[model] = (reply.choices[0].message.content or "").strip()
+            answers.append(answer)
+            print(f"[demo] {row['input']:>9} = {expected:<5} base: {answer[base_model]!r:<14} "
+                  f"fine-tuned: {answer[adapter_model]!r}")
+    tally = {"questions": len(rows),
+             "base_correct": sum(a[base_model] == a["expected"] for a in answers),
+             "adapter_correct": sum(a[adapter_model] == a["expected"] for a in answers),
+             "answers": answers}
+    print(f"[demo] correct: base {tally['base_correct']}/{len(rows)}, "
+          f"fine-tuned {tally['adapter_correct']}/{len(rows)}")
     return tally
 
 
