@@ -1,7 +1,7 @@
 """Session fixtures: one tiny model and one real Ray cluster (`ray start --head`) for the whole run.
 
 Every end-to-end test talks to that cluster: subprocesses through RAY_ADDRESS, this process through
-`ray.init(address=...)`. The cluster runs in its own process group, so teardown stops exactly it.
+`ray.init(address=...)`. The cluster runs in its own process session, so teardown stops exactly it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 class RayCluster:
     address: str  # GCS address for ray.init / RAY_ADDRESS
     dashboard_url: str  # job submission API
+    metrics_url: str  # the head node's Prometheus export (ray_* series, ours included)
     temp_dir: str
     sid: int  # the cluster's process session: its raylet, GCS and every worker (each in its own group)
 
@@ -49,20 +50,28 @@ def tiny_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tiny_model_dir) -> RayCluster:
-    """A local head node with 8 logical CPUs (training workers, Serve ingress and engines share it)."""
-    port, dash_port = free_port(), free_port()
+    """A local head node with 8 logical CPUs (training workers, Serve ingress and engines share it).
+
+    On a machine that never ran Ray there is no token yet and `ray start --head` would exit 1: create it first.
+    """
+    from cluster.auth import ensure_auth_token
+
+    ensure_auth_token()
+    port, dash_port, metrics_port = free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     ray_bin = Path(sys.executable).with_name("ray")
+    log = Path(temp_dir) / "ray-start.log"
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=8",
-         "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}",
+         "--num-cpus=8", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
         # Jobs run `python -m workloads.cli`: this venv's python must come first on the cluster's PATH.
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
     )
-    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}", temp_dir, proc.pid)
-    _wait_for_dashboard(cluster.dashboard_url, proc)
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}",
+                         f"http://127.0.0.1:{metrics_port}/metrics", temp_dir, proc.pid)
+    _wait_for_dashboard(cluster.dashboard_url, proc, log)
     previous = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = cluster.address
     yield cluster
@@ -70,14 +79,14 @@ def ray_cluster(tiny_model_dir) -> RayCluster:
 
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None) if previous is None else os.environ.update(RAY_ADDRESS=previous)
-    _stop_group(proc)
+    _stop_session(proc)
 
 
-def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
         try:
             urllib.request.urlopen(url, timeout=2)  # noqa: S310 (loopback)
             return
@@ -95,7 +104,7 @@ def session_processes(sid: int) -> list[tuple[int, str]]:
     return [(int(r[0]), r[2] if len(r) > 2 else "") for r in rows if len(r) > 1 and int(r[1]) == sid]
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
+def _stop_session(proc: subprocess.Popen) -> None:
     """`ray start --block` stops its cluster on SIGTERM; then kill whatever of its session is left."""
     proc.terminate()
     try:

@@ -27,6 +27,11 @@ def finetune(recipe: str, out: Path, *overrides: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The run's Ray Train checkpoints, oldest first (not Ray's snapshot file beside them)."""
+    return sorted(c for c in (out / "checkpoints").glob("train-*/checkpoint_*") if c.is_dir())
+
+
 def read_metrics(out: Path) -> list[dict]:
     with (out / "metrics.csv").open() as handle:
         return list(csv.DictReader(handle))
@@ -40,7 +45,7 @@ def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     assert summary["steps"] == 60 and summary["tokens_per_second"] > 0
     assert (out / "loss_curve.png").stat().st_size > 0 and (out / "recipe.yaml").exists()
     assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, 61))
-    kept = sorted(c for c in (out / "checkpoints").glob("train-*/checkpoint_*") if c.is_dir())
+    kept = checkpoint_dirs(out)
     assert len(kept) == 2 and [(c / "model").exists() for c in kept] == [False, True]  # HF export: last only
 
     from peft import PeftModel
@@ -95,14 +100,13 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     deadline, killed = time.monotonic() + 600, None
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         # `report` is a barrier: once a second checkpoint appears, the first is registered for sure.
-        if len([c for c in (out / "checkpoints").glob("train-*/checkpoint_*") if c.is_dir()]) >= 2:
+        if len(checkpoint_dirs(out)) >= 2:
             workers = _train_workers_of(ray_cluster)
             if workers:
                 killed = workers[-1]
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     output, _ = proc.communicate(timeout=900)
-    Path(os.environ.get("LLMC_TEST_LOG", "/dev/null")).write_text(output)
     assert killed is not None, "no checkpoint and live worker to kill were seen\n" + output[-3000:]
     assert proc.returncode == 0, output[-5000:]
     summary = json.loads((out / "summary.json").read_text())

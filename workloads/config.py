@@ -21,6 +21,9 @@ class RecipeError(ValueError):
     """A recipe that cannot run; the message names each bad field and what it allows."""
 
 
+_NAME = r"^[A-Za-z0-9_.-]+$"  # run, model and adapter names: safe in paths and URLs
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -147,7 +150,7 @@ class TrainConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run directory name.")
+    name: str = Field("run", pattern=_NAME, description="Run directory name.")
     output_dir: str = Field("runs", description="Parent of the run directory (summary, plots, model).")
     storage_path: str | None = Field(
         None, description="Ray Train storage (checkpoints): local dir or s3:// URI; default output_dir."
@@ -256,7 +259,6 @@ def dump_recipe(recipe: BaseModel, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-_NAME = r"^[A-Za-z0-9_.-]+$"
 
 
 class EngineConfig(_Strict):
