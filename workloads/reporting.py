@@ -25,6 +25,36 @@ def progress_line(row: dict, total_steps: int) -> str:
     return "[train] " + " | ".join(parts)
 
 
+class TrainProgress:
+    """A one-line progress bar in the driver, fed with rank 0's reported rows (step, loss, eval loss, tokens/s)."""
+
+    def __init__(self, total_steps: int, description: str = "train"):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True, leave=True)
+        self._eval: float | None = None
+
+    def update(self, row: dict) -> None:
+        if "step" not in row:
+            return
+        if row.get("eval_loss") is not None:
+            self._eval = row["eval_loss"]
+        postfix = {"loss": f"{row['loss']:.3f}"} if "loss" in row else {}
+        if self._eval is not None:
+            postfix["eval_loss"] = f"{self._eval:.3f}"
+        if "tokens_per_second" in row:
+            postfix["tok/s"] = f"{row['tokens_per_second']:.0f}"
+        self._bar.n = int(row["step"])  # a restart from a checkpoint moves it back
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.refresh()
+
+    def __enter__(self) -> TrainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as handle:
