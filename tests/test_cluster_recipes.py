@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import REPO
 from workloads.config import load_recipe
-from workloads.plan import finetune_plan
+from workloads.plan import finetune_plan, serve_plan
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 GPU_RECIPES = sorted((REPO / "workloads/configs").glob("llama3-8b-*.yaml"))
@@ -77,3 +77,51 @@ def test_gpu_recipe_differs_from_its_tiny_twin_only_where_scale_does(method: str
     if method != "full":
         assert tiny["lora"]["target_modules"] == gpu["lora"]["target_modules"]
     assert gpu["run"]["storage_path"].startswith("s3://")  # shared storage across nodes
+
+
+def _node_types_offering(bundle: dict) -> list[str]:
+    """cluster.yaml node types whose declared resources cover `bundle` (the autoscaler launches only these)."""
+    return [name for name, node in CLUSTER["available_node_types"].items()
+            if all(node.get("resources", {}).get(key, 0) >= amount for key, amount in bundle.items())]
+
+
+def _gpu_bundles(recipe) -> tuple[str | None, list[dict], dict]:
+    """(accelerator type, placement bundles of one run or replica, its total resources) as the plan says."""
+    if recipe.kind == "finetune":
+        plan = finetune_plan(recipe)
+        return recipe.scaling.accelerator_type, plan["placement_bundles"], plan["total_resources"]
+    plan = serve_plan(recipe)
+    return recipe.resources.accelerator_type, plan["placement_bundles_per_replica"], plan["resources_per_replica"]
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.name)
+def test_gpu_recipe_pins_a_gpu_type_the_cluster_offers(path: Path):
+    """Every bundle, accelerator resource included, fits a node type of cluster.yaml: else it never schedules."""
+    accelerator, bundles, total = _gpu_bundles(load_recipe(path))
+    assert accelerator, "a GPU recipe pins the GPU type of the cluster it was sized for"
+    assert all(b.get(f"accelerator_type:{accelerator}") == 0.001 for b in bundles), bundles
+    for bundle in bundles:
+        assert _node_types_offering(bundle), f"no node type in cluster.yaml offers {bundle}"
+    fitting = [CLUSTER["available_node_types"][n] for n in _node_types_offering({k: 0.001 for k in total})]
+    assert total["GPU"] <= sum(n["max_workers"] * n["resources"]["GPU"] for n in fitting)
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.name)
+def test_a_gpu_type_the_cluster_lacks_is_caught(path: Path):
+    field = "scaling" if load_recipe(path).kind == "finetune" else "resources"
+    _, bundles, _ = _gpu_bundles(load_recipe(path, [f"{field}.accelerator_type=H100"]))
+    assert not _node_types_offering(bundles[0])
+
+
+@pytest.mark.parametrize("path", FINETUNE_GPU, ids=lambda p: p.name)
+def test_train_plan_bundles_are_what_ray_train_asks_for(path: Path):
+    from ray.train import ScalingConfig
+
+    from cluster.train import WorkerScaling
+
+    recipe = load_recipe(path)
+    scaling = WorkerScaling(**recipe.scaling.model_dump())
+    asked = ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                          resources_per_worker=scaling.resources_per_worker(),
+                          accelerator_type=scaling.accelerator_type)._resources_per_worker_not_none
+    assert finetune_plan(recipe)["placement_bundles"] == [asked] * recipe.scaling.num_workers

@@ -46,14 +46,20 @@ def deepspeed_config(recipe: FinetuneRecipe, world_size: int) -> dict:
     }
 
 
+def accelerator_resource(accelerator_type: str | None) -> dict[str, float]:
+    """The custom resource Ray uses to pin work to a GPU type (`accelerator_type:A100`); nodes offer 1 of it."""
+    return {f"accelerator_type:{accelerator_type}": 0.001} if accelerator_type else {}
+
+
 def finetune_plan(recipe: FinetuneRecipe) -> dict:
-    """Workers, placement bundles, total resources, batch math and the DeepSpeed config."""
+    """Workers, placement bundles (as Ray Train asks for them), total resources, batch math, DeepSpeed config."""
     s, t = recipe.scaling, recipe.train
-    bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}),
+              **accelerator_resource(s.accelerator_type)}
     return {
         "workers": s.num_workers,
         "placement_bundles": [dict(bundle) for _ in range(s.num_workers)],
-        "total_resources": {k: v * s.num_workers for k, v in bundle.items()},
+        "total_resources": {k: round(v * s.num_workers, 3) for k, v in bundle.items()},
         "accelerator_type": s.accelerator_type,
         "global_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * s.num_workers,
         "max_tokens_per_step": t.micro_batch_size * t.gradient_accumulation_steps * s.num_workers
@@ -127,9 +133,7 @@ def serve_plan(recipe: ServeRecipe) -> dict:
     """Placement bundles per replica and total resources at min and max replicas, as Ray Serve LLM will ask."""
     e, r, a = recipe.engine, recipe.resources, recipe.autoscaling
     workers = e.tensor_parallel_size * e.pipeline_parallel_size
-    worker = serve_bundle_per_worker(recipe)
-    if r.accelerator_type:
-        worker[f"accelerator_type:{r.accelerator_type}"] = 0.001
+    worker = {**serve_bundle_per_worker(recipe), **accelerator_resource(r.accelerator_type)}
     bundles = [dict(worker) for _ in range(workers)]
     bundles[0]["CPU"] = bundles[0]["CPU"] + SERVE_REPLICA_ACTOR_CPUS
     per_replica = _sum_bundles(bundles)
@@ -138,13 +142,13 @@ def serve_plan(recipe: ServeRecipe) -> dict:
     def total(replicas: int) -> dict:
         out = {k: v * replicas for k, v in per_replica.items()}
         out["CPU"] = out.get("CPU", 0) + ingress["CPU"]
-        return {k: round(v, 3) for k, v in out.items() if not k.startswith("accelerator_type:")}
+        return {k: round(v, 3) for k, v in out.items()}
 
     return {
         "engine_workers_per_replica": workers,
         "placement_bundles_per_replica": bundles,
         "placement_strategy": r.placement_strategy,
-        "resources_per_replica": {k: v for k, v in per_replica.items() if not k.startswith("accelerator_type:")},
+        "resources_per_replica": {k: round(v, 3) for k, v in per_replica.items()},
         "ingress_resources": ingress,
         "replicas": {"min": a.min_replicas, "max": a.max_replicas},
         "total_resources_at_min_replicas": total(a.min_replicas),
