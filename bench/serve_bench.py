@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from workloads.reporting import percentile
 from workloads.serve import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def _stats(latencies: list[float], tokens: int, wall: float) -> dict:
     ordered = sorted(latencies)
     return {"requests": len(ordered), "output_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1), "p50_s": round(statistics.median(ordered), 3),
-            "p99_s": round(ordered[max(0, int(0.99 * len(ordered)) - 1)] if len(ordered) > 1 else ordered[0], 3)}
+            "p99_s": round(percentile(ordered, 99), 3)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -23,6 +24,14 @@ def progress_line(row: dict, total_steps: int) -> str:
         parts.append(f"eval_loss {row['eval_loss']:.4f}")
     parts += [f"lr {row['lr']:.2e}", f"grad_norm {row['grad_norm']:.3f}", f"{row['tokens_per_second']:.0f} tok/s"]
     return "[train] " + " | ".join(parts)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least `pct`% of the values at or below it."""
+    if not values or not 0 < pct <= 100:
+        raise ValueError(f"percentile needs values and 0 < pct <= 100, got {len(values)} values, pct {pct}")
+    ordered = sorted(values)
+    return ordered[math.ceil(pct / 100 * len(ordered)) - 1]
 
 
 class TrainProgress:
