@@ -6,7 +6,6 @@ checked without a GPU). The optimizer, scheduler and gradient accumulation live 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from contextlib import nullcontext
@@ -153,7 +152,3 @@ class Strategy:
         if dist.is_initialized():
             dist.barrier()
 
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,93 @@
+"""Bad data fails on the driver in seconds, naming the file, the line and the field; too-long rows are counted."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_llmc
+from workloads.config import DataConfig, RecipeError
+from workloads.data_check import check_data, check_file
+from workloads.models import load_tokenizer
+
+GOOD = {"instruction": "Add the two numbers.", "input": "1 + 2", "output": "1 + 2 = 3"}
+
+
+def write(tmp_path: Path, name: str, lines: list[str]) -> str:
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def config(path: str, fmt: str = "alpaca", **extra) -> DataConfig:
+    return DataConfig(path=path, format=fmt, **extra)
+
+
+def test_a_broken_line_is_named_with_its_number_and_the_rest_counted(tmp_path):
+    lines = [json.dumps(GOOD)] * 3 + ['{"instruction": "x", '] + [json.dumps({"instruction": "y"})] * 7
+    path = write(tmp_path, "broken.jsonl", lines)
+    with pytest.raises(RecipeError) as err:
+        check_data(config(path))
+    message = str(err.value)
+    assert "field 'data.path'" in message and "broken.jsonl" in message
+    assert "line 4: not valid JSON" in message and "line 5: field 'output' is missing" in message
+    assert "8 problem(s) in 10 rows" in message and "... and 3 more" in message
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row", "expected"),
+    [
+        ("alpaca", {"instruction": "x", "output": 5}, "field 'output' must be a string, got int 5"),
+        ("alpaca", ["not", "an", "object"], "a row is a JSON object, got list"),
+        ("messages", {"messages": [{"role": "user", "content": "hi"}]}, "field 'messages' has no assistant turn"),
+        ("messages", {"messages": [{"role": "bot", "content": "hi"}]}, "field 'messages[0].role' must be one of"),
+        ("sharegpt", {"conversations": "hello"}, "field 'conversations' must be a non-empty list"),
+        ("text", {"body": "x"}, "field 'text' is missing"),
+    ],
+)
+def test_rows_missing_what_the_format_needs_name_the_field(tmp_path, fmt, row, expected):
+    path = write(tmp_path, "rows.jsonl", [json.dumps(row)])
+    with pytest.raises(RecipeError, match="line 1: " + expected.replace("[", r"\[").replace("]", r"\]")):
+        check_data(config(path, fmt))
+
+
+def test_an_empty_file_and_an_empty_eval_file_are_errors(tmp_path):
+    empty = write(tmp_path, "empty.jsonl", [])
+    with pytest.raises(RecipeError, match="field 'data.path'.*\n  the file holds no rows"):
+        check_data(config(empty))
+    good = write(tmp_path, "good.jsonl", [json.dumps(GOOD)])
+    with pytest.raises(RecipeError, match="field 'data.eval_path'"):
+        check_data(config(good, eval_path=empty))
+
+
+def test_too_long_rows_are_counted_not_fatal_unless_none_remain(tmp_path, tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    long = {**GOOD, "instruction": "Add the two numbers please. " * 20}
+    path = write(tmp_path, "mixed.jsonl", [json.dumps(GOOD)] * 3 + [json.dumps(long)] * 2)
+    report = check_file(path, config(path, max_length=32), tokenizer)
+    assert (report.rows, report.too_long, report.usable) == (5, 2, 3)
+    only_long = write(tmp_path, "long.jsonl", [json.dumps(long)] * 2)
+    with pytest.raises(RecipeError, match="field 'data.max_length': none of the 2 rows"):
+        check_file(only_long, config(only_long, max_length=32), tokenizer)
+
+
+def test_the_bundled_data_passes():
+    files = ["workloads/bundled/arithmetic_train.jsonl", "workloads/bundled/arithmetic_test.jsonl"]
+    reports = check_data(config(files[0], eval_path=files[1]))
+    assert [r.rows for r in reports] == [len((REPO / f).read_text().splitlines()) for f in files]
+
+
+def test_finetune_with_broken_data_exits_2_before_ray_starts(tmp_path, tiny_model_dir):
+    path = write(tmp_path, "broken.jsonl", [json.dumps(GOOD), "{oops"])
+    started = time.monotonic()
+    result = run_llmc("finetune", str(REPO / "workloads/configs/tiny-lora.yaml"), "--set", f"data.path={path}",
+                      "--output-dir", str(tmp_path / "run"), env={"RAY_ADDRESS": ""}, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "line 2: not valid JSON" in result.stderr and "broken.jsonl" in result.stderr
+    assert "Ray" not in result.stdout and not (tmp_path / "run" / "checkpoints").exists()
+    print(f"\nbad data refused in {time.monotonic() - started:.1f}s")
+    validated = run_llmc("validate", str(REPO / "workloads/configs/tiny-lora.yaml"), "--set", f"data.path={path}")
+    assert validated.returncode == 2 and "line 2: not valid JSON" in validated.stderr
