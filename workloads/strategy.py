@@ -6,6 +6,8 @@ checked without a GPU). The optimizer, scheduler and gradient accumulation live 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from contextlib import nullcontext
@@ -115,7 +117,8 @@ class Strategy:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save(self, directory: Path, rank: int, trainable_only: bool) -> None:
-        """Optimizer, scheduler and trainable weights of this rank into `directory/state` (all ranks)."""
+        """Optimizer, scheduler and trainable weights of this rank into `directory/state` (all ranks),
+        with a manifest of their SHA-256 digests."""
         state_dir = directory / _STATE_TAG
         if self.use_deepspeed:
             self.engine.save_checkpoint(str(state_dir), tag=_STATE_TAG, exclude_frozen_parameters=trainable_only)
@@ -124,9 +127,13 @@ class Strategy:
             weights = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
             torch.save({"weights": weights, **state}, state_dir / "trainer.pt")
+        if state_dir.is_dir():
+            write_manifest(state_dir, rank)
 
     def load(self, directory: Path) -> None:
+        """Restore from `directory/state` once its files match the manifests written when it was saved."""
         state_dir = directory / _STATE_TAG
+        verify_manifest(state_dir)  # DeepSpeed unpickles its files (torch.load with weights_only=False)
         if self.use_deepspeed:
             path, _ = self.engine.load_checkpoint(str(state_dir), tag=_STATE_TAG, load_module_strict=False)
             if path is None:
@@ -151,4 +158,49 @@ class Strategy:
                 tokenizer.save_pretrained(directory)
         if dist.is_initialized():
             dist.barrier()
+
+
+# -- checkpoint integrity ----------------------------------------------------------------------
+
+_MANIFEST = "manifest-rank{rank}.json"
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint whose files differ from what was saved: it is not loaded (loading may run pickled code)."""
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def write_manifest(state_dir: Path, rank: int) -> Path:
+    """SHA-256 of every file this rank wrote under `state_dir` (each rank saves into its own directory)."""
+    files = {p.relative_to(state_dir).as_posix(): _digest(p) for p in sorted(state_dir.rglob("*"))
+             if p.is_file() and not p.name.startswith("manifest-rank")}
+    path = state_dir / _MANIFEST.format(rank=rank)
+    path.write_text(json.dumps({"sha256": files}, indent=1))
+    return path
+
+
+def verify_manifest(state_dir: Path) -> None:
+    """Every file under `state_dir` is listed in a rank's manifest with the digest it was saved with."""
+    manifests = sorted(state_dir.glob("manifest-rank*.json"))
+    if not manifests:
+        raise CheckpointIntegrityError(f"{state_dir}: no manifest-rank*.json; refusing a checkpoint of unknown origin")
+    expected: dict[str, str] = {}
+    for manifest in manifests:
+        expected.update(json.loads(manifest.read_text())["sha256"])
+    present = {p.relative_to(state_dir).as_posix() for p in state_dir.rglob("*")
+               if p.is_file() and not p.name.startswith("manifest-rank")}
+    problems = [f"{name}: not in any manifest" for name in sorted(present - set(expected))]
+    problems += [f"{name}: listed but missing" for name in sorted(set(expected) - present)]
+    problems += [f"{name}: SHA-256 differs from the saved one" for name in sorted(present & set(expected))
+                 if _digest(state_dir / name) != expected[name]]
+    if problems:
+        raise CheckpointIntegrityError(f"checkpoint {state_dir} was changed since it was saved:\n  "
+                                       + "\n  ".join(problems[:10]))
 
