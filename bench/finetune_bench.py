@@ -40,7 +40,7 @@ RESULTS = REPO_ROOT / "bench" / "results"
 WORK_DIR = REPO_ROOT / "runs" / "bench-finetune"  # run outputs and logs (gitignored)
 BASE_RECIPE = "workloads/configs/tiny-lora.yaml"
 # The 76M-class model of DESIGN.md's baselines: 12 layers x 768, fp32, built by the tiny-model factory.
-BIG_MODEL = TinyModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048)
+BIG_MODEL = TinyModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, pretrain_steps=0)
 GLOBAL_BATCH, SEQ_LEN, THREADS = 8, 64, 2
 PROBE_PREFIX = "PROBE_RESULT "
 
@@ -69,7 +69,8 @@ LAYOUTS = [
 ]
 SHIPPED = LAYOUTS[-1]
 # A bigger sibling for the memory probes, where the weights (not activations or imports) dominate.
-LARGE_MODEL = TinyModelConfig(hidden_size=1536, num_layers=12, num_heads=12, intermediate_size=4096)
+LARGE_MODEL = TinyModelConfig(hidden_size=1536, num_layers=12, num_heads=12, intermediate_size=4096,
+                            pretrain_steps=0)
 MODELS = {"85M": BIG_MODEL, "340M": LARGE_MODEL}
 MEMORY_VARIANTS = ["full", "lora", "qlora"]
 

@@ -33,7 +33,7 @@ NEW_TOKENS = 64
 LEVELS = {1: 16, 8: 64, 32: 128}  # concurrency -> requests at that level
 MODELS = {
     "tiny": {},  # 2 layers x 128
-    "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048},
+    "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048, "pretrain_steps": 0},
 }
 
 

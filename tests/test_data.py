@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from workloads.config import DataConfig
-from workloads.data import IGNORE_INDEX, build_datasets, collate, pack, tokenize_chat, write_jsonl
+from workloads.data import IGNORE_INDEX, build_datasets, collate, load_records, pack, tokenize_chat, write_jsonl
 from workloads.models import load_tokenizer
+from workloads.scoring import final_number
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +72,76 @@ def test_parquet_packing_and_collate(tmp_path, tokenizer):
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
-def test_bundled_task_has_exact_answers():
+def _bundled(name: str) -> list[dict]:
     from tests.conftest import REPO
 
-    rows = [json.loads(line) for line in (REPO / "workloads/bundled/arithmetic_test.jsonl").read_text().splitlines()]
-    assert len(rows) == 200
-    assert all(int(r["output"]) == sum(map(int, r["input"].split(" + "))) for r in rows)
+    return [json.loads(line) for line in (REPO / "workloads/bundled" / name).read_text().splitlines()]
+
+
+def _operands(text: str) -> tuple[int, int]:
+    """The two numbers of a question (its last line)."""
+    a, b = map(int, re.findall(r"\d+", text.splitlines()[-1]))
+    return a, b
+
+
+def test_bundled_task_restates_the_operands_and_holds_its_test_pairs_out():
+    """Same answer style as the tiny model's pretraining, another question phrasing, test pairs seen nowhere."""
+    from workloads.bundled import make_arithmetic
+    from workloads.pretrain import corpus
+
+    train, test = _bundled("arithmetic_train.jsonl"), _bundled("arithmetic_test.jsonl")
+    assert len(test) == 200 and len(train) == 4000
+    for row in train + test:
+        a, b = _operands(row["input"])
+        assert row["output"] == f"The sum of {a} and {b} is {a + b}." and final_number(row["output"]) == a + b
+    held_out = {_operands(r["input"]) for r in test}
+    assert not held_out & {_operands(r["input"]) for r in train}
+    pretraining = {_operands(c[0]["content"]) for c in corpus()}
+    assert len(pretraining) == 100 * 100 - 200 and not held_out & pretraining
+    assert "plus" not in test[0]["instruction"] + test[0]["input"]  # the task's phrasing is not the pretraining one
+    assert make_arithmetic.build_files()["arithmetic_test.jsonl"] == test  # the files are what the code makes
+
+
+def test_preference_pairs_prefer_the_right_sum(tokenizer):
+    from workloads.data import tokenize_chat
+
+    for name, size, questions in (("arithmetic_preference_train.jsonl", 2000, "arithmetic_train.jsonl"),
+                                  ("arithmetic_preference_test.jsonl", 200, "arithmetic_test.jsonl")):
+        rows = load_records(f"workloads/bundled/{name}")  # through the loader training uses
+        assert len(rows) == size
+        prompts = {f"{r['instruction']}\n\n{r['input']}" for r in _bundled(questions)}
+        for row in rows:
+            (user,), (chosen,), (rejected,) = row["prompt"], row["chosen"], row["rejected"]
+            assert user["role"] == "user" and user["content"] in prompts
+            assert chosen["role"] == rejected["role"] == "assistant"
+            a, b = _operands(user["content"])
+            assert final_number(chosen["content"]) == a + b and final_number(rejected["content"]) != a + b
+            assert rejected["content"].startswith(f"The sum of {a} and {b} is ")  # same style, another sum
+    labelled = _labelled_text(tokenizer, tokenize_chat(row["prompt"] + row["chosen"], tokenizer, 64))
+    assert labelled.strip() == chosen["content"] + "<|im_end|>"
+
+
+def test_react_traces_call_the_calculator_and_answer_right():
+    from workloads.config import DataConfig
+    from workloads.data import split_records
+
+    for name, size in (("arithmetic_react_train.jsonl", 500), ("arithmetic_react_test.jsonl", 100)):
+        rows = split_records(DataConfig(path=f"workloads/bundled/{name}", format="messages", eval_fraction=0), 0)[0]
+        assert len(rows) == size
+        for row in rows:
+            system, question, act, observation, final = row["messages"]
+            assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+            a, b = _operands(question["content"])
+            lines = act["content"].splitlines()
+            assert lines[0].startswith("Thought: ") and lines[1] == "Action: calculator"
+            tool_input = json.loads(lines[2].removeprefix("Action Input: "))
+            assert tool_input == {"expression": f"{a} + {b}"}
+            assert observation["content"] == f"Observation: {a + b}"
+            thought, answer = final["content"].splitlines()
+            assert thought.startswith("Thought: ") and answer.startswith("Final Answer: ")
+            assert final_number(answer) == a + b and "calculator" in system["content"]
+
+
+def test_final_number_scores_the_last_number():
+    assert final_number("17 + 72 = 89") == 89 and final_number("The sum of 3 and 4 is 7.") == 7
+    assert final_number("no digits") is None and final_number("") is None

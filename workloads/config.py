@@ -8,6 +8,7 @@ module imports neither torch nor Ray, so validation runs before any cluster or m
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,8 @@ class RecipeError(ValueError):
     """A recipe that cannot run; the message names each bad field and what it allows."""
 
 
-_NAME = r"^[A-Za-z0-9_.-]+$"  # run, model and adapter names: safe in paths and URLs
+# Run, model and adapter names: safe in paths and URLs; at least one character is not a dot (no . or ..).
+_NAME = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 
 
 class _Strict(BaseModel):
@@ -34,7 +36,12 @@ class _Strict(BaseModel):
 
 
 class TinyModelConfig(_Strict):
-    """Shape of the Llama built on the spot when `model.name` is `tiny`."""
+    """The Llama built on the spot when `model.name` is `tiny`: its shape, then its pretraining.
+
+    It is pretrained once, single process, on generated addition chats in its own phrasing ("What is 49 plus
+    97?"), so it can add but has not seen the bundled task's phrasing; the result is cached under a key of
+    every field here and the corpus.
+    """
 
     hidden_size: int = Field(128, ge=16, description="Width of the residual stream.")
     num_layers: int = Field(2, ge=1, description="Decoder layers.")
@@ -42,7 +49,17 @@ class TinyModelConfig(_Strict):
     intermediate_size: int = Field(384, ge=16, description="MLP width.")
     vocab_size: int = Field(512, ge=128, description="Most BPE tokens learned from the bundled corpus.")
     max_position_embeddings: int = Field(512, ge=64, description="Longest sequence the model accepts.")
-    seed: int = Field(0, description="Seed for weights and tokenizer: same seed, same model.")
+    seed: int = Field(0, description="Seed for weights, tokenizer and pretraining order: same seed, same model.")
+    pretrain_steps: int = Field(
+        2000, ge=0, description="Optimizer steps of pretraining on the generated corpus; 0: random weights."
+    )
+    pretrain_batch_size: int = Field(32, ge=1, description="Conversations per pretraining step.")
+    pretrain_learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak AdamW learning rate (cosine).")
+    pretrain_warmup_steps: int = Field(100, ge=0, description="Linear warmup before the cosine decay.")
+    pretrain_threads: int = Field(
+        1, ge=1, description="torch threads while pretraining; fixed, so a rebuild gives the same weights (1: a "
+        "second thread made these small steps ~10x slower on a busy 2-core machine)."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TinyModelConfig:
@@ -81,11 +98,20 @@ class DataConfig(_Strict):
         return value
 
 
+_FALLBACKS_SAID: set[str] = set()
+
+
 def resolve_path(value: str) -> Path | None:
-    """A data or recipe path as given, else relative to the repository; None if neither exists."""
-    for candidate in (Path(value).expanduser(), REPO_ROOT / value):
-        if candidate.exists():
-            return candidate.resolve()
+    """A data or recipe path as given, else relative to the repository (said once on stderr); None if neither."""
+    given = Path(value).expanduser()
+    if given.exists():
+        return given.resolve()
+    bundled = REPO_ROOT / value
+    if not given.is_absolute() and bundled.exists():
+        if value not in _FALLBACKS_SAID:
+            _FALLBACKS_SAID.add(value)
+            print(f"[llmc] {value!r} is not under {Path.cwd()}: using the repository's {bundled}", file=sys.stderr)
+        return bundled.resolve()
     return None
 
 
@@ -156,8 +182,15 @@ class RunConfig(_Strict):
         None, description="Ray Train storage (checkpoints): local dir or s3:// URI; default output_dir."
     )
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
-    resume_from: str | None = Field(None, description="A checkpoint directory to continue from.")
+    resume_from: str | None = Field(
+        None, description="A checkpoint directory to continue from, or `latest`: this run name's newest checkpoint "
+                          "in its storage. Without it a run starts fresh and replaces that storage."
+    )
     merge_adapter: bool = Field(False, description="Also write base+adapter merged weights.")
+    forward_env: list[str] = Field(
+        default_factory=list,
+        description="Environment variables `llmc submit` forwards to the job (e.g. HF_TOKEN for gated weights).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +366,7 @@ class AdaptersConfig(_Strict):
     def _names(cls, value: dict[str, str]) -> dict[str, str]:
         bad = [name for name in value if not re.match(_NAME, name)]
         if bad:
-            raise ValueError(f"adapter names {bad} may hold only letters, digits, '_', '.', '-'")
+            raise ValueError(f"adapter names {bad} may hold only letters, digits, '_', '.', '-', and not be . or ..")
         return value
 
     @model_validator(mode="after")

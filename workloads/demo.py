@@ -1,9 +1,10 @@
 """`make demo`: the main path end to end on embedded Ray with the tiny model.
 
-1. fine-tune: build the tiny Llama (cached) and LoRA-tune it on the bundled arithmetic task across
+1. fine-tune: build the tiny Llama (pretrained once, cached) and LoRA-tune it on the bundled arithmetic task across
    2 Ray Train workers with DeepSpeed ZeRO-2 (`tiny-lora.yaml`); loss curve, metrics and summary;
 2. serve: deploy `serve-tiny.yaml` with the new adapter (as `tiny:arith`) beside the base model and
-   ask both held-out questions through the `openai` client.
+   ask both 50 held-out questions through the `openai` client (chat format) and count the answers whose
+   final number is the sum; every answer goes to `demo_answers.json`.
 
 `python -m workloads.demo [--output-dir DIR] [--skip-serve]`; `--set key=value` overrides the
 fine-tuning recipe (e.g. `--set train.max_steps=10` for a quick look).
@@ -16,10 +17,13 @@ import json
 import logging
 import os
 import secrets
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from workloads.config import REPO_ROOT, load_recipe
 from workloads.data import prompt_messages
+from workloads.scoring import final_number
 
 FINETUNE_RECIPE = REPO_ROOT / "workloads/configs/tiny-lora.yaml"
 SERVE_RECIPE = REPO_ROOT / "workloads/configs/serve-tiny.yaml"
@@ -35,8 +39,9 @@ def finetune_stage(output_dir: Path, overrides: list[str], address: str | None =
     return run(recipe, output_dir=str(output_dir), address=address)
 
 
-def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = None) -> dict:
-    """Serve base + adapter, ask `questions` task questions through the openai client; returns the tally."""
+def serve_stage(adapter_dir: Path, questions: int = 50, address: str | None = None) -> dict:
+    """Serve base + adapter and ask both `questions` held-out task questions through the openai client, a few
+    at a time; an answer counts when its final number is the sum. Returns the answers and the totals."""
     import openai
 
     from workloads.serve import serving
@@ -45,46 +50,69 @@ def serve_stage(adapter_dir: Path, questions: int = 5, address: str | None = Non
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
     recipe = load_recipe(SERVE_RECIPE, [f"adapters.paths.arith={Path(adapter_dir).resolve()}"], kind="serve")
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()[:questions]]
-    base_model = recipe.engine.model_id
-    adapter_model = f"{base_model}:arith"
-    answers = []
+    models = {"base": recipe.engine.model_id, "fine_tuned": f"{recipe.engine.model_id}:arith"}
     print(f"[demo] 2/2 serving: {SERVE_RECIPE.relative_to(REPO_ROOT)} with adapter {adapter_dir}", flush=True)
     with serving(recipe, address=address) as url:
         client = openai.OpenAI(base_url=url, api_key=key)
-        print(f"\n[demo] asking {url} (models {[m.id for m in client.models.list().data]})")
-        for row in rows:
-            messages, expected = prompt_messages(row, "alpaca")
-            answer = {"question": row["input"], "expected": expected}
-            for model in (base_model, adapter_model):
-                reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
-                answer[model] = (reply.choices[0].message.content or "").strip()
-            answers.append(answer)
-            print(f"[demo] {row['input']:>9} = {expected:<5} base: {answer[base_model]!r:<14} "
-                  f"fine-tuned: {answer[adapter_model]!r}")
-    tally = {"questions": len(rows),
-             "base_correct": sum(a[base_model] == a["expected"] for a in answers),
-             "adapter_correct": sum(a[adapter_model] == a["expected"] for a in answers),
-             "answers": answers}
-    print(f"[demo] correct: base {tally['base_correct']}/{len(rows)}, "
-          f"fine-tuned {tally['adapter_correct']}/{len(rows)}")
-    return tally
+
+        def ask(row: dict) -> dict:
+            messages, _reference = prompt_messages(row, "alpaca")
+            record = {"question": messages[-1]["content"], "expected": sum(map(int, row["input"].split(" + ")))}
+            for field, model in models.items():
+                reply = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+                record[field] = (reply.choices[0].message.content or "").strip()
+            return record
+
+        print(f"[demo] asking {len(rows)} held-out questions at {url} as {models['base']} and {models['fine_tuned']}",
+              flush=True)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(ask, rows))
+    totals = {f"{field}_correct": sum(final_number(a[field]) == a["expected"] for a in answers) for field in models}
+    _print_answers(answers[:5])
+    print(f"[demo] held-out sums right (final number = sum): base {totals['base_correct']}/{len(rows)}, "
+          f"fine-tuned {totals['fine_tuned_correct']}/{len(rows)}", flush=True)
+    return {"questions": len(rows), **totals, "scoring": "final number of the answer equals the sum",
+            "answers": answers}
+
+
+def _print_answers(answers: list[dict]) -> None:
+    """The first answers as a table: the operands, the sum, each model's reply marked right or wrong."""
+    def cell(record: dict, field: str) -> str:
+        mark = "ok" if final_number(record[field]) == record["expected"] else "--"
+        return f"{mark} {record[field][:32]!r:<36}"
+
+    print(f"[demo] {'question':>9} {'sum':>4}  {'base':<39} fine-tuned")
+    for record in answers:
+        print(f"[demo] {record['question'].splitlines()[-1]:>9} {record['expected']:>4}  {cell(record, 'base')} "
+              f"{cell(record, 'fine_tuned')}".rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from workloads.cli import output_options, set_output
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[output_options()])
     parser.add_argument("--output-dir", default="runs/demo", help="fine-tuning run directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the fine-tuning recipe (repeatable)")
     parser.add_argument("--skip-serve", action="store_true", help="stop after fine-tuning")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_output(getattr(args, "verbose", False))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the answers
     if args.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # the demo runs on its own embedded Ray
     out = Path(args.output_dir).resolve()
-    summary = finetune_stage(out, args.overrides, args.address)
-    tally = None if args.skip_serve else serve_stage(Path(summary["artifact"]), address=args.address)
+    from cluster import runtime
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C's path; cluster.runtime renews it after ray.init
+    try:
+        summary = finetune_stage(out, args.overrides, args.address)
+        tally = None if args.skip_serve else serve_stage(Path(summary["artifact"]), address=args.address)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (taking the same path): a requested stop, exit 0 as llmc does
+        print("[demo] stopped", flush=True)
+        return 0
+    finally:
+        runtime.shutdown()  # the embedded Ray and every process it started
     if tally is not None:
         (out / "demo_answers.json").write_text(json.dumps(tally, indent=2))
     print(f"\n[demo] eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} "

@@ -1,16 +1,19 @@
 """Model and tokenizer loading, quantization, LoRA, and the tiny-model factory.
 
 Every model, the tiny one included, is loaded through `from_pretrained`: the factory builds a small
-Llama and a locally trained BPE tokenizer once, saves them with `save_pretrained` into a cache keyed
-by their config, and hands back the directory.
+Llama and a locally trained BPE tokenizer once, pretrains it on generated addition chats (workloads.pretrain),
+saves both with `save_pretrained` and the measured skill as `skill.json` into a cache keyed by config and
+corpus, and hands back the directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,10 +22,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from workloads.config import REPO_ROOT, LoraConfig, ModelConfig, QuantizationConfig, TinyModelConfig
 
-TINY_FACTORY_VERSION = 3  # bump when the factory's output changes, so caches rebuild
+TINY_FACTORY_VERSION = 4  # bump when the factory's output changes, so caches rebuild
 # A random lm_head at the usual 0.02 std caps every logit near +-2.5 behind the final RMSNorm, so adapters on
 # a frozen random base cannot express a confident answer (LoRA stalled at eval loss ~4 on the bundled task).
-# Pretrained heads have a wide range; 5x the std gives a start at ~ln(vocab) and room to learn.
+# Pretrained heads have a wide range; 5x the std gives a start at ~ln(vocab) and room to learn. It matters for
+# pretraining too: 1,000 steps from the usual std added 10% of held-out pairs, from 5x the std 98%.
 LM_HEAD_INIT_SCALE = 5.0
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 # ChatML; {% generation %} marks assistant text for TRL's assistant_only_loss.
@@ -32,7 +36,8 @@ CHAT_TEMPLATE = (
     "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_CORPUS = [REPO_ROOT / "workloads/bundled/arithmetic_train.jsonl"]
+BUNDLED = REPO_ROOT / "workloads/bundled"
+SKILL_CARD = "skill.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,37 +59,78 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 
 
 def build_tiny_model(cfg: TinyModelConfig, out_dir: Path | None = None) -> Path:
-    """Build (or reuse from the cache) a small Llama and its tokenizer; returns the directory."""
+    """Build (or reuse from the cache) the pretrained tiny Llama and its tokenizer; returns the directory.
+
+    The cache key covers the config (shape and pretraining), the factory version and the corpus, so a change to
+    any of them builds anew; a lock makes concurrent first uses wait for one build. `out_dir`: a copy there.
+    """
+    cached = tiny_model_path(cfg)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.parent / f".{cached.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cached / "config.json").exists():
+            _build_into(cfg, cached)
+    if out_dir is None:
+        return cached
+    if not (Path(out_dir) / "config.json").exists():
+        shutil.copytree(cached, out_dir, dirs_exist_ok=True)
+    return Path(out_dir)
+
+
+def tiny_model_path(cfg: TinyModelConfig) -> Path:
+    """Where the tiny model for `cfg` is cached: keyed by factory version, config, corpus and bundled files."""
+    from workloads.pretrain import corpus
+
     key = hashlib.sha256(
-        json.dumps([TINY_FACTORY_VERSION, cfg.model_dump()], sort_keys=True).encode()
-        + b"".join(p.read_bytes() for p in _CORPUS)
+        json.dumps([TINY_FACTORY_VERSION, cfg.model_dump(), corpus()], sort_keys=True).encode()
+        + b"".join(p.read_bytes() for p in sorted(BUNDLED.glob("*.jsonl")))
     ).hexdigest()[:12]
-    target = Path(out_dir) if out_dir else cache_dir() / "models" / f"tiny-{key}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    return cache_dir() / "models" / f"tiny-{key}"
+
+
+def read_skill_card(model_dir: str | Path) -> dict | None:
+    """The tiny model's measured skill (`skill.json` beside its weights); None for other models."""
+    path = Path(model_dir) / SKILL_CARD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _build_into(cfg: TinyModelConfig, target: Path) -> None:
+    from workloads.pretrain import pretrain, skill_card
+
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         tokenizer = _train_tokenizer(cfg)
+        model = _init_llama(cfg, tokenizer)
+        if cfg.pretrain_steps:
+            card = skill_card(model, tokenizer, pretrain(model, tokenizer, cfg))
+            (staging / SKILL_CARD).write_text(json.dumps(card, indent=2) + "\n")
+            own, task = card["held_out_own_phrasing"], card["held_out_bundled_task"]
+            print(f"[tiny] pretrained {cfg.pretrain_steps} steps in {card['pretraining']['seconds']:.0f} s: "
+                  f"held-out sums {own['accuracy']:.0%} in its own phrasing, {task['accuracy']:.0%} in the bundled "
+                  f"task's ({target / SKILL_CARD})", file=sys.stderr, flush=True)
         tokenizer.save_pretrained(staging)
-        _init_llama(cfg, tokenizer).save_pretrained(staging)
-        try:
-            staging.rename(target)  # atomic: concurrent builders race safely, the first one wins
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
+        model.save_pretrained(staging)
+        staging.rename(target)  # atomic: a reader never sees a half-written model
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _corpus_lines() -> list[str]:
-    lines = []
-    for path in _CORPUS:
+    """Text the tokenizer learns its merges from: the pretraining chats and every bundled file's strings."""
+    from workloads.pretrain import corpus
+
+    lines = [m["content"] for conversation in corpus() for m in conversation]
+    for path in sorted(BUNDLED.glob("*.jsonl")):
         for row in map(json.loads, path.read_text().splitlines()):
-            lines.extend(str(v) for v in row.values())
-    lines += ["user", "assistant", "system", "The answer is", "Question:", "Answer:"]
-    return lines
+            lines.extend(_strings(row))
+    return lines + ["user", "assistant", "system", "The answer is", "Question:", "Answer:"]
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for item in items for s in _strings(item)]
 
 
 def _train_tokenizer(cfg: TinyModelConfig):

@@ -1,35 +1,126 @@
-"""Regenerate the bundled arithmetic task: `python -m workloads.bundled.make_arithmetic`.
+"""The bundled arithmetic data, generated here: `python -m workloads.bundled.make_arithmetic` rewrites the files.
 
-Two-number addition with one exact answer, small enough that a tiny Llama learns its format in a
-few dozen CPU steps and its digits over a few hundred, so later stages get a real signal
-(exact-match accuracy, a reward that rises).
+Two-number addition (a, b in 0..99) in two phrasings:
+- the pretraining phrasing of the tiny model (`pretraining_conversations`, generated in memory by the model
+  factory): "What is 49 plus 97?" -> "The sum of 49 and 97 is 146." (one wording: with four, the sum stopped
+  transferring to the task, 4 of 50 after the LoRA);
+- the bundled task (`arithmetic_{train,test}.jsonl`, alpaca) asks another way ("Add the two numbers." then
+  "49 + 97") and answers in the same restating style: the tiny model adds only when the operands come right
+  before the sum, and a 60-step LoRA can teach it to read a new question but not a new answer style
+  (`49 + 97 = 146` answers stayed below 10% correct after 200 LoRA steps).
+The test pairs are held out of everything else: no train file and no pretraining conversation contains them.
+Beside the task: preference pairs (`arithmetic_preference_*.jsonl`: a correct and a wrong answer to one
+question, for reward models and DPO) and ReAct traces that call a calculator tool (`arithmetic_react_*.jsonl`).
 """
+
+from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
 
 HERE = Path(__file__).parent
-INSTRUCTION = "Add the two numbers. Answer with the sum only."
+INSTRUCTION = "Add the two numbers and state the sum in a sentence."
+TEST_PAIRS, TRAIN_PAIRS = 200, 4000
+TEST_SEED, TRAIN_SEED = 1, 0
+REACT_SYSTEM = (
+    "Answer the question using the calculator tool. Use this format:\n"
+    "Thought: what to do next\nAction: calculator\nAction Input: {\"expression\": \"<a> + <b>\"}\n"
+    "Then wait for the Observation, and finish with\nThought: I know the answer\nFinal Answer: <a> + <b> = <sum>"
+)
+
+Pair = tuple[int, int]
 
 
-def make_rows(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()) -> list[dict]:
-    """n distinct `a + b` problems with a, b in 0..99, none of them in `exclude`."""
+def make_pairs(n: int, seed: int, exclude: frozenset[Pair] | set[Pair] = frozenset()) -> list[Pair]:
+    """n distinct (a, b) with a, b in 0..99, none of them in `exclude`, in a seeded order."""
     rng = random.Random(seed)
-    seen, rows = set(exclude), []
-    while len(rows) < n:
-        a, b = rng.randrange(100), rng.randrange(100)
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
-        rows.append({"instruction": INSTRUCTION, "input": f"{a} + {b}", "output": str(a + b)})
-    return rows
+    seen, pairs = set(exclude), []
+    while len(pairs) < n:
+        pair = (rng.randrange(100), rng.randrange(100))
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    return pairs
+
+
+def split_pairs() -> tuple[list[Pair], list[Pair]]:
+    """The train and held-out test pairs every bundled file is made from."""
+    test = make_pairs(TEST_PAIRS, TEST_SEED)
+    return make_pairs(TRAIN_PAIRS, TRAIN_SEED, exclude=set(test)), test
+
+
+def answer(a: int, b: int, total: int | None = None) -> str:
+    """An answer in the restating style: the operands, then the sum (or `total`, for a wrong answer)."""
+    return f"The sum of {a} and {b} is {a + b if total is None else total}."
+
+
+def task_row(a: int, b: int) -> dict:
+    return {"instruction": INSTRUCTION, "input": f"{a} + {b}", "output": answer(a, b)}
+
+
+def task_prompt(a: int, b: int) -> list[dict]:
+    """The bundled question as chat messages (what `data.to_messages` makes of a task row, less the answer)."""
+    return [{"role": "user", "content": f"{INSTRUCTION}\n\n{a} + {b}"}]
+
+
+def pretraining_prompt(a: int, b: int) -> list[dict]:
+    return [{"role": "user", "content": f"What is {a} plus {b}?"}]
+
+
+def pretraining_conversations(exclude: set[Pair]) -> list[list[dict]]:
+    """Every pair of 0..99 not in `exclude`, in the pretraining phrasing, as chat messages (in pair order)."""
+    return [
+        pretraining_prompt(a, b) + [{"role": "assistant", "content": answer(a, b)}]
+        for a in range(100) for b in range(100) if (a, b) not in exclude
+    ]
+
+
+def wrong_sum(a: int, b: int, rng: random.Random) -> int:
+    """A plausible mistake: off by one, a dropped or doubled carry, or an operand misread; never the sum."""
+    s = a + b
+    candidates = [s + 1, s - 1, s + 10, s - 10, s + 100, a + b % 10, a - b, (s % 10) * 10 + s // 10 % 10]
+    return rng.choice([c for c in candidates if c >= 0 and c != s])
+
+
+def preference_row(a: int, b: int, rng: random.Random) -> dict:
+    """TRL's conversational preference format: prompt, chosen (the right answer), rejected (a wrong one)."""
+    return {
+        "prompt": task_prompt(a, b),
+        "chosen": [{"role": "assistant", "content": answer(a, b)}],
+        "rejected": [{"role": "assistant", "content": answer(a, b, wrong_sum(a, b, rng))}],
+    }
+
+
+def react_row(a: int, b: int) -> dict:
+    """One ReAct trace: think, call the calculator, read its observation, answer."""
+    expression = f"{a} + {b}"
+    return {"messages": [
+        {"role": "system", "content": REACT_SYSTEM},
+        {"role": "user", "content": f"What is {expression}?"},
+        {"role": "assistant", "content": "Thought: I should add the numbers with the calculator.\n"
+                                         f"Action: calculator\nAction Input: {json.dumps({'expression': expression})}"},
+        {"role": "user", "content": f"Observation: {a + b}"},
+        {"role": "assistant", "content": f"Thought: I know the answer\nFinal Answer: {answer(a, b)}"},
+    ]}
+
+
+def build_files() -> dict[str, list[dict]]:
+    """Every bundled file's rows, by file name."""
+    train, test = split_pairs()
+    rng = random.Random(2)
+    return {
+        "arithmetic_train.jsonl": [task_row(a, b) for a, b in train],
+        "arithmetic_test.jsonl": [task_row(a, b) for a, b in test],
+        "arithmetic_preference_train.jsonl": [preference_row(a, b, rng) for a, b in train[:2000]],
+        "arithmetic_preference_test.jsonl": [preference_row(a, b, rng) for a, b in test],
+        "arithmetic_react_train.jsonl": [react_row(a, b) for a, b in train[:500]],
+        "arithmetic_react_test.jsonl": [react_row(a, b) for a, b in test[:100]],
+    }
 
 
 def main() -> None:
-    test = make_rows(200, seed=1)
-    train = make_rows(4000, seed=0, exclude={tuple(map(int, r["input"].split(" + "))) for r in test})
-    for name, rows in (("arithmetic_train.jsonl", train), ("arithmetic_test.jsonl", test)):
+    for name, rows in build_files().items():
         (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {len(rows)} rows to {HERE / name}")
 
