@@ -3,7 +3,8 @@
 Ray Serve LLM does the engine, continuous batching, streaming, LoRA multiplexing, autoscaling and the
 OpenAI routes; this module adds what it does not: API keys (a middleware that only ever sees key
 hashes), a bounded response cache for deterministic requests, request checks with clear 4xx
-messages, and `/health`. `ServeSpec` is a plain description, built by `workloads.serve` from a recipe.
+messages, `/health`, and its own metrics (`metrics.SERVE_COUNTERS`, beside Ray Serve's `ray_serve_*` and vLLM's
+`ray_vllm_*`). `ServeSpec` is a plain description, built by `workloads.serve` from a recipe.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse, Response
 
+from cluster import metrics
+
 # Routes anyone may call: readiness must work for a load balancer that holds no key.
 PUBLIC_PATHS = frozenset({"/health", "/-/healthz", "/-/routes"})
 CACHE_HEADER = "x-llmc-cache"
 # Fields that identify a request rather than shape its answer: left out of the cache key.
 _NOT_IN_CACHE_KEY = {"request_id", "user", "stream", "stream_options"}
+_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/cache/stats", "/health"})
+# A 4xx's reason when the handler named none (`request.state.llmc_reason`).
+_REASONS = {400: "invalid_request", 401: "api_key", 404: "not_found", 405: "method_not_allowed",
+            422: "invalid_request"}
 
 
 @dataclass
@@ -73,6 +80,28 @@ def key_hash(key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Ingress: API keys, cache, checks
 # ---------------------------------------------------------------------------------------------
+
+
+class RequestMetricsMiddleware(BaseHTTPMiddleware):
+    """Counts every answer by route and status, 401s, 4xx by reason and 503s (`metrics.SERVE_COUNTERS`)."""
+
+    async def dispatch(self, request: Request, call_next):
+        response = await call_next(request)
+        path, code = request.url.path, response.status_code
+        route = path if path in _ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        _count("llmc_serve_requests", route=route, code=str(code))
+        if code == 401:
+            _count("llmc_serve_unauthorized")
+        if 400 <= code < 500:
+            reason = getattr(request.state, "llmc_reason", None) or _REASONS.get(code, f"http_{code}")
+            _count("llmc_serve_client_errors", reason=reason)
+        if code == 503 and route != "/health":
+            _count("llmc_serve_shed")
+        return response
+
+
+def _count(name: str, **tags: str) -> None:
+    metrics.inc_counter(name, tags, description=metrics.SERVE_COUNTERS[name])
 
 
 class ApiKeyMiddleware(BaseHTTPMiddleware):
@@ -175,10 +204,12 @@ class LlmcIngress(OpenAiIngress):
     async def _answer(self, kind: str, body, request: Request, max_tokens: int | None, param: str) -> Response:
         problem = self._check(body, max_tokens, param)
         if problem is not None:
+            request.state.llmc_reason = json.loads(problem.body)["error"]["param"]  # counted by the middleware
             return problem
         key = ResponseCache.key(kind, body) if self._cache else None
         if key is not None:
             cached = self._cache.get(key)
+            _count("llmc_serve_cache_misses" if cached is None else "llmc_serve_cache_hits")
             if cached is not None:
                 return JSONResponse(cached, headers={CACHE_HEADER: "hit"})
         response = await self._process_llm_request(body, call_method=kind, raw_request=request)
@@ -225,6 +256,7 @@ def llm_config(spec: ServeSpec) -> LLMConfig:
         runtime_env={"env_vars": dict(spec.env_vars)} if spec.env_vars else None,
         accelerator_type=spec.accelerator_type,
         lora_config=lora,
+        log_engine_metrics=True,  # vLLM's engine metrics on Ray's export (`ray_vllm_*`); needs log stats on
     )
 
 
@@ -235,6 +267,7 @@ def build_app(spec: ServeSpec):
     app = _stock_ingress_app()  # Ray Serve LLM's FastAPI app: error handling, CORS, request ids
     app.add_middleware(ApiKeyMiddleware, key_hashes=frozenset(spec.api_key_hashes))  # outermost: runs first
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(RequestMetricsMiddleware)  # added last, so outermost: it sees every answer, 401s too
     ingress_cls = make_fastapi_ingress(LlmcIngress, endpoint_map=_ENDPOINTS, app=app)
     options = {
         "name": "ingress",

@@ -1,21 +1,32 @@
 """Run a per-worker train loop as a Ray Train TorchTrainer, and the worker-side calls it needs.
 
-The driver calls `fit`; the loop (plain PyTorch, in `workloads/`) calls `world`, `report` and
-`latest_checkpoint` from here, so no workload imports Ray. Checkpoints every rank reports are
-merged into one directory in the run's storage; a failed worker group restarts from the newest.
+The driver calls `fit`; the loop (plain PyTorch, in `workloads/`) calls `world`, `report`,
+`publish` and `latest_checkpoint` from here, so no workload imports Ray. Checkpoints every rank
+reports are merged into one directory in the run's storage; a failed worker group restarts from the
+newest. The run is named after the recipe's run (the dashboard, Ray Train's own metrics and ours,
+`llmc_train_*{run=NAME}`, all carry that name).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs
+import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+
+from cluster import metrics
+
+# Ray Train V2 keeps this file in `storage_path/name` and continues any run it finds there.
+_SNAPSHOT = "checkpoint_manager_snapshot.json"
+ABORT_TIMEOUT_S = 60  # a stopped run's controller gets this long to end its workers, then it is killed
 
 
 @dataclass(frozen=True)
@@ -33,9 +44,6 @@ class WorkerScaling:
         if self.use_gpu:
             resources["GPU"] = float(self.gpus_per_worker)
         return resources
-
-    def total(self) -> dict[str, float]:
-        return {k: v * self.num_workers for k, v in self.resources_per_worker().items()}
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,23 @@ def fit(
     max_failures: int = 0,
     keep_checkpoints: int = 2,
     local_copy_to: Path | None = None,
+    on_report: Callable[[dict], None] | None = None,
+    resume: bool = False,
 ) -> FitResult:
-    """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics."""
-    trainer = TorchTrainer(
+    """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics.
+
+    `on_report(metrics)` is called in this process with rank 0's metrics after every `report`: the
+    controller forwards them through a queue actor, so the driver can show progress without worker logs.
+
+    The run's storage is `storage_path/name`. Ray Train V2 treats a snapshot found there as the same
+    run and hands its newest checkpoint to the workers: with `resume` that is what is wanted (an error
+    if there is none); otherwise an earlier run's storage under that name is removed first, so a run
+    starts fresh unless asked to continue.
+    """
+    _prepare_storage(storage_path, name, resume)
+    # The dashboard's Train API (`/api/train/v2/runs/v1`, read by `llmc status`) lists runs only with this.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    trainer = _StoppableTrainer(
         train_fn,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
@@ -73,9 +95,11 @@ def fit(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=[_ForwardReports(reports)] if (reports := _report_queue(on_report)) is not None else None,
         ),
     )
-    result = trainer.fit()
+    with _consume(reports, on_report):
+        result = trainer.fit()
     checkpoint_dir = None
     if result.checkpoint is not None:
         if local_copy_to is not None:
@@ -83,6 +107,110 @@ def fit(
         elif "://" not in result.checkpoint.path:
             checkpoint_dir = Path(result.checkpoint.path)
     return FitResult(checkpoint_dir, dict(result.metrics or {}), str(result.path))
+
+
+class _StoppableTrainer(TorchTrainer):
+    """A TorchTrainer whose run is aborted when `fit` is interrupted (Ctrl-C, or SIGTERM: `cluster.runtime`
+    turns it into the same KeyboardInterrupt), which then goes on to the caller.
+
+    Ray Train's own Ctrl-C handler aborts the run too, but ends the driver with `sys.exit` inside `ray.get`,
+    which Ray turns into exit status 1 with no message; so this keeps the controller (the hook below is
+    where Ray Train hands it over) and aborts it itself. Abort ends the worker group and records the run as
+    ABORTED; its checkpoints stay.
+    """
+
+    _controller = None
+
+    def _register_sigint_handler(self, controller) -> None:  # Ray Train's hook, just before it waits on the run
+        self._controller = controller
+
+    def fit(self):
+        try:
+            return super().fit()
+        except KeyboardInterrupt:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._controller is None:
+            return
+        try:
+            ray.get(self._controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        except ray.exceptions.RayActorError:
+            pass  # abort ends the controller's process: this is the normal outcome
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self._controller)
+
+
+def experiment_path(storage_path: str, name: str) -> str:
+    """Where Ray Train keeps run `name`'s checkpoints: `storage_path/name` (a local path or a URI)."""
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
+def _prepare_storage(storage_path: str, name: str, resume: bool) -> None:
+    fs, path = pyarrow.fs.FileSystem.from_uri(experiment_path(storage_path, name))
+    snapshot = fs.get_file_info(f"{path}/{_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound
+    if resume and not snapshot:
+        raise FileNotFoundError(f"no checkpoint of run {name!r} to resume in {experiment_path(storage_path, name)}")
+    if not resume and fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def run_url() -> str | None:
+    """The dashboard page of the job driving this run (its workers, logs and metrics), if a dashboard runs."""
+    from cluster.runtime import dashboard_url
+
+    base = dashboard_url()
+    return f"{base}/#/jobs/{ray.get_runtime_context().get_job_id()}" if base else None
+
+
+class _ForwardReports(UserCallback):
+    """Runs in the Train controller: puts rank 0's metrics of every report on the driver's queue."""
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if metrics:
+            self._queue.put(dict(metrics[0]))
+
+
+def _report_queue(on_report: Callable[[dict], None] | None):
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0}) if on_report else None
+
+
+@contextlib.contextmanager
+def _consume(queue, on_report: Callable[[dict], None] | None) -> Iterator[None]:
+    """Call `on_report` from a driver thread for every queued report while the block runs, then drain."""
+    if queue is None:
+        yield
+        return
+    from ray.util.queue import Empty
+
+    done = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                row = queue.get(timeout=0.5)
+            except Empty:
+                if done.is_set():
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor is gone: progress stops, training does not
+                return
+            on_report(row)
+
+    thread = threading.Thread(target=pump, name="llmc-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        queue.shutdown()
 
 
 # -------------------------------------------------------------------------------------------
@@ -100,6 +228,18 @@ def report(metrics: dict, checkpoint_dir: str | os.PathLike | None = None) -> No
     """Report metrics (a barrier across workers), with this rank's checkpoint files if given."""
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
     ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def publish(values: dict) -> None:
+    """Export this step's values (`metrics.TRAIN_GAUGES` keys; others and None skipped) as gauges
+    `llmc_train_<key>{run=NAME}`, NAME being the run's name. Call it from one rank: the values are
+    already reduced over workers.
+    """
+    tags = {metrics.RUN_TAG: ray.train.get_context().get_experiment_name()}
+    for key, description in metrics.TRAIN_GAUGES.items():
+        value = values.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.set_gauge(metrics.TRAIN_METRIC_PREFIX + key, value, tags, description)
 
 
 @contextlib.contextmanager

@@ -57,13 +57,16 @@ def ray_cluster(tiny_model_dir) -> RayCluster:
     from cluster.auth import ensure_auth_token
 
     ensure_auth_token()
-    port, dash_port, metrics_port = free_port(), free_port(), free_port()
+    port, dash_port, metrics_port, agent_port = free_port(), free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     ray_bin = Path(sys.executable).with_name("ray")
     log = Path(temp_dir) / "ray-start.log"
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}",
+         # The job agent's default port (52365) is taken by any other Ray on the machine: then jobs get
+         # "No available agent to submit job".
+         f"--dashboard-agent-listen-port={agent_port}",
          "--num-cpus=8", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
         # Jobs run `python -m workloads.cli`: this venv's python must come first on the cluster's PATH.

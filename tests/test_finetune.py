@@ -20,16 +20,21 @@ pytestmark = pytest.mark.slow
 CONFIGS = REPO / "workloads" / "configs"
 
 
-def finetune(recipe: str, out: Path, *overrides: str) -> dict:
+def run_finetune(recipe: str, out: Path, *overrides: str, flags: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """`llmc finetune` in a subprocess; returns the run's summary and what the command printed."""
     sets = [arg for o in overrides for arg in ("--set", o)]
-    result = run_llmc("finetune", str(CONFIGS / recipe), "--output-dir", str(out), *sets)
+    result = run_llmc("finetune", str(CONFIGS / recipe), "--output-dir", str(out), *sets, *flags)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text()), result.stdout + result.stderr
 
 
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """The run's Ray Train checkpoints, oldest first (not Ray's snapshot file beside them)."""
-    return sorted(c for c in (out / "checkpoints").glob("train-*/checkpoint_*") if c.is_dir())
+def finetune(recipe: str, out: Path, *overrides: str) -> dict:
+    return run_finetune(recipe, out, *overrides)[0]
+
+
+def checkpoint_dirs(out: Path, run: str = "tiny-lora") -> list[Path]:
+    """The run's Ray Train checkpoints (`checkpoints/<run.name>/`), oldest first (not Ray's snapshot file)."""
+    return sorted(c for c in (out / "checkpoints" / run).glob("checkpoint_*") if c.is_dir())
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -39,7 +44,11 @@ def read_metrics(out: Path) -> list[dict]:
 
 def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     out = tmp_path / "lora"
-    summary = finetune("tiny-lora.yaml", out, "run.merge_adapter=true")
+    summary, printed = run_finetune("tiny-lora.yaml", out, "run.merge_adapter=true")
+    # Quiet by default: our lines, one progress bar fed from the driver, the summary; no worker or Ray chatter.
+    assert "train: 100%" in printed and "60/60" in printed and "loss=" in printed, printed[-3000:]
+    assert "RayTrainWorker" not in printed and "TrainController" not in printed, printed[-3000:]
+    assert printed.count("\n") < 40, printed  # the bar redraws with \r on one line
     assert summary["method"] == "lora" and summary["workers"] == 2 and summary["deepspeed_stage"] == 2
     assert summary["final_eval_loss"] < 0.85 * summary["initial_eval_loss"], summary
     assert summary["steps"] == 60 and summary["tokens_per_second"] > 0
@@ -77,8 +86,9 @@ def test_full_finetune_zero3_lowers_the_loss(ray_cluster, tmp_path):
 
 
 def test_qlora_4bit_zero3_lowers_the_loss(ray_cluster, tmp_path):
-    summary = finetune("tiny-qlora.yaml", tmp_path / "qlora", "deepspeed.stage=3", "train.max_steps=30",
-                       "train.eval_every=15")
+    summary, printed = run_finetune("tiny-qlora.yaml", tmp_path / "qlora", "deepspeed.stage=3", "train.max_steps=30",
+                                    "train.eval_every=15", flags=("--verbose",))
+    assert "(RayTrainWorker" in printed and "[train] step" in printed  # --verbose streams the workers' logs
     assert summary["method"] == "qlora" and summary["deepspeed_stage"] == 3
     assert summary["final_eval_loss"] < 0.9 * summary["initial_eval_loss"], summary
     assert (Path(summary["artifact"]) / "adapter_model.safetensors").exists()

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from workloads.config import RecipeError, load_recipe
 
 EXIT_BAD_RECIPE = 2
+STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly and exits 0: a serving "
+            "app is deleted, a training run aborted (its checkpoints kept), an embedded Ray shut down with every "
+            "process it started.")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +36,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     report = {"recipe": args.recipe, "kind": recipe.kind, "valid": True}
     if recipe.kind == "finetune":
+        from workloads.data_check import check_data
         from workloads.plan import finetune_plan
 
+        report["data_rows"] = {r.path: r.rows for r in check_data(recipe.data)}  # structure only: no tokenizer
         report.update(finetune_plan(recipe))
     if recipe.kind == "serve":
         from workloads.plan import serve_plan
@@ -77,15 +86,46 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not command or command[0] not in COMMANDS or command[0] == "submit":
         raise SystemExit(f"llmc submit: expected `-- <llmc command> ...`, got {command!r}")
     sub = build_parser().parse_args(command)
+    from workloads.submission import (
+        SECRET_EXCLUDES,
+        check_recipe_for_submission,
+        files_with_inline_keys,
+        forwarded_env,
+    )
+
+    names = list(args.env)
     if getattr(sub, "recipe", None):
-        load_recipe(sub.recipe, sub.overrides)  # fail here, not on the cluster
+        recipe = load_recipe(sub.recipe, sub.overrides)  # fail here, not on the cluster
+        check_recipe_for_submission(sub.recipe, sub.overrides)
+        names += getattr(getattr(recipe, "run", None), "forward_env", [])
+    env = forwarded_env(list(dict.fromkeys(names)))
+    held_back = files_with_inline_keys(args.working_dir)
+    if held_back:
+        print(f"[llmc] not uploaded (API keys inline): {', '.join(held_back)}", flush=True)
+    if env:
+        print(f"[llmc] forwarding environment variables: {', '.join(env)} (values not shown)", flush=True)
     from cluster.jobs import submit
 
     entrypoint = "python -m workloads.cli " + shlex.join(command)
     job_id, status, _url = submit(entrypoint, address=args.address, working_dir=args.working_dir,
-                                  wait=not args.no_wait)
+                                  env_vars=env, excludes=SECRET_EXCLUDES + held_back, wait=not args.no_wait)
     print(f"[llmc] job {job_id}: {status}")
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from cluster.status import ClusterUnreachable, collect, render
+
+    try:
+        snapshot = collect(args.address)
+    except ClusterUnreachable as exc:
+        print(f"llmc status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(snapshot, indent=2, default=str))
+    else:
+        render(snapshot)
+    return 0
 
 
 # name -> (help, argument setup, handler). Add a workload by adding a row.
@@ -122,30 +162,89 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             p.add_argument("--address", default=None, help="dashboard URL (default RAY_ADDRESS or :8265)"),
             p.add_argument("--working-dir", default=".", help="uploaded as the job's working dir"),
             p.add_argument("--no-wait", action="store_true", help="return once submitted"),
+            p.add_argument("--env", action="append", default=[], metavar="NAME",
+                           help="forward this environment variable to the job, e.g. HF_TOKEN (repeatable)"),
             p.add_argument("command", nargs=argparse.REMAINDER, help="-- <llmc command and args>"),
         ),
         _cmd_submit,
     ),
+    "status": (
+        "what a running cluster does: jobs, train runs (step, loss), serve apps (replicas), the endpoint",
+        lambda p: (
+            p.add_argument("--address", default=None, help="dashboard URL (default RAY_ADDRESS or :8265)"),
+            p.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables"),
+        ),
+        _cmd_status,
+    ),
 }
 
 
+def output_options() -> argparse.ArgumentParser:
+    """`--verbose`, shared by every command (and the demo)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="stream Ray, Serve and vLLM logs to the terminal (also LLMC_LOG_LEVEL=debug)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="llmc", description=__doc__.splitlines()[0], parents=[output_options()],
+                                     epilog=STOPPING)
     subparsers = parser.add_subparsers(dest="command_name", required=True)
     for name, (help_text, setup, handler) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, parents=[output_options()],
+                                    epilog=STOPPING)
         setup(sub)
         sub.set_defaults(handler=handler)
     return parser
 
 
+def set_output(verbose: bool) -> None:
+    """Default output is ours (stage lines, progress, tables); library chatter goes to log files unless verbose."""
+    if verbose:
+        os.environ["LLMC_LOG_LEVEL"] = "debug"  # read by cluster.runtime, inherited by jobs and workers
+    if os.environ.get("LLMC_LOG_LEVEL", "").lower() in ("debug", "verbose"):
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
+
+
+def report_failure(exc: BaseException) -> None:
+    """One readable error on the terminal; the traceback goes to a file whose path is printed with Ray's logs."""
+    logs = sys.modules["cluster.runtime"].log_dir() if "cluster.runtime" in sys.modules else None
+    folder = logs if logs and os.path.isdir(logs) else tempfile.gettempdir()
+    with tempfile.NamedTemporaryFile("w", prefix="llmc-error-", suffix=".log", dir=folder, delete=False) as handle:
+        traceback.print_exception(exc, file=handle)
+    print(f"llmc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    print(f"llmc: traceback in {handle.name}" + (f"; Ray's logs in {logs}" if logs else ""), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_output(getattr(args, "verbose", False))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C's path; cluster.runtime renews it after ray.init
     try:
         return args.handler(args)
     except RecipeError as exc:
         print(f"llmc: invalid recipe\n{exc}", file=sys.stderr)
         return EXIT_BAD_RECIPE
+    except Exception as exc:  # noqa: BLE001 - the terminal gets the message and where the details are
+        if getattr(args, "verbose", False):
+            raise
+        report_failure(exc)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.runtime makes it take this path): a requested stop
+        print("[llmc] stopped", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if "cluster.runtime" in sys.modules:  # Ray was used: disconnect, and stop an embedded Ray entirely
+            sys.modules["cluster.runtime"].shutdown()
 
 
 if __name__ == "__main__":

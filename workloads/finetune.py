@@ -7,10 +7,13 @@ connect, fit, then write the model, summary.json, metrics.csv and loss_curve.png
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,10 +23,12 @@ from cluster import train as cluster_train
 from workloads import reporting
 from workloads.config import FinetuneRecipe
 from workloads.data import build_datasets, collate
+from workloads.data_check import check_data, describe
 from workloads.models import attach_lora, load_model, load_tokenizer, merge_adapter, resolve_model_path
 from workloads.strategy import Strategy
 
 TRAINER_STATE = "trainer_state.json"
+RESUME_LATEST = "latest"  # run.resume_from: continue this run's newest checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,15 +87,18 @@ def _setup_model(recipe: FinetuneRecipe, model_path: str, device: torch.device):
     return model
 
 
-def _restore(strategy: Strategy, resume_from: str | None) -> dict:
-    """Load the newest checkpoint of this run (after a worker failure) or `resume_from`, if any."""
+def _restore(strategy: Strategy, resume_from: str | None, fit_id: str | None = None) -> dict:
+    """Load the newest checkpoint of this run (after a worker failure, or `resume_from: latest`) or
+    `resume_from`, if any. A Ray checkpoint written by this same fit (`fit_id`) means a restart after a failure."""
     with cluster_train.latest_checkpoint() as ray_checkpoint:
         source = ray_checkpoint or (Path(resume_from) if resume_from else None)
         if source is None:
-            return {"step": 0, "history": [], "restarts": []}
+            return {"step": 0, "history": [], "restarts": [], "fit_id": fit_id}
         strategy.load(source)
         state = json.loads((source / TRAINER_STATE).read_text())
-    state["restarts"].append({"from_step": state["step"], "via": "failure" if ray_checkpoint else "resume_from"})
+    failure = ray_checkpoint is not None and state.get("fit_id") == fit_id
+    state["restarts"].append({"from_step": state["step"], "via": "failure" if failure else "resume_from"})
+    state["fit_id"] = fit_id
     return state
 
 
@@ -133,7 +141,7 @@ def train_worker(config: dict) -> None:
     batches = StepBatches(train_ex, recipe, rank, world_size, tokenizer.pad_token_id)
     evals = eval_batches(eval_ex, recipe, rank, world_size, tokenizer.pad_token_id)
     strategy = Strategy(_setup_model(recipe, config["model_path"], device), recipe, world_size, device)
-    state = _restore(strategy, config.get("resume_from"))
+    state = _restore(strategy, config.get("resume_from"), config.get("fit_id"))
     if state["step"] == 0 and evals:
         state["initial_eval_loss"] = strategy.eval_loss(evals)
     trainable_only = train.method != "full"
@@ -152,6 +160,8 @@ def train_worker(config: dict) -> None:
             row["eval_loss"] = strategy.eval_loss(evals) if evals else None
         state["history"].append(row)
         state["step"] = step
+        if rank == 0:  # the dashboard's and `llmc status`'s view of the run: llmc_train_* gauges
+            cluster_train.publish({**row, "restarts": sum(r["via"] == "failure" for r in state["restarts"])})
         if rank == 0 and (step % train.log_every == 0 or step == train.max_steps or "eval_loss" in row):
             print(reporting.progress_line(row, train.max_steps), flush=True)
         if step % train.checkpoint_every == 0 or step == train.max_steps:
@@ -174,24 +184,64 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     reporting.save_recipe(recipe, run_dir)
     model_path = resolve_model_path(recipe.model)
     print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
+    # Bad data fails here, in seconds, naming file, line and field: not in every worker after Ray starts.
+    print(f"[llmc] {describe(check_data(recipe.data, load_tokenizer(model_path)))}", flush=True)
     print(f"[llmc] {connect(address)}", flush=True)
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
+    resume_from, resume = _resume_plan(recipe, storage, run_dir)
     scaling = cluster_train.WorkerScaling(**recipe.scaling.model_dump())
+    print(f"[llmc] run {recipe.run.name}: dashboard {cluster_train.run_url() or '(none)'}", flush=True)
     started = time.perf_counter()
-    result = cluster_train.fit(
-        train_worker,
-        {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "resume_from": recipe.run.resume_from},
-        name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage_path=storage,
-        scaling=scaling,
-        max_failures=recipe.run.max_failures,
-        keep_checkpoints=recipe.train.keep_checkpoints,
-        local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None,
-    )
+    with _say_where_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
+            reporting.TrainProgress(recipe.train.max_steps) as progress:
+        result = cluster_train.fit(
+            train_worker,
+            {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "resume_from": resume_from,
+             "fit_id": uuid.uuid4().hex},
+            name=recipe.run.name,
+            resume=resume,
+            storage_path=storage,
+            scaling=scaling,
+            max_failures=recipe.run.max_failures,
+            keep_checkpoints=recipe.train.keep_checkpoints,
+            local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None,
+            on_report=progress.update,
+        )
     wall = time.perf_counter() - started
     if result.checkpoint_dir is None:
         raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
     return _write_outputs(recipe, run_dir, model_path, result, wall)
+
+
+@contextlib.contextmanager
+def _say_where_on_stop(checkpoints: str) -> Iterator[None]:
+    """A requested stop (Ctrl-C, SIGTERM) aborts the run and keeps its checkpoints: say where, then let it through."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"[llmc] training stopped; its checkpoints stay in {checkpoints} "
+              "(continue with --set run.resume_from=latest)", flush=True)
+        raise
+
+
+def _resume_plan(recipe: FinetuneRecipe, storage: str, run_dir: Path) -> tuple[str | None, bool]:
+    """(checkpoint dir the workers start from, whether Ray Train continues the run name's own storage).
+
+    A run starts fresh: its storage (`storage/run.name`) is cleared, as its summary and model are
+    replaced. `run.resume_from: latest` continues the newest checkpoint there instead; an explicit
+    checkpoint inside that storage is first copied to `<run dir>/resume_from/`, out of the way.
+    """
+    resume_from = recipe.run.resume_from
+    if resume_from == RESUME_LATEST:
+        return None, True
+    if resume_from and "://" not in storage:
+        source = Path(resume_from).resolve()
+        if source.is_relative_to(Path(cluster_train.experiment_path(storage, recipe.run.name)).resolve()):
+            copy = run_dir / "resume_from"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(source, copy)
+            return str(copy), False
+    return resume_from, False
 
 
 def _write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, result, wall: float) -> dict:
