@@ -1,39 +1,161 @@
-"""Connect to Ray: embedded local Ray by default, a running cluster with an address or RAY_ADDRESS."""
+"""Connect to Ray: embedded local Ray by default, a running cluster with an address or RAY_ADDRESS.
+
+Also how a driver stops: SIGTERM takes the Ctrl-C path (KeyboardInterrupt in the main thread), and
+`shutdown` leaves no process of an embedded Ray behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import threading
+import time
 
+import psutil
 import ray
 
 # Serve runs an ingress and one engine per replica beside training workers; on a 2-core laptop the
 # logical CPU count is what lets them share the machine (DESIGN.md: ray.init(num_cpus=8)).
 DEFAULT_LOCAL_CPUS = 8
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30
+# Driver-side loggers of Ray's libraries: per-request and per-deployment INFO lines, kept in log files.
+_CHATTY_LOGGERS = ("ray", "ray.serve", "ray.train", "ray.tune", "ray.data", "vllm", "deepspeed", "httpx")
+_session: dict[str, str] = {}  # what ray.init returned: dashboard URL, session dir
+
+
+def verbose() -> bool:
+    """Whether Ray, Serve and vLLM chatter reaches the terminal: `--verbose` or LLMC_LOG_LEVEL=debug."""
+    return os.environ.get("LLMC_LOG_LEVEL", "").strip().lower() in ("debug", "verbose")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
-    """Initialize Ray once per process and return a one-line description of where it runs."""
+    """Initialize Ray once per process and return a one-line description of where it runs.
+
+    By default worker and actor output stays in Ray's session logs (see `log_dir`); verbose streams it here.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
+    loud = verbose()
     if not ray.is_initialized():
+        options = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
         if address:
-            ray.init(address=address, log_to_driver=True)
+            context = _init(address=address, **options)
         else:
-            ray.init(
+            _embedded.set()  # before init: processes of an interrupted init are stopped by `shutdown` too
+            context = _init(
                 num_cpus=num_cpus or max(os.cpu_count() or 1, DEFAULT_LOCAL_CPUS),
                 object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
-                log_to_driver=True,
+                **options,
             )
+        stop_on_sigterm()  # after ray.init, which installs its own
+        _session.update(dashboard=context.dashboard_url or "", session_dir=context.address_info.get("session_dir", ""))
+    if not loud:
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     ctx = ray.get_runtime_context()
-    dashboard = ray._private.worker.get_dashboard_url() or ""
+    dashboard = dashboard_url()
     where = f"Ray cluster at {address}" if address else "embedded local Ray"
     resources = ray.cluster_resources()
     return (
         f"{where} (node {ctx.get_node_id()[:8]}, {resources.get('CPU', 0):g} CPUs, "
-        f"{resources.get('GPU', 0):g} GPUs{', dashboard http://' + dashboard if dashboard else ''})"
+        f"{resources.get('GPU', 0):g} GPUs{', dashboard ' + dashboard if dashboard else ''})"
     )
 
 
+def dashboard_url() -> str:
+    """The dashboard of the connected cluster as an http URL, or '' when it runs without one."""
+    url = _session.get("dashboard", "")
+    return url if not url or url.startswith("http") else f"http://{url}"
+
+
+def log_dir() -> str | None:
+    """Ray's session log directory on this machine (every worker's and actor's output), once connected."""
+    session = _session.get("session_dir")
+    return os.path.join(session, "logs") if session else None
+
+
 def shutdown() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
+    """Disconnect from Ray. An embedded Ray is shut down, and whatever it started that still runs a few
+    seconds later is killed: Ray's agents ignore SIGTERM and outlived drivers that did not shut down."""
+    if not (ray.is_initialized() or _embedded.is_set()):
+        return
+    started = _embedded_processes() if _embedded.is_set() else []
+    ray.shutdown()
+    _embedded.clear()
+    _reap(started)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: SIGTERM is Ctrl-C, and embedded Ray leaves nothing behind
+# ---------------------------------------------------------------------------------------------
+
+_embedded = threading.Event()  # set while this process runs its own local Ray
+_stopping = threading.Event()  # a SIGTERM arrived: the graceful stop is under way
+REAP_GRACE_S = 5.0  # how long Ray's own shutdown gets before what it started is killed
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (docker stop, systemd, Kubernetes) stop this process the way Ctrl-C does.
+
+    `ray.init` installs handlers that abort the driver with a stack trace and leave embedded Ray's
+    agents running, so this is installed after it. Only the main thread may install handlers.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _init(**options):
+    """`ray.init`; a SIGTERM while it runs takes the Ctrl-C path too (Ray's init-time handler calls sys.exit(15))."""
+    try:
+        return ray.init(**options)
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:
+            raise KeyboardInterrupt(f"signal {exc.code} during ray.init") from exc
+        raise
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    if _stopping.is_set():
+        return  # a repeat must not cut the cleanup short; SIGKILL still ends everything
+    _stopping.set()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _embedded_processes() -> list[psutil.Process]:
+    """What the local Ray of this driver runs: its descendants (GCS, raylet, dashboard, agents, workers
+    and their children), plus workers' children that outlived their parent (they carry the raylet's pid)."""
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    raylets = {str(p.pid) for p in found.values() if _name(p) == "raylet"}
+    if raylets:
+        for p in psutil.process_iter():
+            if p.pid not in found and p.pid != me.pid and _environ(p).get("RAY_RAYLET_PID") in raylets:
+                found[p.pid] = p
+    return list(found.values())
+
+
+def _reap(processes: list[psutil.Process], grace_s: float = REAP_GRACE_S) -> None:
+    """Give Ray's shutdown `grace_s` to end `processes`, then SIGKILL what is left (psutil skips reused pids)."""
+    deadline = time.monotonic() + grace_s
+    alive = processes
+    while alive and time.monotonic() < deadline:
+        _, alive = psutil.wait_procs(alive, timeout=0.5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def _environ(p: psutil.Process) -> dict[str, str]:
+    try:
+        return p.environ()
+    except psutil.Error:
+        return {}

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import statistics
 import threading
 import time
@@ -26,6 +27,7 @@ import yaml
 from tests.conftest import REPO, run_llmc
 from workloads.config import load_recipe
 from workloads.plan import serve_plan
+from workloads.reporting import percentile
 from workloads.serve import ServeProcess
 
 RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
@@ -302,10 +304,78 @@ def test_load_200_requests_at_concurrency_32_all_succeed(server, capsys):
     with ThreadPoolExecutor(max_workers=32) as pool:
         latencies = sorted(pool.map(one, range(200)))
     wall = time.perf_counter() - start
-    p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
+    p50, p99 = statistics.median(latencies), percentile(latencies, 99)
     with capsys.disabled():  # shown in the test run's output, not only on failure
         print(f"\nload: 200 requests at concurrency 32 in {wall:.1f}s, p50 {p50:.2f}s, p99 {p99:.2f}s")
     assert len(latencies) == 200
+
+
+def test_serving_metrics_on_the_node_export_count_what_the_ingress_answered(server, ray_cluster):
+    """`llmc_serve_*` counters match the requests sent; vLLM's and Serve's series (those Grafana reads) are there."""
+    from cluster.metrics import scrape, total
+    from tests.test_monitoring import dashboard_series
+
+    def counts() -> dict[str, float]:
+        samples = scrape(ray_cluster.metrics_url)
+        return {
+            "unauthorized": total(samples, "ray_llmc_serve_unauthorized_total"),
+            "reason=api_key": total(samples, "ray_llmc_serve_client_errors_total", reason="api_key"),
+            "reason=max_tokens": total(samples, "ray_llmc_serve_client_errors_total", reason="max_tokens"),
+            "completions 401": total(samples, "ray_llmc_serve_requests_total", route="/v1/completions", code="401"),
+            "completions 200": total(samples, "ray_llmc_serve_requests_total", route="/v1/completions", code="200"),
+            "cache hits": total(samples, "ray_llmc_serve_cache_hits_total"),
+            "cache misses": total(samples, "ray_llmc_serve_cache_misses_total"),
+            "shed": total(samples, "ray_llmc_serve_shed_total"),
+        }
+
+    before = counts()
+    url, body = f"{server.base}/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4}
+    codes = [httpx.post(url, json=body, headers=h).status_code for h in ({}, {"Authorization": "Bearer no"}, {})]
+    codes += [httpx.post(url, json={**body, "max_tokens": -5}, headers=server.headers).status_code for _ in range(2)]
+    assert codes == [401, 401, 401, 400, 400]
+    ask = {"model": "tiny", "prompt": f"metrics {secrets.token_hex(4)}: 1+1=", "max_tokens": 4, "temperature": 0}
+    caching = [server.client().completions.with_raw_response.create(**ask).headers["x-llmc-cache"] for _ in range(2)]
+    assert caching == ["miss", "hit"]
+    limits = load_recipe(RECIPE).autoscaling
+    capacity = limits.max_ongoing_requests + limits.max_queued_requests
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=2 * capacity)) as client:
+            answers = await asyncio.gather(*(client.post(url, headers=server.headers, json={
+                **body, "prompt": f"{i}+2=", "max_tokens": 64, "temperature": 1.0, "ignore_eos": True})
+                for i in range(2 * capacity)))
+        return [a.status_code for a in answers]
+
+    shed = asyncio.run(burst())
+    assert set(shed) <= {200, 503}
+    expected = {"unauthorized": 3, "reason=api_key": 3, "reason=max_tokens": 2, "completions 401": 3,
+                "completions 200": 2 + shed.count(200), "cache hits": 1, "cache misses": 1, "shed": shed.count(503)}
+    deadline, seen = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:  # counters reach the export on Ray's export interval (~10 s)
+        now = counts()
+        seen = {k: now[k] - before[k] for k in expected}
+        if seen == expected:
+            break
+        time.sleep(3)
+    assert seen == expected
+    names = {name for name, _, _ in scrape(ray_cluster.metrics_url)}
+    assert any(n.startswith("ray_vllm_") for n in names) and any(n.startswith("ray_serve_") for n in names)
+    missing = {n for n in dashboard_series() if n.startswith(("ray_vllm_", "ray_serve_"))} - names
+    assert not missing, f"the Grafana dashboard reads series this cluster does not export: {sorted(missing)}"
+
+
+def test_llmc_status_shows_the_serve_app_with_replicas_autoscaling_and_url(server, ray_cluster):
+    recipe = load_recipe(RECIPE)
+    result = run_llmc("status", "--address", ray_cluster.dashboard_url, "--json", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    app = next(a for a in json.loads(result.stdout)["serve"] if a["name"] == "llmc")
+    engine = next(d for d in app["deployments"] if d["name"] == "LLMServer:tiny")
+    assert app["status"] == "RUNNING" and app["url"] == f"{server.base}/"
+    assert engine["running_replicas"] >= 1 and engine["target_replicas"] >= 1
+    assert (engine["min_replicas"], engine["max_replicas"], engine["target_ongoing_requests"]) == (
+        recipe.autoscaling.min_replicas, recipe.autoscaling.max_replicas, recipe.autoscaling.target_ongoing_requests)
+    table = run_llmc("status", "--address", ray_cluster.dashboard_url, timeout=120)
+    assert table.returncode == 0 and "LLMServer:tiny" in table.stdout and server.base in table.stdout, table.stdout
 
 
 def test_autoscaler_adds_a_replica_under_sustained_load(server, ray_cluster):
@@ -315,30 +385,21 @@ def test_autoscaler_adds_a_replica_under_sustained_load(server, ray_cluster):
     from cluster import serve as cluster_serve
 
     ray.init(address=ray_cluster.address, ignore_reinit_error=True, log_to_driver=False)
-    client, stop = server.client(), threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            client.completions.create(model="tiny", prompt="1+1=", max_tokens=48, temperature=0.7)
 
     def replicas() -> dict:
         return cluster_serve.status()["deployments"]["LLMServer:tiny"]
 
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(32)]
-    for t in threads:
-        t.start()
+    # Sustained: a shed request (503) or a timeout is counted and its thread goes on asking.
+    long_request = {"prompt": "1+1=", "max_tokens": 48, "temperature": 0.7, "extra_body": {"ignore_eos": True}}
     seen, deadline = replicas(), time.monotonic() + 180
-    try:
+    with Load(server, threads=32, request=long_request, timeout_s=60) as load:
         while time.monotonic() < deadline:
             seen = replicas()
             if sum(seen["replicas"].values()) >= 2 or seen["status"] == "UPSCALING":
                 break
             time.sleep(1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=300)
-    print(f"\nautoscaler: {json.dumps(seen)}")
+    print(f"\nautoscaler: {json.dumps(seen)}; requests: {load.outcomes()}")
+    assert load.outcomes().get("ok", 0) > 0, load.outcomes()
     assert sum(seen["replicas"].values()) >= 2 or seen["status"] == "UPSCALING", seen
 
 
@@ -352,3 +413,129 @@ def test_api_key_never_appears_in_logs(server, ray_cluster):
                 if server.key.encode() in handle.read():
                     leaked.append(str(path))
     assert not leaked, leaked
+
+
+# ---------------------------------------------------------------------------------------------
+# Replica failures under load (last: they kill this module's replicas)
+# ---------------------------------------------------------------------------------------------
+
+REQUEST_TIMEOUT_S = 30  # each load request's own limit (openai client, no retries)
+RECOVERY_BOUND_S = 300  # the endpoint answers again within this after a replica is killed
+
+
+class Load:
+    """Client threads that keep asking until stopped, recording (start, end, outcome) of every request.
+
+    A failing request (500, 503, timeout, dropped connection) is counted and the thread goes on, after a
+    short pause, so the load lasts through a failure instead of ending at its first exception.
+    """
+
+    def __init__(self, server: Server, threads: int = 6, request: dict | None = None,
+                 timeout_s: float = REQUEST_TIMEOUT_S):
+        self._client = server.client().with_options(timeout=timeout_s, max_retries=0)
+        self._request = request
+        self._timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.requests: list[tuple[float, float, str]] = []
+        self._threads = [threading.Thread(target=self._ask, daemon=True) for _ in range(threads)]
+
+    def _ask(self) -> None:
+        while not self._stop.is_set():
+            start = time.monotonic()
+            try:
+                request = self._request or {"prompt": f"{secrets.randbelow(90)}+7=", "max_tokens": 24,
+                                            "temperature": 0.8}
+                self._client.completions.create(model="tiny", **request)
+                outcome = "ok"
+            except openai.APIStatusError as exc:
+                outcome = str(exc.status_code)
+            except openai.APIError as exc:  # timeout, connection dropped
+                outcome = type(exc).__name__
+            with self._lock:
+                self.requests.append((start, time.monotonic(), outcome))
+            if outcome != "ok":
+                time.sleep(0.5)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self._timeout_s + 30)
+        assert not any(t.is_alive() for t in self._threads), "a load thread hangs"
+
+    def outcomes(self) -> dict[str, int]:
+        """How many requests ended how: "ok", an HTTP status, or the client error's name."""
+        with self._lock:
+            done = [outcome for _, _, outcome in self.requests]
+        return {outcome: done.count(outcome) for outcome in sorted(set(done))}
+
+    def first_success_after(self, moment: float) -> float | None:
+        with self._lock:
+            ends = [end for start, end, outcome in self.requests if outcome == "ok" and start > moment]
+        return min(ends) if ends else None
+
+
+def replica_processes(deployment: str) -> dict[int, list[int]]:
+    """pid of each live replica actor of `deployment` in app llmc -> pids of its child processes (vLLM's engine)."""
+    import psutil
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:llmc:{deployment}"), ("state", "=", "ALIVE")])
+    found = {}
+    for actor in actors:
+        try:
+            found[actor.pid] = [c.pid for c in psutil.Process(actor.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def kill_under_load(server: Server, ray_cluster, deployment: str, capsys) -> None:
+    """SIGKILL every replica of `deployment` while clients ask; check the aftermath and print the recovery time."""
+    import psutil
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, log_to_driver=False)
+    server.client().completions.create(model="tiny", prompt="1+1=", max_tokens=4)  # it answers before the kill
+    victims = replica_processes(deployment)
+    assert victims, f"no live replica of {deployment}"
+    with Load(server) as load:
+        time.sleep(5)  # requests in flight
+        killed_at = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        recovered = None
+        while recovered is None and time.monotonic() - killed_at < RECOVERY_BOUND_S:
+            time.sleep(1)
+            recovered = load.first_success_after(killed_at)
+    in_flight = [(s, e, o) for s, e, o in load.requests if s < killed_at < e]
+    outcomes = load.outcomes()
+    with capsys.disabled():
+        print(f"\n{deployment} replica killed under load: endpoint answered again after "
+              f"{'%.1f s' % (recovered - killed_at) if recovered else 'NEVER'}; in flight at the kill: "
+              f"{sorted(o for _, _, o in in_flight)}; all requests: {outcomes}; processes under the killed "
+              f"replicas: {sum(len(c) for c in victims.values())}")
+    assert recovered is not None, f"no answer within {RECOVERY_BOUND_S}s of the kill: {outcomes}"
+    assert in_flight, "no request was in flight at the kill"
+    slowest = max(end - start for start, end, _ in load.requests)
+    assert slowest <= REQUEST_TIMEOUT_S + 15, f"a request took {slowest:.0f}s (limit {REQUEST_TIMEOUT_S}s)"
+    replacements = replica_processes(deployment)
+    assert replacements and not set(replacements) & set(victims), (victims, replacements)
+    orphans = [pid for children in victims.values() for pid in children if psutil.pid_exists(pid)
+               and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not orphans, f"processes of the killed replicas still run: {orphans}"
+    server.client().completions.create(model="tiny", prompt="2+2=", max_tokens=4)
+
+
+def test_killed_ingress_replica_is_replaced_and_requests_end_within_their_timeout(server, ray_cluster, capsys):
+    kill_under_load(server, ray_cluster, "ingress", capsys)
+
+
+def test_killed_engine_replica_is_replaced_and_requests_end_within_their_timeout(server, ray_cluster, capsys):
+    kill_under_load(server, ray_cluster, "LLMServer:tiny", capsys)

@@ -2,7 +2,7 @@
 
 The driver checks everything it can before touching Ray (recipe, keys, adapters), uploads the
 adapters to the recipe's object store (starting a local S3 endpoint on 127.0.0.1 when the store is
-the default local one), deploys through `cluster.serve`, prints the URL and serves until Ctrl-C,
+the default local one), deploys through `cluster.serve`, prints the URL and serves until Ctrl-C or SIGTERM,
 then deletes the app. API keys stay in this process: the cluster only receives their hashes.
 """
 
@@ -18,9 +18,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from workloads.config import LOOPBACK_HOSTS, REPO_ROOT, RecipeError, ServeRecipe, resolve_path
-from workloads.objectstore import LocalS3, ensure_prefix, free_port, s3_env, upload_adapter
+from workloads.objectstore import LocalS3, S3Endpoint, ensure_prefix, free_port, upload_adapter
 from workloads.plan import (
     SERVE_INGRESS_CPUS,
     serve_bundle_per_worker,
@@ -40,9 +41,17 @@ def api_keys(recipe: ServeRecipe) -> list[str]:
     return keys
 
 
-def check_before_start(recipe: ServeRecipe, keys: list[str]) -> dict[str, Path]:
+def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None = None) -> dict[str, Path]:
     """Refuse what cannot or must not run, before any Ray work; returns the adapter dirs by name."""
     s = recipe.server
+    target = address or os.environ.get("RAY_ADDRESS")
+    host = urlparse(target if "://" in target else f"ray://{target}").hostname if target else None
+    if recipe.adapters.enabled and recipe.adapters.endpoint_url == "local" and host and host not in LOOPBACK_HOSTS:
+        raise RecipeError(
+            f"field 'adapters.endpoint_url': 'local' runs the adapter store on this machine's loopback, which "
+            f"replicas on other nodes of the cluster at {target} cannot reach: set adapters.endpoint_url to an "
+            "S3 endpoint every node reaches (null for AWS S3) and adapters.store_uri to a bucket there"
+        )
     if s.host not in LOOPBACK_HOSTS and not keys and not s.allow_unauthenticated:
         env = f" or ${s.api_key_env}" if s.api_key_env else ""
         raise RecipeError(
@@ -73,18 +82,19 @@ def adapter_store(recipe: ServeRecipe, adapters: dict[str, Path]) -> Iterator[tu
         yield None, {}
         return
     with contextlib.ExitStack() as stack:
-        endpoint = a.endpoint_url
-        if endpoint == "local":
-            endpoint = stack.enter_context(LocalS3()).endpoint_url
+        if a.endpoint_url == "local":
+            endpoint = stack.enter_context(LocalS3()).endpoint
+        else:
+            endpoint = S3Endpoint(a.endpoint_url)
         store = a.store_uri.rstrip("/")
         if store.startswith("s3://"):
             for name, path in adapters.items():
                 upload_adapter(path, f"{store}/{name}", endpoint)
-            if not adapters and endpoint is not None:
+            if not adapters and endpoint.url is not None:
                 ensure_prefix(store, endpoint)
         elif adapters:
             raise RecipeError(f"field 'adapters.store_uri': uploading is implemented for s3:// only, got {store!r}")
-        yield store, s3_env(endpoint)
+        yield store, endpoint.env()
 
 
 def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: dict[str, str], keys: list[str],
@@ -118,7 +128,7 @@ def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: d
 def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = None) -> Iterator[str]:
     """Deploy the recipe and yield the base URL (`http://HOST:PORT/v1`); the app is deleted on exit."""
     keys = api_keys(recipe)
-    adapters = check_before_start(recipe, keys)
+    adapters = check_before_start(recipe, keys, address)
     from cluster import runtime
     from cluster import serve as cluster_serve
     from workloads.models import resolve_model_path
@@ -142,18 +152,12 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
 
 def run(recipe: ServeRecipe, address: str | None = None, port: int | None = None,
         stop_event: threading.Event | None = None) -> None:
-    """`llmc serve`: serve until Ctrl-C (or `stop_event`), then delete the app."""
-    stop_event = stop_event or _stop_on_signals()
+    """`llmc serve`: serve until `stop_event` is set, or Ctrl-C / SIGTERM raise KeyboardInterrupt (the
+    connection installs that for SIGTERM); either way the app is deleted on the way out."""
+    stop_event = stop_event or threading.Event()
     with serving(recipe, address, port):
         while not stop_event.wait(1.0):
             pass
-
-
-def _stop_on_signals() -> threading.Event:
-    event = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: event.set())
-    return event
 
 
 class ServeProcess:

@@ -1,0 +1,133 @@
+"""Stopping cleanly: SIGTERM (what docker stop, systemd and Kubernetes send) ends `llmc serve` and
+`llmc finetune` as Ctrl-C does: exit status 0, no traceback, and no process of the run left behind.
+
+Each command runs on its own embedded Ray (RAY_ADDRESS removed), in a process session of its own, so
+"nothing left" means: no process of that session (raylet, GCS, dashboard, agents, workers, engines).
+Replica failures under load are in tests/test_serve.py (they reuse its server).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, session_processes
+from tests.test_serve import random_adapter
+from workloads.serve import ServeProcess
+
+SERVE_RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
+FINETUNE_RECIPE = REPO / "workloads/configs/tiny-lora.yaml"
+EXIT_TIMEOUT_S = 180  # the app is deleted, Ray shut down
+LEFTOVER_TIMEOUT_S = 60  # after the exit, for the session to empty
+UNCLEAN = ("Traceback", "SIGTERM received")
+
+
+def test_a_process_that_ignores_sigterm_is_killed_once_shutdown_has_had_its_grace_period():
+    """The safety net under `cluster.runtime.shutdown`: Ray's agents ignore SIGTERM."""
+    import psutil
+
+    from cluster.runtime import _reap
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                               "print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    stubborn.terminate()
+    started = time.monotonic()
+    _reap([psutil.Process(stubborn.pid)], grace_s=2)
+    assert not psutil.pid_exists(stubborn.pid)  # killed and reaped (so Popen sees no status of its own)
+    assert time.monotonic() - started >= 2  # it had its grace period first
+
+
+def embedded_env() -> dict[str, str]:
+    """This environment without RAY_ADDRESS: the command starts (and must stop) its own local Ray."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def leftovers(sid: int, timeout_s: float = LEFTOVER_TIMEOUT_S) -> list[tuple[int, str]]:
+    """The processes of session `sid` still there after `timeout_s` (empty as soon as none are)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+def kill_session(sid: int) -> None:
+    for pid, _ in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def assert_stopped_cleanly(returncode: int | None, output: str, sid: int) -> None:
+    left = leftovers(sid)
+    kill_session(sid)  # a failed run must not leave its processes to the rest of the suite
+    tail = output[-6000:]
+    assert returncode == 0, f"exit status {returncode}:\n{tail}"
+    assert not [marker for marker in UNCLEAN if marker in output], tail
+    assert "[llmc] stopped" in output, tail
+    assert not left, "left behind:\n" + "\n".join(f"{pid} {args[:160]}" for pid, args in left)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_serve_on_embedded_ray_cleanly(tiny_model_dir, tmp_path):
+    adapter = random_adapter(tiny_model_dir, tmp_path / "arith")  # the adapter path: local S3 endpoint included
+    server = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={adapter}"],
+                          env={**embedded_env(), "LLMC_API_KEYS": ""})
+    sid = server.proc.pid  # start_new_session: the session id is the driver's pid
+    try:
+        server.wait_ready(timeout_s=600)
+        assert len(session_processes(sid)) > 5  # embedded Ray really runs in this session
+        server.proc.send_signal(signal.SIGTERM)
+        returncode = server.proc.wait(timeout=EXIT_TIMEOUT_S)
+    finally:
+        if server.proc.poll() is None:
+            kill_session(sid)
+    output = "".join(server.lines)
+    assert "[llmc] stopping ..." in output  # the app was deleted before Ray shut down
+    assert_stopped_cleanly(returncode, output, sid)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_finetune_mid_training_cleanly(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "finetune.log"
+    command = [sys.executable, "-m", "workloads.cli", "finetune", str(FINETUNE_RECIPE), "--output-dir", str(run_dir),
+               "--set", "train.max_steps=100000", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=embedded_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    sid = proc.pid
+    try:
+        first = wait_for_checkpoint(run_dir, proc, timeout_s=600)
+        assert first is not None, f"no checkpoint before the process ended:\n{log.read_text()[-6000:]}"
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=EXIT_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            kill_session(sid)
+    output = log.read_text()
+    assert "training stopped; its checkpoints stay in" in output, output[-6000:]
+    assert not (run_dir / "summary.json").exists()  # stopped mid-run, not finished
+    assert_stopped_cleanly(returncode, output, sid)
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout_s: float) -> Path | None:
+    """The first checkpoint directory of the run (training is then under way), or None if the process ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = sorted((run_dir / "checkpoints").glob("*/checkpoint_*"))
+        if found:
+            return found[0]
+        time.sleep(2)
+    return None
