@@ -34,15 +34,19 @@ def submit(
     address: str | None = None,
     working_dir: str | Path = ".",
     env_vars: dict[str, str] | None = None,
+    excludes: list[str] = (),
     wait: bool = True,
     timeout_s: float | None = None,
 ) -> tuple[str, str, str]:
-    """Submit `entrypoint` with `working_dir` uploaded; returns (job id, final or current status, URL)."""
+    """Submit `entrypoint` with `working_dir` uploaded but `excludes`; returns (job id, final or current status, URL).
+
+    `env_vars` reach the job's processes through its runtime environment; their values are never printed.
+    """
     url = dashboard_address(address)
     client = JobSubmissionClient(url, headers=auth_headers())
     job_id = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES,
+        runtime_env={"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES + list(excludes),
                      "env_vars": env_vars or {}},
     )
     print(f"[llmc] submitted {job_id} to {url}; dashboard: {url}/#/jobs/{job_id}", flush=True)

@@ -85,3 +85,13 @@ def test_deepspeed_config_follows_the_recipe():
     plan = finetune_plan(load_recipe(TINY, ["deepspeed.enabled=false"]))
     assert plan["backend"] == "ddp" and plan["deepspeed_config"] is None
     assert isinstance(load_recipe(TINY), FinetuneRecipe)
+
+
+def test_a_path_found_only_in_the_repository_is_said_on_stderr(tmp_path, monkeypatch, capsys):
+    from workloads.config import REPO_ROOT, resolve_path
+
+    monkeypatch.chdir(tmp_path)
+    found = resolve_path("workloads/configs/tiny-lora.yaml")
+    assert found == REPO_ROOT / "workloads/configs/tiny-lora.yaml"
+    assert "is not under" in capsys.readouterr().err
+    assert resolve_path("/nonexistent/tiny-lora.yaml") is None and resolve_path("nope.yaml") is None

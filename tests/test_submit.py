@@ -19,7 +19,7 @@ def test_submit_runs_a_tiny_finetune_job_to_completion(ray_cluster, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert "SUCCEEDED" in output and f"{ray_cluster.dashboard_url}/#/jobs/" in output
-    assert "step     6/6" in output and "fine-tuning summary" in output  # the job's own log was followed
+    assert "6/6" in output and "fine-tuning summary" in output  # the job's own log (progress, summary) was followed
     summary = json.loads((out / "summary.json").read_text())  # same machine: the job wrote here
     assert summary["steps"] == 6 and summary["method"] == "lora"
 
@@ -30,3 +30,58 @@ def test_submit_rejects_a_bad_recipe_before_contacting_the_cluster(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "train.method" in result.stderr and "lora" in result.stderr
     assert "submitted" not in result.stdout
+
+
+def test_submit_refuses_inline_keys_and_holds_back_secrets(ray_cluster, tmp_path):
+    """No `.env` file, no recipe with inline keys reaches the cluster; a named variable does, its value unprinted."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "workloads", work / "workloads", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "cluster", work / "cluster", ignore=shutil.ignore_patterns("__pycache__"))
+    (work / ".env").write_text("HF_TOKEN=do-not-upload\n")
+    keyed = work / "workloads/configs/serve-keyed.yaml"
+    keyed.write_text((REPO / "workloads/configs/serve-tiny.yaml").read_text().replace(
+        "server:", "server:\n  api_keys: [inline-secret-key-0123456789abcdef]", 1))
+    refused = run_llmc("submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(work), "--",
+                       "serve", str(keyed))
+    assert refused.returncode == 2 and "field 'server.api_keys'" in refused.stderr, refused.stderr
+    # A job that lists what it received: the working dir it sees, and the forwarded variable.
+    probe = work / "workloads/configs/tiny-probe.yaml"
+    probe.write_text((REPO / "workloads/configs/tiny-lora.yaml").read_text())
+    secret = "hf_" + "x" * 30
+    result = run_llmc("submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(work), "--env",
+                      "HF_TOKEN", "--", "validate", "workloads/configs/tiny-probe.yaml", env={"HF_TOKEN": secret})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "SUCCEEDED" in output, output[-3000:]
+    assert "not uploaded (API keys inline): workloads/configs/serve-keyed.yaml" in output
+    assert "forwarding environment variables: HF_TOKEN (values not shown)" in output and secret not in output
+    uploaded, env_vars = _job_package_and_env(ray_cluster, output)
+    assert any(n.endswith("workloads/configs/tiny-probe.yaml") for n in uploaded), uploaded  # it was uploaded
+    assert not any(n.endswith((".env", "serve-keyed.yaml")) for n in uploaded), uploaded
+    assert env_vars.get("HF_TOKEN") == secret
+    missing = run_llmc("submit", "--address", ray_cluster.dashboard_url, "--env", "LLMC_NOT_SET_ANYWHERE", "--",
+                       "validate", "workloads/configs/tiny-lora.yaml")
+    assert missing.returncode == 2 and "LLMC_NOT_SET_ANYWHERE not set" in missing.stderr
+
+
+def _job_package_and_env(ray_cluster, output: str) -> tuple[list[str], dict]:
+    """The files of the working dir the cluster stored for the job, and the job's environment variables."""
+    import io
+    import re
+    import zipfile
+
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get  # the cluster's own copy of the package
+    from ray.job_submission import JobSubmissionClient
+
+    from cluster.jobs import auth_headers
+
+    job_id = re.search(r"job (\S+): SUCCEEDED", output).group(1)
+    info = JobSubmissionClient(ray_cluster.dashboard_url, headers=auth_headers()).get_job_info(job_id)
+    ray.init(address=ray_cluster.address, ignore_reinit_error=True, log_to_driver=False)
+    package = _internal_kv_get(info.runtime_env["working_dir"])
+    names = zipfile.ZipFile(io.BytesIO(package)).namelist()
+    return names, info.runtime_env.get("env_vars", {})

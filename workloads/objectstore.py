@@ -8,12 +8,43 @@ on 127.0.0.1 for as long as the serving driver lives, and `s3_env` tells every p
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-# moto accepts any credentials; these only have to be present.
-_DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "llmc-local", "AWS_SECRET_ACCESS_KEY": "llmc-local"}
+# moto accepts any credentials; these only have to be present. Never sent to any other endpoint.
+_LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "llmc-local", "AWS_SECRET_ACCESS_KEY": "llmc-local"}
 REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """Where adapters live: a provider's default endpoint (url None), a custom one (MinIO, R2), or the local one.
+
+    Only the local endpoint gets the placeholder credentials; any other uses the node's own (environment,
+    profile or instance role), so a real endpoint never receives fake keys.
+    """
+
+    url: str | None = None
+    local: bool = False
+
+    def env(self) -> dict[str, str]:
+        """Environment for boto3 and pyarrow (Ray Serve LLM's loader) to reach this endpoint."""
+        if self.url is None:
+            return {}
+        env = {"AWS_ENDPOINT_URL": self.url, "AWS_ENDPOINT_URL_S3": self.url}
+        if self.local:
+            env.update(AWS_DEFAULT_REGION=REGION, AWS_REGION=REGION, **_LOCAL_CREDENTIALS)
+        return env
+
+    def client(self):
+        import boto3
+
+        kwargs: dict = {"endpoint_url": self.url} if self.url else {}
+        if self.local:
+            kwargs.update(region_name=REGION, aws_access_key_id=_LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=_LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        return boto3.client("s3", **kwargs)
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -24,20 +55,13 @@ def split_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
-def s3_env(endpoint_url: str | None) -> dict[str, str]:
-    """Environment for boto3 and pyarrow (Ray Serve LLM's loader) to reach `endpoint_url`."""
-    if endpoint_url is None:
-        return {}  # the provider's own endpoint and the node's credentials
-    return {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ENDPOINT_URL_S3": endpoint_url,
-            "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, **_DUMMY_CREDENTIALS}
-
-
 class LocalS3:
     """An S3-compatible endpoint (moto) on 127.0.0.1, in a thread of this process: `with LocalS3() as s3:`."""
 
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.endpoint = S3Endpoint(self.endpoint_url, local=True)
         self._server = None
 
     def __enter__(self) -> LocalS3:
@@ -53,35 +77,39 @@ class LocalS3:
             self._server = None
 
 
-def upload_adapter(adapter_dir: Path, uri: str, endpoint_url: str | None) -> str:
+def adapter_files(adapter_dir: Path) -> list[Path]:
+    """The files of an adapter directory, refusing any link: a symlink could carry files from outside it."""
+    root = Path(adapter_dir)
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symbolic link: adapters are uploaded only from regular files inside "
+                             f"{root}")
+        if path.is_file():
+            files.append(path)
+    return files
+
+
+def upload_adapter(adapter_dir: Path, uri: str, endpoint: S3Endpoint) -> str:
     """Copy a PEFT adapter directory to `uri` (a folder); returns the URI. Creates the bucket if needed."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    client = _client(endpoint_url)
+    files = adapter_files(adapter_dir)
+    client = endpoint.client()
     bucket, prefix = split_uri(uri)
     _ensure_bucket(client, bucket)
-    for path in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
+    for path in files:
         client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(adapter_dir).as_posix()}")
     return f"s3://{bucket}/{prefix}"
 
 
-def ensure_prefix(uri: str, endpoint_url: str | None) -> None:
+def ensure_prefix(uri: str, endpoint: S3Endpoint) -> None:
     """Create the bucket and an empty folder at `uri`: an empty adapter store must exist, or listing it fails."""
-    client = _client(endpoint_url)
+    client = endpoint.client()
     bucket, prefix = split_uri(uri)
     _ensure_bucket(client, bucket)
     client.put_object(Bucket=bucket, Key=f"{prefix}/.keep", Body=b"")
-
-
-def _client(endpoint_url: str | None):
-    import boto3
-
-    env = s3_env(endpoint_url)
-    kwargs = {"endpoint_url": endpoint_url, "region_name": REGION} if endpoint_url else {}
-    if endpoint_url:
-        kwargs.update(aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    return boto3.client("s3", **kwargs)
 
 
 def _ensure_bucket(client, bucket: str) -> None:

@@ -1,0 +1,68 @@
+"""The adapter store: credentials only where they belong, no links followed, no loopback store for remote nodes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import REPO
+from workloads.config import RecipeError, load_recipe
+from workloads.objectstore import LocalS3, S3Endpoint, split_uri, upload_adapter
+from workloads.serve import check_before_start
+
+SERVE = REPO / "workloads/configs/serve-tiny.yaml"
+
+
+def adapter_dir(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def test_placeholder_credentials_go_only_to_the_local_endpoint():
+    assert "AWS_ACCESS_KEY_ID" in S3Endpoint("http://127.0.0.1:9000", local=True).env()
+    remote = S3Endpoint("https://minio.example.internal").env()
+    assert remote == {"AWS_ENDPOINT_URL": "https://minio.example.internal",
+                      "AWS_ENDPOINT_URL_S3": "https://minio.example.internal"}
+    assert S3Endpoint(None).env() == {}
+
+
+def test_upload_refuses_a_symlink_that_could_carry_files_from_outside(tmp_path):
+    folder = adapter_dir(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not an adapter file")
+    (folder / "extra.txt").symlink_to(secret)
+    with LocalS3() as s3:
+        with pytest.raises(ValueError, match="extra.txt is a symbolic link"):
+            upload_adapter(folder, "s3://adapters/a", s3.endpoint)
+        (folder / "extra.txt").unlink()
+        upload_adapter(folder, "s3://adapters/a", s3.endpoint)
+        bucket, prefix = split_uri("s3://adapters/a")
+        keys = [o["Key"] for o in s3.endpoint.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert sorted(keys) == [f"{prefix}/adapter_config.json", f"{prefix}/adapter_model.safetensors"]
+
+
+def test_a_local_adapter_store_is_refused_for_a_remote_cluster(tmp_path):
+    recipe = load_recipe(SERVE, [f"adapters.paths.arith={adapter_dir(tmp_path)}"])
+    with pytest.raises(RecipeError, match="field 'adapters.endpoint_url'.*10.0.0.5:6379 cannot reach"):
+        check_before_start(recipe, [], address="10.0.0.5:6379")
+    with pytest.raises(RecipeError, match="field 'adapters.endpoint_url'"):
+        check_before_start(recipe, [], address="http://head.example:8265")
+    assert set(check_before_start(recipe, [], address="127.0.0.1:6379")) == {"arith"}
+    previous = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        assert set(check_before_start(recipe, [])) == {"arith"}  # embedded Ray: one machine
+    finally:
+        if previous is not None:
+            os.environ["RAY_ADDRESS"] = previous
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_adapter_and_run_names_cannot_be_dot_paths(tmp_path, name):
+    with pytest.raises(RecipeError, match="adapters.paths"):
+        load_recipe(SERVE, [f"adapters.paths.{name}={adapter_dir(tmp_path)}"])
+    with pytest.raises(RecipeError, match="run.name"):
+        load_recipe(REPO / "workloads/configs/tiny-lora.yaml", [f"run.name={name}"])
