@@ -95,3 +95,12 @@ def test_a_path_found_only_in_the_repository_is_said_on_stderr(tmp_path, monkeyp
     assert found == REPO_ROOT / "workloads/configs/tiny-lora.yaml"
     assert "is not under" in capsys.readouterr().err
     assert resolve_path("/nonexistent/tiny-lora.yaml") is None and resolve_path("nope.yaml") is None
+
+
+def test_finetune_refuses_to_replace_a_run_without_overwrite(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    result = run_llmc("finetune", str(REPO / "workloads/configs/tiny-lora.yaml"), "--output-dir", str(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "field 'run.output_dir'" in result.stderr and "--overwrite" in result.stderr
+    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "{}"  # nothing deleted

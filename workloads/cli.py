@@ -53,7 +53,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="finetune")
     from workloads.finetune import run
 
-    run(recipe, output_dir=args.output_dir, address=args.address)
+    run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
     return 0
 
 
@@ -133,7 +133,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "validate": ("check a recipe and print its resource plan; exit 2 if invalid", _recipe_args, _cmd_validate),
     "finetune": (
         "SFT: full, LoRA or QLoRA on Ray Train workers",
-        lambda p: (_recipe_args(p), p.add_argument("--output-dir", default=None, help="run directory")),
+        lambda p: (
+            _recipe_args(p),
+            p.add_argument("--output-dir", default=None, help="run directory"),
+            p.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory"),
+        ),
         _cmd_finetune,
     ),
     "serve": (

@@ -36,7 +36,7 @@ def finetune_stage(output_dir: Path, overrides: list[str], address: str | None =
 
     recipe = load_recipe(FINETUNE_RECIPE, overrides, kind="finetune")
     print(f"[demo] 1/2 fine-tuning: {FINETUNE_RECIPE.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
-    return run(recipe, output_dir=str(output_dir), address=address)
+    return run(recipe, output_dir=str(output_dir), address=address, overwrite=True)  # the demo reruns by design
 
 
 def serve_stage(adapter_dir: Path, questions: int = 50, address: str | None = None) -> dict:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from cluster import train as cluster_train
 from workloads import reporting
-from workloads.config import FinetuneRecipe
+from workloads.config import FinetuneRecipe, RecipeError
 from workloads.data import build_datasets, collate
 from workloads.data_check import check_data, describe
 from workloads.models import attach_lora, load_model, load_tokenizer, merge_adapter, resolve_model_path
@@ -175,11 +175,16 @@ def train_worker(config: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | None = None) -> dict:
-    """Fine-tune as the recipe says; returns the summary also written to `<run dir>/summary.json`."""
+def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | None = None,
+        overwrite: bool = False) -> dict:
+    """Fine-tune as the recipe says; returns the summary also written to `<run dir>/summary.json`.
+
+    A run directory that already holds a run is refused unless `overwrite` (or `run.resume_from` continues it).
+    """
     from cluster.runtime import connect
 
     run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
+    _refuse_to_replace(run_dir, recipe, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporting.save_recipe(recipe, run_dir)
     model_path = resolve_model_path(recipe.model)
@@ -211,6 +216,17 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     if result.checkpoint_dir is None:
         raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
     return _write_outputs(recipe, run_dir, model_path, result, wall)
+
+
+_RUN_OUTPUTS = ("adapter", "model", "merged", "checkpoints", "summary.json")
+
+
+def _refuse_to_replace(run_dir: Path, recipe: FinetuneRecipe, overwrite: bool) -> None:
+    """A new run replaces its directory's model and checkpoints: never silently."""
+    found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
+    if found and not overwrite and not recipe.run.resume_from:
+        raise RecipeError(f"field 'run.output_dir': {run_dir} already holds a run ({', '.join(found)}): pass "
+                          "--overwrite to replace it, or --set run.resume_from=latest to continue it")
 
 
 @contextlib.contextmanager
