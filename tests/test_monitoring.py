@@ -56,9 +56,9 @@ def read_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def finetune(out: Path, name: str, *overrides: str) -> dict:
+def finetune(out: Path, name: str, *overrides: str, flags: tuple[str, ...] = ()) -> dict:
     sets = [arg for o in (f"run.name={name}", "deepspeed.enabled=false", *overrides) for arg in ("--set", o)]
-    result = run_llmc("finetune", str(RECIPE), "--output-dir", str(out), *sets)
+    result = run_llmc("finetune", str(RECIPE), "--output-dir", str(out), *sets, *flags)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return json.loads((out / "summary.json").read_text())
 
@@ -141,14 +141,16 @@ def test_llmc_status_showed_the_running_train_run_with_step_and_loss(watched_run
 
 
 @pytest.mark.slow
-def test_a_rerun_into_the_same_dir_starts_fresh_unless_resume_latest(watched_run):
+def test_a_rerun_into_the_same_dir_needs_overwrite_and_starts_fresh_unless_resume_latest(watched_run):
     """Ray Train V2 would continue any run it finds under `storage/name`; llmc asks for it explicitly."""
     out, name = watched_run["out"], watched_run["name"]
     resumed = finetune(out, name, f"train.max_steps={STEPS + 4}", "train.checkpoint_every=2",
                        "run.resume_from=latest")
     assert resumed["restarts"] == [{"from_step": STEPS, "via": "resume_from"}]
     assert [int(r["step"]) for r in read_rows(out)] == list(range(1, STEPS + 5))
-    fresh = finetune(out, name, "train.max_steps=2", "train.checkpoint_every=2")
+    refused = run_llmc("finetune", str(RECIPE), "--output-dir", str(out), "--set", f"run.name={name}")
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr  # never replaced silently
+    fresh = finetune(out, name, "train.max_steps=2", "train.checkpoint_every=2", flags=("--overwrite",))
     assert fresh["restarts"] == [] and fresh["steps"] == 2 and fresh["initial_eval_loss"] is not None
     assert [int(r["step"]) for r in read_rows(out)] == [1, 2]
     kept = [c for c in (out / "checkpoints" / name).glob("checkpoint_*") if c.is_dir()]
