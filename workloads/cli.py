@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import signal
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from workloads.config import RecipeError, load_recipe
+from workloads.config import load_recipe
+from workloads.entrypoint import output_options, run_entrypoint
 
-EXIT_BAD_RECIPE = 2
 STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly and exits 0: a serving "
             "app is deleted, a training run aborted (its checkpoints kept), an embedded Ray shut down with every "
             "process it started.")
@@ -183,14 +179,6 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
-def output_options() -> argparse.ArgumentParser:
-    """`--verbose`, shared by every command (and the demo)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
-                        help="stream Ray, Serve and vLLM logs to the terminal (also LLMC_LOG_LEVEL=debug)")
-    return common
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmc", description=__doc__.splitlines()[0], parents=[output_options()],
                                      epilog=STOPPING)
@@ -203,53 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def set_output(verbose: bool) -> None:
-    """Default output is ours (stage lines, progress, tables); library chatter goes to log files unless verbose."""
-    if verbose:
-        os.environ["LLMC_LOG_LEVEL"] = "debug"  # read by cluster.runtime, inherited by jobs and workers
-    if os.environ.get("LLMC_LOG_LEVEL", "").lower() in ("debug", "verbose"):
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
-
-
-def report_failure(exc: BaseException) -> None:
-    """One readable error on the terminal; the traceback goes to a file whose path is printed with Ray's logs."""
-    logs = sys.modules["cluster.runtime"].log_dir() if "cluster.runtime" in sys.modules else None
-    folder = logs if logs and os.path.isdir(logs) else tempfile.gettempdir()
-    with tempfile.NamedTemporaryFile("w", prefix="llmc-error-", suffix=".log", dir=folder, delete=False) as handle:
-        traceback.print_exception(exc, file=handle)
-    print(f"llmc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-    print(f"llmc: traceback in {handle.name}" + (f"; Ray's logs in {logs}" if logs else ""), file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    set_output(getattr(args, "verbose", False))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C's path; cluster.runtime renews it after ray.init
-    try:
-        return args.handler(args)
-    except RecipeError as exc:
-        print(f"llmc: invalid recipe\n{exc}", file=sys.stderr)
-        return EXIT_BAD_RECIPE
-    except Exception as exc:  # noqa: BLE001 - the terminal gets the message and where the details are
-        if getattr(args, "verbose", False):
-            raise
-        report_failure(exc)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.runtime makes it take this path): a requested stop
-        print("[llmc] stopped", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        if "cluster.runtime" in sys.modules:  # Ray was used: disconnect, and stop an embedded Ray entirely
-            sys.modules["cluster.runtime"].shutdown()
-
+    return run_entrypoint(lambda: args.handler(args), verbose=getattr(args, "verbose", False))
 
 if __name__ == "__main__":
     raise SystemExit(main())

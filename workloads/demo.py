@@ -88,7 +88,7 @@ def _print_answers(answers: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workloads.cli import output_options, set_output
+    from workloads.entrypoint import output_options, set_output
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[output_options()])
     parser.add_argument("--output-dir", default="runs/demo", help="fine-tuning run directory")

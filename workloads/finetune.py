@@ -300,10 +300,27 @@ def _write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, resul
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workloads.cli import main as cli_main
+    """`python -m workloads.finetune RECIPE [--set K=V] [--output-dir DIR] [--overwrite] [--address A]`: a job."""
+    import argparse
 
-    return cli_main(["finetune", *(argv if argv is not None else __import__("sys").argv[1:])])
+    from workloads.config import load_recipe
+    from workloads.entrypoint import output_options, run_entrypoint
 
+    parser = argparse.ArgumentParser(prog="python -m workloads.finetune", description=__doc__.splitlines()[0],
+                                     parents=[output_options()])
+    parser.add_argument("recipe", help="YAML fine-tuning recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output-dir", default=None, help="run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        recipe = load_recipe(args.recipe, args.overrides, kind="finetune")
+        run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+        return 0
+
+    return run_entrypoint(command, verbose=getattr(args, "verbose", False))
 
 if __name__ == "__main__":
     raise SystemExit(main())

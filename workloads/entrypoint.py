@@ -1,0 +1,75 @@
+"""What every entry point shares (`llmc`, `python -m workloads.finetune`, the demo): output, errors, stopping.
+
+A recipe error exits 2 with its message; any other error is one line on the terminal with the file holding its
+traceback (and Ray's log dir); Ctrl-C or SIGTERM is a requested stop, exit 0; an embedded Ray is always shut down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+
+from workloads.config import RecipeError
+
+EXIT_BAD_RECIPE = 2
+
+
+def output_options() -> argparse.ArgumentParser:
+    """`--verbose`, shared by every command (and the demo)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="stream Ray, Serve and vLLM logs to the terminal (also LLMC_LOG_LEVEL=debug)")
+    return common
+
+
+def set_output(verbose: bool) -> None:
+    """Default output is ours (stage lines, progress, tables); library chatter goes to log files unless verbose."""
+    if verbose:
+        os.environ["LLMC_LOG_LEVEL"] = "debug"  # read by cluster.runtime, inherited by jobs and workers
+    if os.environ.get("LLMC_LOG_LEVEL", "").lower() in ("debug", "verbose"):
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
+
+
+def report_failure(exc: BaseException) -> None:
+    """One readable error on the terminal; the traceback goes to a file whose path is printed with Ray's logs."""
+    logs = sys.modules["cluster.runtime"].log_dir() if "cluster.runtime" in sys.modules else None
+    folder = logs if logs and os.path.isdir(logs) else tempfile.gettempdir()
+    with tempfile.NamedTemporaryFile("w", prefix="llmc-error-", suffix=".log", dir=folder, delete=False) as handle:
+        traceback.print_exception(exc, file=handle)
+    print(f"llmc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    print(f"llmc: traceback in {handle.name}" + (f"; Ray's logs in {logs}" if logs else ""), file=sys.stderr)
+
+
+def run_entrypoint(command: Callable[[], int], verbose: bool = False) -> int:
+    """Run a command as an entry point: its exit status, with errors and stops handled as the module says."""
+    set_output(verbose)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C's path; cluster.runtime renews it after ray.init
+    try:
+        return command()
+    except RecipeError as exc:
+        print(f"llmc: invalid recipe\n{exc}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    except Exception as exc:  # noqa: BLE001 - the terminal gets the message and where the details are
+        if verbose:
+            raise
+        report_failure(exc)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.runtime makes it take this path): a requested stop
+        print("[llmc] stopped", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if "cluster.runtime" in sys.modules:  # Ray was used: disconnect, and stop an embedded Ray entirely
+            sys.modules["cluster.runtime"].shutdown()
