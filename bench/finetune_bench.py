@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench.finetune_report import auto_notes, layout_label, plot, print_tables, write_markdown
 from workloads.config import REPO_ROOT, FinetuneRecipe, TinyModelConfig, load_recipe
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -57,8 +58,7 @@ class Layout:
 
     @property
     def label(self) -> str:
-        backend = f"DeepSpeed ZeRO-{self.stage}" if self.deepspeed else "DDP"
-        return f"{backend}, {self.workers} worker(s) x {self.cpus_per_worker} CPU"
+        return layout_label(asdict(self))
 
 
 LAYOUTS = [
@@ -546,8 +546,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # a shared cluster would measure someone else's load
-    from bench.finetune_report import auto_notes, plot, print_tables, write_markdown
-
     results = run_bench(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "finetune.json").write_text(json.dumps(results, indent=2))
@@ -556,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         notes += "\n\n" + Path(args.notes).read_text()
     write_markdown(results, notes, RESULTS / "finetune.md")
     plot(results, RESULTS / "finetune.png")
-    print_tables(results)
+    print_tables(results, RESULTS)
     return 0
 
 

@@ -6,7 +6,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.finetune_bench import RESULTS, Layout
+
+def layout_label(layout: dict[str, Any]) -> str:
+    """How a platform layout of the results file reads in tables: backend, workers and CPUs each."""
+    backend = f"DeepSpeed ZeRO-{layout['stage']}" if layout["deepspeed"] else "DDP"
+    return f"{backend}, {layout['workers']} worker(s) x {layout['cpus_per_worker']} CPU"
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -27,7 +31,7 @@ def overhead_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = [["plain torch loop, 1 process x 2 threads", _fmt(plain["median_s"]), "1.00", "1.00",
              f"run medians {medians}", "-", _fmt(plain["tokens_per_second"], ".0f")]]
     for entry in results["layouts"].values():
-        label = Layout(**entry["layout"]).label
+        label = layout_label(entry["layout"])
         if "error" in entry:
             rows.append([label, "failed", "-", "-", "-", "-", entry["error"][:80]])
             continue
@@ -85,7 +89,7 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
             ("QLoRA / LoRA memory ratios", RATIO_HEADER, ratio_rows(results))]
 
 
-def print_tables(results: dict[str, Any]) -> None:
+def print_tables(results: dict[str, Any], results_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -97,7 +101,7 @@ def print_tables(results: dict[str, Any]) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    console.print(f"fastest platform layout: {results['winner']}; results in {RESULTS}")
+    console.print(f"fastest platform layout: {results['winner']}; results in {results_dir}")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -194,7 +198,7 @@ def auto_notes(results: dict[str, Any]) -> str:
     lines = []
     if results["winner"]:
         best = results["layouts"][results["winner"]]
-        lines.append(f"- Fastest platform layout in this run: **{Layout(**best['layout']).label}**, "
+        lines.append(f"- Fastest platform layout in this run: **{layout_label(best['layout'])}**, "
                      f"{best['steady']['median_s']:.2f} s/step, {best['ratio_vs_neighbour_plain']:.2f}x the plain "
                      f"loop beside it (target: at most 1.25x).")
     return "\n".join(lines)
