@@ -48,7 +48,8 @@ def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     # Quiet by default: our lines, one progress bar fed from the driver, the summary; no worker or Ray chatter.
     assert "train: 100%" in printed and "60/60" in printed and "loss=" in printed, printed[-3000:]
     assert "RayTrainWorker" not in printed and "TrainController" not in printed, printed[-3000:]
-    assert printed.count("\n") < 40, printed  # the bar redraws with \r on one line
+    # The bar redraws one terminal line with \r (a captured pipe reads each redraw as a line): count the rest.
+    assert len([line for line in printed.splitlines() if not line.startswith("train:")]) < 40, printed
     assert summary["method"] == "lora" and summary["workers"] == 2 and summary["deepspeed_stage"] == 2
     assert summary["final_eval_loss"] < 0.85 * summary["initial_eval_loss"], summary
     assert summary["steps"] == 60 and summary["tokens_per_second"] > 0

@@ -37,6 +37,9 @@ def set_output(verbose: bool) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel fallback note, on every import
     import torch
 
     if not torch.cuda.is_available():
