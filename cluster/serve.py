@@ -21,17 +21,15 @@ from typing import Any
 import ray
 from fastapi import Request
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
-from ray.llm._internal.serve.core.ingress.ingress import init as _stock_ingress_app
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
-from cluster import metrics
+from cluster import _ray_private, metrics
 
 # Routes anyone may call: readiness must work for a load balancer that holds no key.
 PUBLIC_PATHS = frozenset({"/health", "/-/healthz", "/-/routes"})
@@ -64,6 +62,7 @@ class ServeSpec:
     cache_entries: int = 1024  # 0 turns the response cache off
     ingress_replicas: int = 1
     ingress_cpus: float = 0.5
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed; empty: none
     app_name: str = "llmc"
 
     @property
@@ -175,33 +174,35 @@ class LlmcIngress(OpenAiIngress):
 
     def __init__(self, llm_deployments, model_cards, *, max_model_len: int, cache_entries: int, **kwargs):
         super().__init__(llm_deployments, model_cards, **kwargs)
+        self._engines = dict(llm_deployments)  # our own copies: the base class keeps these privately
+        self._model_ids = sorted(model_cards)
         self._max_model_len = max_model_len
         self._cache = ResponseCache(cache_entries) if cache_entries > 0 else None
 
     # Handlers keep their annotations: FastAPI reads the body's type from them.
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._answer("completions", body, request, body.max_tokens, "max_tokens")
+        return await self._answer("completions", super().completions, body, request, body.max_tokens, "max_tokens")
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         limit, name = (body.max_completion_tokens, "max_completion_tokens")
         if limit is None:
             limit, name = body.max_tokens, "max_tokens"
-        return await self._answer("chat", body, request, limit, name)
+        return await self._answer("chat", super().chat, body, request, limit, name)
 
     async def health(self) -> Response:
         """200 once every engine answers its health check, 503 otherwise."""
         try:
-            for handle in self._default_serve_handles.values():
+            for handle in self._engines.values():
                 await handle.options(stream=False).check_health.remote()
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             return _error(503, f"engine not healthy: {type(exc).__name__}", "service_unavailable")
-        return JSONResponse({"status": "ok", "models": sorted(self._model_cards)})
+        return JSONResponse({"status": "ok", "models": self._model_ids})
 
     async def cache_stats(self) -> Response:
         """Hit/miss counters of this ingress replica's response cache."""
         return JSONResponse(self._cache.stats() if self._cache else {"enabled": False})
 
-    async def _answer(self, kind: str, body, request: Request, max_tokens: int | None, param: str) -> Response:
+    async def _answer(self, kind: str, handler, body, request: Request, max_tokens: int | None, param: str) -> Response:
         problem = self._check(body, max_tokens, param)
         if problem is not None:
             request.state.llmc_reason = json.loads(problem.body)["error"]["param"]  # counted by the middleware
@@ -212,7 +213,7 @@ class LlmcIngress(OpenAiIngress):
             _count("llmc_serve_cache_misses" if cached is None else "llmc_serve_cache_hits")
             if cached is not None:
                 return JSONResponse(cached, headers={CACHE_HEADER: "hit"})
-        response = await self._process_llm_request(body, call_method=kind, raw_request=request)
+        response = await handler(body, request)  # Ray Serve LLM's public handler
         if key is not None and isinstance(response, JSONResponse) and response.status_code == 200:
             self._cache.put(key, json.loads(response.body))
             response.headers[CACHE_HEADER] = "miss"
@@ -230,8 +231,13 @@ class LlmcIngress(OpenAiIngress):
         return None
 
 
+_ModelList, _ModelCard = _ray_private.model_list_types()
+# The routes this app serves: Ray Serve LLM's OpenAI routes (as its own endpoint map declares them), plus ours.
 _ENDPOINTS = {
-    **{name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")},
+    "models": lambda app: app.get("/v1/models", response_model=_ModelList),
+    "model_data": lambda app: app.get("/v1/models/{model:path}", response_model=_ModelCard),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
     "health": lambda app: app.get("/health"),
     "cache_stats": lambda app: app.get("/v1/cache/stats"),
 }
@@ -264,10 +270,15 @@ def build_app(spec: ServeSpec):
     """The Serve application: one LLMServer deployment behind an `LlmcIngress` deployment."""
     config = llm_config(spec)
     server = build_llm_deployment(config)
-    app = _stock_ingress_app()  # Ray Serve LLM's FastAPI app: error handling, CORS, request ids
+    app = _ray_private.stock_openai_app()  # Ray Serve LLM's FastAPI app: error handling, request ids
+    # The stock app lets any origin call with credentials: ours allows only the recipe's origins, if any.
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
     app.add_middleware(ApiKeyMiddleware, key_hashes=frozenset(spec.api_key_hashes))  # outermost: runs first
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(RequestMetricsMiddleware)  # added last, so outermost: it sees every answer, 401s too
+    app.add_middleware(RequestMetricsMiddleware)  # outermost but CORS: it sees every answer, 401s too
+    if spec.cors_origins:  # added last, so outermost: a preflight is answered before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(spec.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
     ingress_cls = make_fastapi_ingress(LlmcIngress, endpoint_map=_ENDPOINTS, app=app)
     options = {
         "name": "ingress",
@@ -278,7 +289,7 @@ def build_app(spec: ServeSpec):
     }
     return serve.deployment(ingress_cls, **options).bind(
         llm_deployments={spec.model_id: server},
-        model_cards={spec.model_id: to_model_metadata(spec.model_id, config)},
+        model_cards={spec.model_id: _ray_private.model_card(spec.model_id, config)},
         lora_paths={spec.model_id: config.lora_config.dynamic_lora_loading_path} if spec.lora_uri else {},
         max_model_len=spec.max_model_len,
         cache_entries=spec.cache_entries,
@@ -288,20 +299,13 @@ def build_app(spec: ServeSpec):
 def start(spec: ServeSpec, timeout_s: float = 900) -> str:
     """Deploy the app on the connected Ray cluster and wait until it runs; returns the base URL."""
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    bound = _running_http_port()
+    bound = _ray_private.serve_http_port()
     if bound is not None and bound != spec.port:
         raise RuntimeError(f"Serve already runs on this cluster with HTTP port {bound}, not {spec.port}: "
                            "use that port or stop the other app first")
     serve.run(build_app(spec), name=spec.app_name, route_prefix="/", blocking=False)
     _wait_running(spec.app_name, timeout_s)
     return spec.url
-
-
-def _running_http_port() -> int | None:
-    try:
-        return serve.context._get_global_client().http_config.port
-    except Exception:  # noqa: BLE001 - no client yet
-        return None
 
 
 def _wait_running(app_name: str, timeout_s: float) -> None:

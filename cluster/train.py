@@ -22,7 +22,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cluster import metrics
+from cluster import _ray_private, metrics
 
 # Ray Train V2 keeps this file in `storage_path/name` and continues any run it finds there.
 _SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -140,6 +140,9 @@ class _StoppableTrainer(TorchTrainer):
             pass  # abort ends the controller's process: this is the normal outcome
         except ray.exceptions.GetTimeoutError:
             ray.kill(self._controller)
+
+
+_ray_private.require_train_controller_hook(_StoppableTrainer)  # the hook it overrides is private to Ray Train
 
 
 def experiment_path(storage_path: str, name: str) -> str:
