@@ -66,3 +66,15 @@ def test_adapter_and_run_names_cannot_be_dot_paths(tmp_path, name):
         load_recipe(SERVE, [f"adapters.paths.{name}={adapter_dir(tmp_path)}"])
     with pytest.raises(RecipeError, match="run.name"):
         load_recipe(REPO / "workloads/configs/tiny-lora.yaml", [f"run.name={name}"])
+
+
+def test_short_api_keys_are_refused_and_the_key_variable_leaves_the_environment(monkeypatch):
+    from workloads.serve import api_keys
+
+    recipe = load_recipe(SERVE, ["adapters.enabled=false"])
+    monkeypatch.setenv("LLMC_API_KEYS", "short-key, " + "k" * 40)
+    keys = api_keys(recipe)
+    assert keys == ["short-key", "k" * 40] and "LLMC_API_KEYS" not in os.environ  # Ray's processes never see it
+    with pytest.raises(RecipeError, match=r"field 'server.api_keys': 1 key\(s\) .* shorter than 32 characters \(9\)"):
+        check_before_start(recipe, keys)
+    assert check_before_start(recipe, ["k" * 40]) == {}

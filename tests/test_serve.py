@@ -34,6 +34,7 @@ RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 GPU_RECIPE = REPO / "workloads/configs/llama3-8b-serve.yaml"
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 PROMPT = "12+7="
+ALLOWED_ORIGIN = "https://app.example"  # the one browser origin the test server allows
 
 
 def random_adapter(model_dir: Path, out_dir: Path, seed: int = 1) -> Path:
@@ -147,7 +148,8 @@ class Server:
 def server(ray_cluster, tiny_model_dir, tmp_path_factory):
     adapter = random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "arith")
     key = "llmc-test-" + secrets.token_hex(12)
-    process = ServeProcess(RECIPE, overrides=[f"adapters.paths.arith={adapter}", "autoscaling.upscale_delay_s=2"],
+    process = ServeProcess(RECIPE, overrides=[f"adapters.paths.arith={adapter}", "autoscaling.upscale_delay_s=2",
+                                              f"server.cors_origins=[{ALLOWED_ORIGIN}]"],
                            env={**os.environ, "LLMC_API_KEYS": key})
     try:
         process.wait_ready(timeout_s=600)
@@ -155,6 +157,18 @@ def server(ray_cluster, tiny_model_dir, tmp_path_factory):
         pytest.fail(str(exc))
     yield Server(process.base_url, key, process)
     process.stop()  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
+
+
+def test_cross_origin_access_only_for_the_recipes_origins_preflight_before_the_key(server):
+    url = f"{server.base}/v1/chat/completions"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    allowed = httpx.options(url, headers={"Origin": ALLOWED_ORIGIN, **preflight})  # no key: browsers send none
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "access-control-allow-credentials" not in allowed.headers
+    refused = httpx.options(url, headers={"Origin": "https://evil.example", **preflight})
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    answered = httpx.get(f"{server.base}/v1/models", headers={"Origin": "https://evil.example", **server.headers})
+    assert answered.status_code == 200 and "access-control-allow-origin" not in answered.headers
 
 
 def test_models_lists_the_base_model_and_the_adapter_by_name(server):

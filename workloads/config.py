@@ -388,6 +388,11 @@ class ServerConfig(_Strict):
         "LLMC_API_KEYS", description="Environment variable with comma-separated accepted keys, added to api_keys."
     )
     allow_unauthenticated: bool = Field(False, description="Allow a non-loopback host with no key at all.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (e.g. https://app.example.com); empty: no cross-origin "
+                    "access. Preflight requests are answered before the key check.",
+    )
     ingress_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP router (cache is per replica).")
 
 

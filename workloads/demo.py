@@ -46,7 +46,7 @@ def serve_stage(adapter_dir: Path, questions: int = 50, address: str | None = No
 
     from workloads.serve import serving
 
-    key = "llmc-demo-" + secrets.token_hex(8)
+    key = "llmc-demo-" + secrets.token_hex(16)
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
     recipe = load_recipe(SERVE_RECIPE, [f"adapters.paths.arith={Path(adapter_dir).resolve()}"], kind="serve")
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()[:questions]]

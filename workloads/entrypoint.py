@@ -34,7 +34,7 @@ def set_output(verbose: bool) -> None:
     if os.environ.get("LLMC_LOG_LEVEL", "").lower() in ("debug", "verbose"):
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its import-time notes (Triton, platform) included
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging

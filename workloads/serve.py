@@ -33,17 +33,27 @@ from workloads.plan import (
 READY_LINE = "[llmc] ready:"  # `llmc serve` prints this, then the URL, once it answers
 
 
+MIN_KEY_LENGTH = 32  # only hashes reach the cluster: a long random key cannot be found from its SHA-256
+
+
 def api_keys(recipe: ServeRecipe) -> list[str]:
-    """Accepted keys: the recipe's plus the comma-separated ones in `server.api_key_env`."""
+    """Accepted keys: the recipe's plus the comma-separated ones in `server.api_key_env`, which is then removed
+    from this process's environment (an embedded Ray's raylet and workers inherit it)."""
     keys = [k.get_secret_value() for k in recipe.server.api_keys]
     if recipe.server.api_key_env:
-        keys += [k.strip() for k in os.environ.get(recipe.server.api_key_env, "").split(",") if k.strip()]
+        keys += [k.strip() for k in os.environ.pop(recipe.server.api_key_env, "").split(",") if k.strip()]
     return keys
 
 
 def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None = None) -> dict[str, Path]:
     """Refuse what cannot or must not run, before any Ray work; returns the adapter dirs by name."""
     s = recipe.server
+    short = [len(k) for k in keys if len(k) < MIN_KEY_LENGTH]
+    if short:
+        where = f"server.api_keys or ${s.api_key_env}" if s.api_key_env else "server.api_keys"
+        raise RecipeError(f"field 'server.api_keys': {len(short)} key(s) in {where} shorter than {MIN_KEY_LENGTH} "
+                          f"characters ({', '.join(map(str, short))}): use long random keys, e.g. "
+                          "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
     target = address or os.environ.get("RAY_ADDRESS")
     host = urlparse(target if "://" in target else f"ray://{target}").hostname if target else None
     if recipe.adapters.enabled and recipe.adapters.endpoint_url == "local" and host and host not in LOOPBACK_HOSTS:
@@ -121,6 +131,7 @@ def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: d
         cache_entries=recipe.cache.max_entries,
         ingress_replicas=recipe.server.ingress_replicas,
         ingress_cpus=SERVE_INGRESS_CPUS,
+        cors_origins=list(recipe.server.cors_origins),
     )
 
 
