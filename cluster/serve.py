@@ -29,7 +29,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
-from cluster import _ray_private, metrics
+from cluster import _ray_private, metrics, openai_checks
 
 # Routes anyone may call: readiness must work for a load balancer that holds no key.
 PUBLIC_PATHS = frozenset({"/health", "/-/healthz", "/-/routes"})
@@ -203,7 +203,7 @@ class LlmcIngress(OpenAiIngress):
         return JSONResponse(self._cache.stats() if self._cache else {"enabled": False})
 
     async def _answer(self, kind: str, handler, body, request: Request, max_tokens: int | None, param: str) -> Response:
-        problem = self._check(body, max_tokens, param)
+        problem = self._check(kind, body, max_tokens, param)
         if problem is not None:
             request.state.llmc_reason = json.loads(problem.body)["error"]["param"]  # counted by the middleware
             return problem
@@ -219,15 +219,16 @@ class LlmcIngress(OpenAiIngress):
             response.headers[CACHE_HEADER] = "miss"
         return response
 
-    def _check(self, body, max_tokens: int | None, param: str) -> JSONResponse | None:
+    def _check(self, kind: str, body, max_tokens: int | None, param: str) -> JSONResponse | None:
         """Reject what the engine would reject late or vaguely, naming the field."""
         if max_tokens is not None and max_tokens < 1:
             return _error(400, f"{param} must be at least 1, got {max_tokens}", param=param)
         if max_tokens is not None and max_tokens > self._max_model_len:
             return _error(400, f"{param}={max_tokens} exceeds the model's context length "
                                f"({self._max_model_len} tokens, prompt included)", param=param)
-        if body.n is not None and body.n < 1:
-            return _error(400, f"n must be at least 1, got {body.n}", param="n")
+        found = openai_checks.problem(kind, body.model_dump(mode="json", exclude_unset=True))
+        if found is not None:
+            return _error(400, found[1], param=found[0])
         return None
 
 

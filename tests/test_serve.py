@@ -245,6 +245,15 @@ BAD_REQUESTS = [
     ("chat without messages", "chat/completions", {"model": "tiny"}, 400, "messages"),
     ("chat, huge max_tokens", "chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999}, 400, "max_tokens"),
+    # Field rules of the OpenAI API (cluster/openai_checks.py has one case per rule).
+    ("temperature out of range", "completions", {"model": "tiny", "prompt": "x", "temperature": 3}, 400,
+     "temperature"),
+    ("top_p of 0", "completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("five stop sequences", "completions", {"model": "tiny", "prompt": "x", "stop": list("abcde")}, 400, "stop"),
+    ("unknown role", "chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "role"),
+    ("stream_options without stream", "chat/completions", {"model": "tiny", "messages": [
+        {"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400, "stream_options"),
 ]
 
 
