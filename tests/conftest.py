@@ -128,3 +128,10 @@ def run_llmc(*args: str, timeout: float = 900, env: dict | None = None,
         [sys.executable, "-m", "workloads.cli", *args],
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m "not slow"` stays fast: every test on the session's Ray cluster (Serve, vLLM, Train) is slow."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

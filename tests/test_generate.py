@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import REPO, run_llmc
 from tests.test_serve import random_adapter
 
@@ -15,6 +17,7 @@ def _write(path, rows) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # an in-process vLLM engine
 def test_generate_writes_one_row_per_prompt_with_adapters_samples_and_stops(tmp_path, tiny_model_dir):
     adapter = random_adapter(tiny_model_dir, tmp_path / "arith")
     rows = [
