@@ -38,6 +38,7 @@ class WorkerScaling:
     cpus_per_worker: int = 1
     gpus_per_worker: int = 1
     accelerator_type: str | None = None
+    placement_strategy: str = "PACK"
 
     def resources_per_worker(self) -> dict[str, float]:
         resources = {"CPU": float(self.cpus_per_worker)}
@@ -88,7 +89,7 @@ def fit(
             use_gpu=scaling.use_gpu,
             resources_per_worker=scaling.resources_per_worker(),
             accelerator_type=scaling.accelerator_type,
-            placement_strategy="PACK",
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,

@@ -41,7 +41,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from workloads.plan import serve_plan
 
         report.update(serve_plan(recipe))
+    if args.print:  # the recipe as it will run: every default filled in, overrides applied, secrets masked
+        import yaml
+
+        print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from workloads.config import RecipeError
+    from workloads.models import merge_adapter
+
+    config = Path(args.adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise RecipeError(f"field 'adapter': {args.adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    base = args.base or json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise RecipeError("field '--base': the adapter does not name its base model: pass --base MODEL")
+    out = merge_adapter(base, args.adapter, args.output, dtype=args.dtype)
+    print(f"[llmc] merged {args.adapter} into {base} -> {out}")
     return 0
 
 
@@ -126,7 +146,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 # name -> (help, argument setup, handler). Add a workload by adding a row.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "validate": ("check a recipe and print its resource plan; exit 2 if invalid", _recipe_args, _cmd_validate),
+    "validate": (
+        "check a recipe and print its resource plan; exit 2 if invalid",
+        lambda p: (_recipe_args(p), p.add_argument("--print", action="store_true",
+                                                   help="print the resolved recipe (YAML) instead of the plan")),
+        _cmd_validate,
+    ),
+    "merge": (
+        "merge a LoRA adapter into its base model and write a plain model directory",
+        lambda p: (
+            p.add_argument("adapter", help="PEFT adapter directory (e.g. runs/tiny-lora/adapter)"),
+            p.add_argument("--output", required=True, help="directory for the merged model"),
+            p.add_argument("--base", default=None, help="base model (default: the one the adapter names)"),
+            p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+        ),
+        _cmd_merge,
+    ),
     "finetune": (
         "SFT: full, LoRA or QLoRA on Ray Train workers",
         lambda p: (

@@ -75,6 +75,13 @@ class ModelConfig(_Strict):
         "float32", description="Weights dtype for training and serving (float32 on CPU)."
     )
     trust_remote_code: Literal[False] = Field(False, description="Never: model code is not executed.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `name`; None: default.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel for training (transformers' attn_implementation); None: its default."
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template that replaces the tokenizer's own (for training and data checks)."
+    )
 
 
 class DataConfig(_Strict):
@@ -119,9 +126,15 @@ class LoraConfig(_Strict):
     r: int = Field(8, ge=1, description="Adapter rank.")
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+        description="Module names to adapt, or `all-linear` (every linear layer but the output head).",
     )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (PEFT). vLLM cannot serve DoRA adapters.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
 
 
 class QuantizationConfig(_Strict):
@@ -154,7 +167,10 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1, description="Logical CPUs per worker; also its torch threads.")
     gpus_per_worker: int = Field(1, ge=0, description="GPUs per worker when use_gpu is true.")
-    accelerator_type: str | None = Field(None, description="e.g. H100: pin workers to that GPU type.")
+    accelerator_type: str | None = Field(None, description="e.g. A100: pin workers to that GPU type.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers' bundles share nodes: PACK fills a node first, STRICT_SPREAD one per node."
+    )
 
 
 class TrainConfig(_Strict):
@@ -164,8 +180,16 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (or use warmup_ratio).")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Warmup as a fraction of max_steps; replaces warmup_steps when set."
+    )
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Floor of the linear and cosine decay, as a fraction of learning_rate."
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(20, ge=1, description="Steps between eval-loss passes.")
     checkpoint_every: int = Field(20, ge=1, description="Steps between checkpoints.")
@@ -173,6 +197,11 @@ class TrainConfig(_Strict):
     log_every: int = Field(5, ge=1)
     seed: int = 0
     gradient_checkpointing: bool = False
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: from warmup_ratio when it is set, else warmup_steps."""
+        return round(self.warmup_ratio * self.max_steps) if self.warmup_ratio is not None else self.warmup_steps
 
 
 class RunConfig(_Strict):

@@ -78,7 +78,8 @@ def eval_batches(examples: list[dict], recipe: FinetuneRecipe, rank: int, world_
 def _setup_model(recipe: FinetuneRecipe, model_path: str, device: torch.device):
     method = recipe.train.method
     quant = recipe.quantization if method == "qlora" else None
-    model = load_model(model_path, dtype=recipe.model.dtype, quantization=quant, device=device)
+    model = load_model(model_path, dtype=recipe.model.dtype, quantization=quant, device=device,
+                       revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
     if recipe.train.gradient_checkpointing and method != "qlora":
         model.gradient_checkpointing_enable()
     if method in ("lora", "qlora"):
@@ -136,7 +137,7 @@ def train_worker(config: dict) -> None:
     device = torch.device(f"cuda:{local_rank}") if recipe.scaling.use_gpu else torch.device("cpu")
 
     # Setup: tokenizer and data before the model, so a data error costs no model load.
-    tokenizer = load_tokenizer(config["model_path"])
+    tokenizer = load_tokenizer(config["model_path"], recipe.model.revision, recipe.model.chat_template)
     train_ex, eval_ex = build_datasets(recipe.data, tokenizer, train.seed)
     batches = StepBatches(train_ex, recipe, rank, world_size, tokenizer.pad_token_id)
     evals = eval_batches(eval_ex, recipe, rank, world_size, tokenizer.pad_token_id)
@@ -190,7 +191,8 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     model_path = resolve_model_path(recipe.model)
     print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
     # Bad data fails here, in seconds, naming file, line and field: not in every worker after Ray starts.
-    print(f"[llmc] {describe(check_data(recipe.data, load_tokenizer(model_path)))}", flush=True)
+    tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
+    print(f"[llmc] {describe(check_data(recipe.data, tokenizer))}", flush=True)
     print(f"[llmc] {connect(address)}", flush=True)
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
     resume_from, resume = _resume_plan(recipe, storage, run_dir)

@@ -189,10 +189,13 @@ def _init_llama(cfg: TinyModelConfig, tokenizer):
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, revision: str | None = None, chat_template: str | None = None):
+    """The tokenizer of `path` (at `revision`), with `chat_template` replacing its own when given."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -203,11 +206,15 @@ def load_model(
     dtype: str = "float32",
     quantization: QuantizationConfig | None = None,
     device: str | torch.device | None = None,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
 ):
     """A causal LM from `path`; 4-bit bitsandbytes weights when `quantization` is given."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"dtype": torch_dtype(dtype)}
+    kwargs: dict = {"dtype": torch_dtype(dtype), "revision": revision}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         compute = torch_dtype(quantization.compute_dtype)
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -246,7 +253,10 @@ def attach_lora(model, cfg: LoraConfig, quantized: bool = False, gradient_checkp
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
+        modules_to_save=list(cfg.modules_to_save) or None,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)

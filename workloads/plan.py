@@ -32,8 +32,8 @@ def deepspeed_config(recipe: FinetuneRecipe, world_size: int) -> dict:
             "params": {
                 "lr": train.learning_rate,
                 "weight_decay": train.weight_decay,
-                "betas": [0.9, 0.999],
-                "eps": 1e-8,
+                "betas": list(train.adam_betas),
+                "eps": train.adam_eps,
                 # torch's AdamW needs no compiled kernel; offload switches DeepSpeed to its CPU Adam.
                 "torch_adam": True,
             },
@@ -59,6 +59,7 @@ def finetune_plan(recipe: FinetuneRecipe) -> dict:
     return {
         "workers": s.num_workers,
         "placement_bundles": [dict(bundle) for _ in range(s.num_workers)],
+        "placement_strategy": s.placement_strategy,
         "total_resources": {k: round(v * s.num_workers, 3) for k, v in bundle.items()},
         "accelerator_type": s.accelerator_type,
         "global_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * s.num_workers,

@@ -25,14 +25,16 @@ _STATE_TAG = "state"
 def lr_lambda(cfg: TrainConfig):
     """Multiplier on the base learning rate at an optimizer step: warmup, then the schedule."""
 
+    warmup, floor = cfg.warmup, cfg.min_lr_ratio
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
         if cfg.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
+            return floor + (1.0 - floor) * (1.0 - progress)
         if cfg.lr_scheduler == "cosine":
-            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
     return factor
@@ -65,7 +67,8 @@ class Strategy:
             )
             self.module = model
             self.optimizer = torch.optim.AdamW(
-                params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay
+                params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay,
+                betas=recipe.train.adam_betas, eps=recipe.train.adam_eps,
             )
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.train))
 

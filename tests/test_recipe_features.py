@@ -1,0 +1,78 @@
+"""What Axolotl and torchtune users expect of a recipe: schedule, optimizer and LoRA options, model options,
+`llmc validate --print` and `llmc merge`, on the real tiny model and PEFT (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, run_llmc
+from tests.test_serve import random_adapter
+from workloads.config import FinetuneRecipe, load_recipe
+from workloads.models import attach_lora, load_model, load_tokenizer
+from workloads.plan import deepspeed_config, finetune_plan
+from workloads.strategy import lr_lambda
+
+TINY = REPO / "workloads/configs/tiny-lora.yaml"
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_warmup_ratio_and_the_decay_floor(scheduler):
+    train = load_recipe(TINY, ["train.max_steps=100", "train.warmup_ratio=0.1", "train.min_lr_ratio=0.2",
+                               f"train.lr_scheduler={scheduler}"]).train
+    factor = lr_lambda(train)
+    assert train.warmup == 10 and factor(0) == pytest.approx(1 / 11) and factor(10) == pytest.approx(1.0)
+    assert factor(100) == pytest.approx(0.2) and min(factor(s) for s in range(10, 101)) == pytest.approx(0.2)
+
+
+def test_adam_settings_and_placement_reach_deepspeed_and_the_plan():
+    recipe = load_recipe(TINY, ["train.adam_betas=[0.9, 0.95]", "train.adam_eps=1e-6",
+                                "scaling.placement_strategy=STRICT_SPREAD"])
+    params = deepspeed_config(recipe, 2)["optimizer"]["params"]
+    assert params["betas"] == [0.9, 0.95] and params["eps"] == 1e-6
+    assert finetune_plan(recipe)["placement_strategy"] == "STRICT_SPREAD"
+
+
+def test_lora_options_all_linear_dora_rslora_and_modules_to_save(tiny_model_dir):
+    recipe: FinetuneRecipe = load_recipe(TINY, ["lora.target_modules=all-linear", "lora.use_dora=true",
+                                                "lora.use_rslora=true", "lora.modules_to_save=[lm_head]"])
+    model = attach_lora(load_model(str(tiny_model_dir)), recipe.lora)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for module in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):  # every linear layer
+        assert any(f"{module}.lora_A" in n for n in trainable), module
+    assert any("lora_magnitude_vector" in n for n in trainable)  # DoRA
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+    config = model.peft_config["default"]
+    assert config.use_rslora and config.use_dora
+
+
+def test_chat_template_override_and_attention_kernel(tiny_model_dir):
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    tokenizer = load_tokenizer(str(tiny_model_dir), chat_template=template)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+    model = load_model(str(tiny_model_dir), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_validate_print_shows_the_resolved_recipe():
+    result = run_llmc("validate", str(TINY), "--print", "--set", "train.max_steps=7")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["max_steps"] == 7 and printed["train"]["min_lr_ratio"] == 0.1  # defaults filled in
+    assert FinetuneRecipe.model_validate(printed) == load_recipe(TINY, ["train.max_steps=7"])
+
+
+def test_merge_writes_a_plain_model_equal_to_base_plus_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
+    result = run_llmc("merge", str(adapter), "--output", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr
+    batch = load_tokenizer(str(tiny_model_dir))(["What is 2 plus 3?"], return_tensors="pt")
+    with torch.no_grad():
+        merged = load_model(str(tmp_path / "merged"))(**batch).logits
+        tuned = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(adapter)).eval()(**batch).logits
+    torch.testing.assert_close(merged, tuned, atol=1e-4, rtol=1e-4)
+    missing = run_llmc("merge", str(tmp_path), "--output", str(tmp_path / "m2"))
+    assert missing.returncode == 2 and "not a PEFT adapter directory" in missing.stderr
