@@ -39,6 +39,7 @@ def test_every_node_installs_the_gpu_extra_and_shares_the_auth_token():
     assert any("auth_token" in dest for dest in CLUSTER["file_mounts"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in " ".join(CLUSTER[key])
+        assert "--metrics-export-port=8080" in " ".join(CLUSTER[key])  # Prometheus scrapes a known port per node
 
 
 def test_gpu_recipes_exist_for_every_tiny_method():
