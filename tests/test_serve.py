@@ -351,7 +351,18 @@ def test_serving_metrics_on_the_node_export_count_what_the_ingress_answered(serv
             "shed": total(samples, "ray_llmc_serve_shed_total"),
         }
 
-    before = counts()
+    def settled() -> dict[str, float]:
+        """Counts once earlier tests' requests have reached the export: two reads an export interval apart agree."""
+        previous = counts()
+        for _ in range(20):
+            time.sleep(12)  # Ray's export interval is about 10 s
+            now = counts()
+            if now == previous:
+                return now
+            previous = now
+        raise AssertionError(f"the ingress counters never settled: {previous}")
+
+    before = settled()
     url, body = f"{server.base}/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4}
     codes = [httpx.post(url, json=body, headers=h).status_code for h in ({}, {"Authorization": "Bearer no"}, {})]
     codes += [httpx.post(url, json={**body, "max_tokens": -5}, headers=server.headers).status_code for _ in range(2)]
