@@ -193,14 +193,56 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def auto_notes(results: dict[str, Any]) -> str:
-    """The facts the numbers state; a hand-written reading can be appended with --notes."""
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}x" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}x"
+
+
+def auto_notes(results: dict[str, Any], target: float = 1.25) -> str:
+    """The reading of a run, computed from its results alone: every number here is in the tables above."""
     lines = []
     if results["winner"]:
         best = results["layouts"][results["winner"]]
         lines.append(f"- Fastest platform layout in this run: **{layout_label(best['layout'])}**, "
                      f"{best['steady']['median_s']:.2f} s/step, {best['ratio_vs_neighbour_plain']:.2f}x the plain "
-                     f"loop beside it (target: at most 1.25x).")
+                     f"loop beside it (target: at most {target}x).")
+    for entry in results["layouts"].values():
+        if "error" in entry:
+            continue
+        layout, ratio = entry["layout"], entry["ratio_vs_neighbour_plain"]
+        note = " (one worker: nothing to all-reduce, so no DDP wrapper; Ray Train and the loop only)" \
+            if not layout["deepspeed"] and layout["workers"] == 1 else ""
+        verdict = "meets" if ratio <= target else "misses"
+        lines.append(f"- {layout_label(layout)}{note}: {ratio:.2f}x the plain loop, {verdict} the {target}x target.")
+    runs = results["methods"]["runs"]
+    if all("error" not in runs.get(m, {"error": 1}) for m in ("full", "lora", "qlora")):
+        full, lora, q = (runs[m]["tokens_per_second_steady"] for m in ("full", "lora", "qlora"))
+        lines.append(f"- Tokens/s on the tiny model: LoRA {lora / full:.2f}x of full fine-tuning; QLoRA "
+                     f"{q / full:.2f}x of full and {q / lora:.2f}x of LoRA.")
+    ratios = results.get("memory_ratios") or []
+    if ratios:
+        lifetime = [r["lifetime_peak"] for r in ratios]
+        above = sum(v >= 1 for v in lifetime)
+        spans = {key: _span([r[key] for r in ratios]) for key in ("weights", "train_peak", "train_peak_above_import")}
+        lines.append(f"- QLoRA / LoRA memory: weights {spans['weights']}, train peak {spans['train_peak']} "
+                     f"({spans['train_peak_above_import']} above the import baseline), lifetime peak "
+                     f"{_span(lifetime)}: at or above LoRA's in {above} of {len(lifetime)} cases.")
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.finetune_report [RESULTS_DIR]`: rewrite finetune.md and the plot from finetune.json."""
+    import json
+    import sys
+
+    args = argv if argv is not None else sys.argv[1:]
+    folder = Path(args[0]) if args else Path(__file__).parent / "results"
+    results = json.loads((folder / "finetune.json").read_text())
+    write_markdown(results, auto_notes(results), folder / "finetune.md")
+    plot(results, folder / "finetune.png")
+    print_tables(results, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
