@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import secrets
 import signal
@@ -98,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
     args = parser.parse_args(argv)
     set_output(getattr(args, "verbose", False))
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the answers
     if args.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # the demo runs on its own embedded Ray
     out = Path(args.output_dir).resolve()

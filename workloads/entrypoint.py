@@ -40,6 +40,9 @@ def set_output(verbose: bool) -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel fallback note, on every import
+    # Per-request INFO lines of the local S3 endpoint (werkzeug) and of client retries (openai, httpx, boto).
+    for name in ("werkzeug", "moto", "openai", "httpx", "botocore", "boto3", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     import torch
 
     if not torch.cuda.is_available():
