@@ -31,20 +31,13 @@ ABORT_TIMEOUT_S = 60  # a stopped run's controller gets this long to end its wor
 
 @dataclass(frozen=True)
 class WorkerScaling:
-    """How many workers and what each one holds."""
+    """How many workers, what each one holds (computed by the caller's plan), and where they go."""
 
     num_workers: int
+    resources_per_worker: dict[str, float]  # e.g. {"CPU": 8, "GPU": 1}; Ray adds the accelerator type itself
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    gpus_per_worker: int = 1
     accelerator_type: str | None = None
     placement_strategy: str = "PACK"
-
-    def resources_per_worker(self) -> dict[str, float]:
-        resources = {"CPU": float(self.cpus_per_worker)}
-        if self.use_gpu:
-            resources["GPU"] = float(self.gpus_per_worker)
-        return resources
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker=scaling.resources_per_worker(),
+            resources_per_worker=dict(scaling.resources_per_worker),
             accelerator_type=scaling.accelerator_type,
             placement_strategy=scaling.placement_strategy,
         ),

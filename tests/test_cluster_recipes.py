@@ -118,11 +118,11 @@ def test_a_gpu_type_the_cluster_lacks_is_caught(path: Path):
 def test_train_plan_bundles_are_what_ray_train_asks_for(path: Path):
     from ray.train import ScalingConfig
 
-    from cluster.train import WorkerScaling
+    from workloads.finetune import worker_scaling
 
     recipe = load_recipe(path)
-    scaling = WorkerScaling(**recipe.scaling.model_dump())
+    scaling = worker_scaling(recipe)  # what `llmc finetune` hands Ray Train
     asked = ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                          resources_per_worker=scaling.resources_per_worker(),
+                          resources_per_worker=scaling.resources_per_worker,
                           accelerator_type=scaling.accelerator_type)._resources_per_worker_not_none
     assert finetune_plan(recipe)["placement_bundles"] == [asked] * recipe.scaling.num_workers

@@ -25,6 +25,7 @@ from workloads.config import FinetuneRecipe, RecipeError
 from workloads.data import build_datasets, collate
 from workloads.data_check import check_data, describe
 from workloads.models import attach_lora, load_model, load_tokenizer, merge_adapter, resolve_model_path
+from workloads.plan import train_worker_resources
 from workloads.strategy import Strategy
 
 TRAINER_STATE = "trainer_state.json"
@@ -196,7 +197,7 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     print(f"[llmc] {connect(address)}", flush=True)
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
     resume_from, resume = _resume_plan(recipe, storage, run_dir)
-    scaling = cluster_train.WorkerScaling(**recipe.scaling.model_dump())
+    scaling = worker_scaling(recipe)
     print(f"[llmc] run {recipe.run.name}: dashboard {cluster_train.run_url() or '(none)'}", flush=True)
     started = time.perf_counter()
     with _say_where_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
@@ -218,6 +219,14 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     if result.checkpoint_dir is None:
         raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
     return _write_outputs(recipe, run_dir, model_path, result, wall)
+
+
+def worker_scaling(recipe: FinetuneRecipe) -> cluster_train.WorkerScaling:
+    """The recipe's workers for Ray Train, with the resources `llmc validate` plans for them."""
+    s = recipe.scaling
+    return cluster_train.WorkerScaling(num_workers=s.num_workers, resources_per_worker=train_worker_resources(recipe),
+                                       use_gpu=s.use_gpu, accelerator_type=s.accelerator_type,
+                                       placement_strategy=s.placement_strategy)
 
 
 _RUN_OUTPUTS = ("adapter", "model", "merged", "checkpoints", "summary.json")

@@ -51,11 +51,16 @@ def accelerator_resource(accelerator_type: str | None) -> dict[str, float]:
     return {f"accelerator_type:{accelerator_type}": 0.001} if accelerator_type else {}
 
 
+def train_worker_resources(recipe: FinetuneRecipe) -> dict[str, float]:
+    """What one training worker holds: the one place this is computed (the plan and the run both use it)."""
+    s = recipe.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+
+
 def finetune_plan(recipe: FinetuneRecipe) -> dict:
     """Workers, placement bundles (as Ray Train asks for them), total resources, batch math, DeepSpeed config."""
     s, t = recipe.scaling, recipe.train
-    bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}),
-              **accelerator_resource(s.accelerator_type)}
+    bundle = {**train_worker_resources(recipe), **accelerator_resource(s.accelerator_type)}
     return {
         "workers": s.num_workers,
         "placement_bundles": [dict(bundle) for _ in range(s.num_workers)],
