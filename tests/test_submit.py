@@ -53,7 +53,8 @@ def test_submit_refuses_inline_keys_and_holds_back_secrets(ray_cluster, tmp_path
     probe.write_text((REPO / "workloads/configs/tiny-lora.yaml").read_text())
     secret = "hf_" + "x" * 30
     result = run_llmc("submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(work), "--env",
-                      "HF_TOKEN", "--", "validate", "workloads/configs/tiny-probe.yaml", env={"HF_TOKEN": secret})
+                      "HF_TOKEN", "--", "validate", "workloads/configs/tiny-probe.yaml", env={"HF_TOKEN": secret},
+                      cwd=work)  # the recipe path is the same locally (checked first) and in the uploaded dir
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "SUCCEEDED" in output, output[-3000:]
     assert "not uploaded (API keys inline): workloads/configs/serve-keyed.yaml" in output
