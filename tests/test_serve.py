@@ -425,7 +425,7 @@ def test_autoscaler_adds_a_replica_under_sustained_load(server, ray_cluster):
 
     # Sustained: a shed request (503) or a timeout is counted and its thread goes on asking.
     long_request = {"prompt": "1+1=", "max_tokens": 48, "temperature": 0.7, "extra_body": {"ignore_eos": True}}
-    seen, deadline = replicas(), time.monotonic() + 180
+    seen, deadline = replicas(), time.monotonic() + 300  # once in 7 runs, 180 s of load went by undecided
     with Load(server, threads=32, request=long_request, timeout_s=60) as load:
         while time.monotonic() < deadline:
             seen = replicas()
