@@ -14,18 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workloads.config import load_recipe
-from workloads.entrypoint import output_options, run_entrypoint
+from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
 
 STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly and exits 0: a serving "
             "app is deleted, a training run aborted (its checkpoints kept), an embedded Ray shut down with every "
             "process it started.")
-
-
-def _recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="YAML recipe (see workloads/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set train.learning_rate=3e-4 (repeatable)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -148,7 +141,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "validate": (
         "check a recipe and print its resource plan; exit 2 if invalid",
-        lambda p: (_recipe_args(p), p.add_argument("--print", action="store_true",
+        lambda p: (recipe_arguments(p), p.add_argument("--print", action="store_true",
                                                    help="print the resolved recipe (YAML) instead of the plan")),
         _cmd_validate,
     ),
@@ -164,22 +157,18 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     ),
     "finetune": (
         "SFT: full, LoRA or QLoRA on Ray Train workers",
-        lambda p: (
-            _recipe_args(p),
-            p.add_argument("--output-dir", default=None, help="run directory"),
-            p.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory"),
-        ),
+        finetune_arguments,
         _cmd_finetune,
     ),
     "serve": (
         "OpenAI-compatible endpoint (vLLM on Ray Serve) for the model and its LoRA adapters, until Ctrl-C",
-        lambda p: (_recipe_args(p), p.add_argument("--port", type=int, default=None, help="HTTP port")),
+        lambda p: (recipe_arguments(p), p.add_argument("--port", type=int, default=None, help="HTTP port")),
         _cmd_serve,
     ),
     "generate": (
         "offline batch generation through the vLLM engine: JSONL prompts in, JSONL completions out",
         lambda p: (
-            _recipe_args(p),
+            recipe_arguments(p),
             p.add_argument("--input", required=True, help="JSONL: {prompt} or {messages}, optional sampling fields"),
             p.add_argument("--output", required=True, help="JSONL written here, one row per input row"),
             p.add_argument("--adapter", default=None, help="adapters.paths NAME (or a PEFT dir) for every row"),

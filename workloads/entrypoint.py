@@ -19,6 +19,21 @@ from workloads.config import RecipeError
 EXIT_BAD_RECIPE = 2
 
 
+def recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """RECIPE, `--set KEY=VALUE` and `--address`: what every command that runs a recipe takes."""
+    parser.add_argument("recipe", help="YAML recipe (see workloads/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set train.learning_rate=3e-4 (repeatable)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+
+
+def finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """`llmc finetune`'s and `python -m workloads.finetune`'s arguments."""
+    recipe_arguments(parser)
+    parser.add_argument("--output-dir", default=None, help="run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory")
+
+
 def output_options() -> argparse.ArgumentParser:
     """`--verbose`, shared by every command (and the demo)."""
     common = argparse.ArgumentParser(add_help=False)

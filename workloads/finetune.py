@@ -315,15 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from workloads.config import load_recipe
-    from workloads.entrypoint import output_options, run_entrypoint
+    from workloads.entrypoint import finetune_arguments, output_options, run_entrypoint
 
     parser = argparse.ArgumentParser(prog="python -m workloads.finetune", description=__doc__.splitlines()[0],
                                      parents=[output_options()])
-    parser.add_argument("recipe", help="YAML fine-tuning recipe")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--output-dir", default=None, help="run directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    finetune_arguments(parser)
     args = parser.parse_args(argv)
 
     def command() -> int:
