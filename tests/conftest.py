@@ -6,7 +6,10 @@ Every end-to-end test talks to that cluster: subprocesses through RAY_ADDRESS, t
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,11 +43,19 @@ class RayCluster:
     sid: int  # the cluster's process session: its raylet, GCS and every worker (each in its own group)
 
 
+_BUILD_LOG = Path(tempfile.gettempdir()) / f"llmc-tiny-build-{os.getpid()}.log"
+_model_build: subprocess.Popen | None = None  # the tiny model building in the background, if it was not cached
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
+    """The pretrained tiny model; waits for the background build that collection started, if any."""
     from workloads.config import TinyModelConfig
     from workloads.models import build_tiny_model
 
+    if _model_build is not None and _model_build.wait() != 0:
+        pytest.fail(f"building the tiny model failed (exit {_model_build.returncode}):\n"
+                    f"{_BUILD_LOG.read_text()[-5000:]}")
     return build_tiny_model(TinyModelConfig())
 
 
@@ -85,6 +96,67 @@ def ray_cluster(tiny_model_dir) -> RayCluster:
     _stop_session(proc)
 
 
+WATCHED_STEPS = 10
+
+
+@pytest.fixture(scope="session")
+def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
+    """One small DDP fine-tune (2 workers, 10 steps, a checkpoint every 5), submitted with `llmc submit` and
+    watched while it runs: its node metrics export and `llmc status` are read during the run (gauges vanish
+    ~15 s after the worker that set them exits). Shared by the submit, monitoring and resume tests, so the
+    suite pays for one Ray Train run instead of three; a test that changes the run copies it first.
+    """
+    from cluster.metrics import TRAIN_GAUGES, TRAIN_METRIC_PREFIX, exported_name, scrape
+    from cluster.status import collect
+
+    root = tmp_path_factory.mktemp("watched")
+    out, name = root / "run", f"mon-{os.getpid()}"
+    command = ["submit", "--address", ray_cluster.dashboard_url, "--", "finetune", "workloads/configs/tiny-lora.yaml",
+               "--output-dir", str(out)]
+    for override in (f"run.name={name}", f"train.max_steps={WATCHED_STEPS}", "train.eval_every=5",
+                     "train.checkpoint_every=5", "train.log_every=1", "deepspeed.enabled=false"):
+        command += ["--set", override]
+    wanted = {exported_name(TRAIN_METRIC_PREFIX + key): key for key in TRAIN_GAUGES}
+    log = root / "submit.log"  # a file, not a pipe: nobody reads a pipe while this loop polls
+    proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *command], cwd=REPO, text=True,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    last, status, ended = {}, None, None
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        try:
+            samples = scrape(ray_cluster.metrics_url)
+        except OSError:  # the node's metrics agent starts a little after the dashboard
+            samples = []
+        values = {wanted[n]: v for n, labels, v in samples if n in wanted and labels.get("run") == name}
+        last = values or last
+        if status is None and values.get("step", 0) >= 1:
+            status = collect(ray_cluster.dashboard_url)
+        if proc.poll() is not None:
+            ended = ended or time.monotonic()
+            if last.get("step") == WATCHED_STEPS or time.monotonic() - ended > 30:
+                break
+        time.sleep(1)
+    proc.wait(timeout=60)
+    output = log.read_text()
+    assert proc.returncode == 0, output[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    checkpoint = root / "final-checkpoint"  # kept apart: tests that rerun into `out` replace its checkpoints
+    shutil.copytree(summary["checkpoint"], checkpoint)
+    status_run = next((r for r in (status or {}).get("train_runs", []) if r["name"] == name), None)
+    storage = {run.name: [json.loads((c / "trainer_state.json").read_text())["step"]  # each kept checkpoint's step
+                          for c in sorted(run.glob("checkpoint_*")) if c.is_dir()]
+               for run in (out / "checkpoints").iterdir()}
+    return {"out": out, "name": name, "output": output, "summary": summary, "rows": read_metrics_csv(out),
+            "storage": storage, "checkpoint": checkpoint,  # a copy of the final checkpoint
+            "last": last, "status_run": status_run, "status_jobs": (status or {}).get("jobs", [])}
+
+
+def read_metrics_csv(out: Path) -> list[dict]:
+    """The rows of a run's metrics.csv (one per step)."""
+    with (out / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
 def _wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -121,17 +193,42 @@ def _stop_session(proc: subprocess.Popen) -> None:
             pass
 
 
-def run_llmc(*args: str, timeout: float = 900, env: dict | None = None,
-             cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run the real `llmc` entry point in a subprocess; output captured for assertions."""
+def run_llmc(*args: str, timeout: float = 900, env: dict | None = None, cwd: Path = REPO,
+             stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `llmc` entry point in a subprocess (`stdin` its input); output captured for assertions."""
     return subprocess.run(
-        [sys.executable, "-m", "workloads.cli", *args],
+        [sys.executable, "-m", "workloads.cli", *args], input=stdin,
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`-m "not slow"` stays fast: every test on the session's Ray cluster (Serve, vLLM, Train) is slow."""
+    """`-m "not slow"` stays fast: every test on the session's Ray cluster (Serve, vLLM, Train) is slow.
+
+    Tests that need no tiny model run first, while a subprocess pretrains it (about 2 minutes on one core the
+    first time on a machine); the `tiny_model_dir` fixture waits for that build.
+    """
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    needs_model = [item for item in items if "tiny_model_dir" in getattr(item, "fixturenames", ())]
+    items.sort(key=lambda item: item in needs_model)  # stable: module order is kept within each group
+    if needs_model:
+        _start_model_build()
+
+
+def _start_model_build() -> None:
+    global _model_build
+    from workloads.config import TinyModelConfig
+    from workloads.models import tiny_model_path
+
+    if (tiny_model_path(TinyModelConfig()) / "config.json").exists():
+        return
+    with _BUILD_LOG.open("w") as log:  # the build takes the cache's lock; the fixture's own build waits on it
+        _model_build = subprocess.Popen([sys.executable, "-m", "workloads.cli", "make-tiny-model"], cwd=REPO,
+                                        stdout=log, stderr=subprocess.STDOUT)
+
+
+def pytest_sessionfinish() -> None:
+    if _model_build is not None and _model_build.poll() is None:  # the run ended before any test needed it
+        _model_build.kill()

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import run_llmc
+from tests.conftest import WATCHED_STEPS, run_llmc
 
 pytestmark = pytest.mark.slow
 
 
-def test_submit_runs_a_tiny_finetune_job_to_completion(ray_cluster, tmp_path):
-    out = tmp_path / "submitted"
-    result = run_llmc("submit", "--address", ray_cluster.dashboard_url, "--",
-                      "finetune", "workloads/configs/tiny-lora.yaml", "--output-dir", str(out),
-                      "--set", "train.max_steps=6", "--set", "train.eval_every=6", "--set", "train.checkpoint_every=6")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
+def test_submit_runs_a_tiny_finetune_job_to_completion(watched_finetune, ray_cluster):
+    """The shared watched run (tests/conftest.py) is a `llmc submit` of a fine-tune: its output and results."""
+    output = watched_finetune["output"]
     assert "SUCCEEDED" in output and f"{ray_cluster.dashboard_url}/#/jobs/" in output
-    assert "6/6" in output and "fine-tuning summary" in output  # the job's own log (progress, summary) was followed
-    summary = json.loads((out / "summary.json").read_text())  # same machine: the job wrote here
-    assert summary["steps"] == 6 and summary["method"] == "lora"
+    # the job's own log (progress, summary) was followed
+    assert f"{WATCHED_STEPS}/{WATCHED_STEPS}" in output and "fine-tuning summary" in output
+    summary = watched_finetune["summary"]  # same machine: the job wrote where it was told
+    assert summary["steps"] == WATCHED_STEPS and summary["method"] == "lora" and summary["workers"] == 2
 
 
 def test_submit_rejects_a_bad_recipe_before_contacting_the_cluster(tmp_path):
