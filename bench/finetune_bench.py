@@ -196,7 +196,7 @@ def plain_loop(recipe: FinetuneRecipe, model_path: str) -> list[float]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train, recipe.train.max_steps))
     seconds = []
     for step in range(recipe.train.max_steps):
         started = time.perf_counter()

@@ -45,6 +45,7 @@ class FitResult:
     checkpoint_dir: Path | None  # a local copy of the newest checkpoint
     metrics: dict
     storage_dir: str
+    best_checkpoint_dir: Path | None = None  # with `keep_best_by`: a local copy of the best-scored checkpoint
 
 
 def fit(
@@ -56,11 +57,17 @@ def fit(
     scaling: WorkerScaling,
     max_failures: int = 0,
     keep_checkpoints: int = 2,
+    keep_best_by: tuple[str, str] | None = None,
     local_copy_to: Path | None = None,
     on_report: Callable[[dict], None] | None = None,
     resume: bool = False,
 ) -> FitResult:
     """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics.
+
+    `keep_best_by=(metric, "max" or "min")`: storage keeps the `keep_checkpoints` best checkpoints by that
+    reported metric (always with the newest), not the newest ones, and the result names the best. Every
+    checkpoint's report must carry the metric. With `local_copy_to` (remote storage), the best is copied
+    beside it, into `<local_copy_to>_best`.
 
     `on_report(metrics)` is called in this process with rank 0's metrics after every `report`: the
     controller forwards them through a queue actor, so the driver can show progress without worker logs.
@@ -88,19 +95,33 @@ def fit(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=keep_checkpoints,
+                checkpoint_score_attribute=keep_best_by[0] if keep_best_by else None,
+                checkpoint_score_order=keep_best_by[1] if keep_best_by else "max",
+            ),
             callbacks=[_ForwardReports(reports)] if (reports := _report_queue(on_report)) is not None else None,
         ),
     )
     with _consume(reports, on_report):
         result = trainer.fit()
-    checkpoint_dir = None
-    if result.checkpoint is not None:
-        if local_copy_to is not None:
-            checkpoint_dir = Path(result.checkpoint.to_directory(str(local_copy_to)))
-        elif "://" not in result.checkpoint.path:
-            checkpoint_dir = Path(result.checkpoint.path)
-    return FitResult(checkpoint_dir, dict(result.metrics or {}), str(result.path))
+    checkpoint_dir = _local(result.checkpoint, local_copy_to)
+    best_dir = None
+    if keep_best_by and result.best_checkpoints:
+        metric, order = keep_best_by
+        pick = max if order == "max" else min
+        best, _ = pick(result.best_checkpoints, key=lambda kept: kept[1][metric])
+        best_dir = _local(best, local_copy_to and local_copy_to.with_name(f"{local_copy_to.name}_best"))
+    return FitResult(checkpoint_dir, dict(result.metrics or {}), str(result.path), best_dir)
+
+
+def _local(checkpoint, copy_to: Path | None) -> Path | None:
+    """A checkpoint as a local directory: copied to `copy_to` if given, else its path when local storage."""
+    if checkpoint is None:
+        return None
+    if copy_to is not None:
+        return Path(checkpoint.to_directory(str(copy_to)))
+    return Path(checkpoint.path) if "://" not in checkpoint.path else None
 
 
 class _StoppableTrainer(TorchTrainer):

@@ -61,12 +61,14 @@ def test_parquet_packing_and_collate(tmp_path, tokenizer):
 
     rows = [{"instruction": "Add.", "input": f"{i} + 1", "output": str(i + 1)} for i in range(20)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    cfg = DataConfig(path=str(tmp_path / "d.parquet"), format="alpaca", eval_fraction=0.0, packing=True, max_length=32)
+    cfg = DataConfig(path=str(tmp_path / "d.parquet"), format="alpaca", eval_fraction=0.0, packing=True, max_length=64)
     train, _ = build_datasets(cfg, tokenizer, seed=0)
-    assert all(len(ex["input_ids"]) == 32 for ex in train[:-1])
     unpacked = build_datasets(cfg.model_copy(update={"packing": False}), tokenizer, seed=0)[0]
-    assert sum(len(e["input_ids"]) for e in train) == sum(len(e["input_ids"]) for e in unpacked)
-    assert pack(unpacked, 32) == train
+    assert len(train) < len(unpacked) and all(len(ex["input_ids"]) <= 64 for ex in train)
+    assert [t for ex in train for t in ex["input_ids"]] == [t for ex in unpacked for t in ex["input_ids"]]
+    starts = [ex["position_ids"].count(0) for ex in train]  # whole examples, each from position 0
+    assert sum(starts) == len(unpacked)
+    assert pack(unpacked, 64) == train
     batch = collate(unpacked[:3], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()

@@ -56,7 +56,7 @@ def test_rows_missing_what_the_format_needs_name_the_field(tmp_path, fmt, row, e
 
 def test_an_empty_file_and_an_empty_eval_file_are_errors(tmp_path):
     empty = write(tmp_path, "empty.jsonl", [])
-    with pytest.raises(RecipeError, match="field 'data.path'.*\n  the file holds no rows"):
+    with pytest.raises(RecipeError, match="field 'data.path'.*\n  the dataset holds no rows"):
         check_data(config(empty))
     good = write(tmp_path, "good.jsonl", [json.dumps(GOOD)])
     with pytest.raises(RecipeError, match="field 'data.eval_path'"):
@@ -72,6 +72,51 @@ def test_too_long_rows_are_counted_not_fatal_unless_none_remain(tmp_path, tiny_m
     only_long = write(tmp_path, "long.jsonl", [json.dumps(long)] * 2)
     with pytest.raises(RecipeError, match="field 'data.max_length': none of the 2 rows"):
         check_file(only_long, config(only_long, max_length=32), tokenizer)
+
+
+def test_a_missing_column_after_mapping_names_the_dataset_the_row_and_the_column(tmp_path):
+    good = write(tmp_path, "good.jsonl", [json.dumps(GOOD)])
+    mapped = write(tmp_path, "qa.csv", ["question,answer", "What is 1 + 2?,3", "What is 2 + 2?,4"])
+    renamed = write(tmp_path, "renamed.csv", ["q,answer", "What is 1 + 2?,3"])
+    cfg = DataConfig(format="alpaca", datasets=[
+        {"path": good}, {"path": mapped, "columns": {"instruction": "question", "output": "answer"}, "weight": 0.5},
+        {"path": renamed, "columns": {"instruction": "question", "output": "answer"}},
+    ])
+    with pytest.raises(RecipeError) as err:
+        check_data(cfg)
+    message = str(err.value)
+    assert message.startswith(f"field 'data.datasets.2.path': {renamed} cannot be used as format 'alpaca'")
+    assert "row 1: column 'question' (mapped to 'instruction') is missing; the row's columns: q, answer" in message
+    reports = check_data(cfg.model_copy(update={"datasets": cfg.datasets[:2]}))
+    assert [(Path(r.path).name, r.rows) for r in reports] == [("good.jsonl", 1), ("qa.csv", 2)]
+
+
+def test_an_unreadable_csv_names_the_file(tmp_path):
+    ragged = write(tmp_path, "ragged.csv", ["instruction,output", "a,1", "b,2,3"])
+    with pytest.raises(RecipeError, match=f"field 'data.path': {ragged} is not a readable CSV file: .*line 3"):
+        check_data(config(ragged))
+    empty = write(tmp_path, "empty.csv", [])
+    with pytest.raises(RecipeError, match=f"field 'data.datasets.0.path': {empty} is not a readable CSV file: .*no "
+                                          "header row"):
+        check_data(DataConfig(datasets=[{"path": empty, "format": "alpaca"}]))
+
+
+def test_saved_datasets_and_data_files_are_checked_row_by_row(tmp_path, tiny_model_dir):
+    import datasets
+
+    long = {**GOOD, "instruction": "Add the two numbers please. " * 20}
+    datasets.Dataset.from_list([GOOD, long, {**GOOD, "output": None}]).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(RecipeError, match=r"field 'data.path': .*saved cannot be used as format 'alpaca' \(1 problem"
+                                          r"\(s\) in 3 rows\)\n  row 3: field 'output' is missing"):
+        check_data(config(str(tmp_path / "saved")))
+    datasets.Dataset.from_list([GOOD, long]).save_to_disk(str(tmp_path / "fixed"))
+    report, = check_data(config(str(tmp_path / "fixed"), max_length=32), load_tokenizer(str(tiny_model_dir)))
+    assert (report.rows, report.too_long) == (2, 1)
+    for i in range(2):
+        write(tmp_path, f"part-{i}.jsonl", [json.dumps({"q": "x", "a": "y"})] * 2)
+    cfg = DataConfig(data_files=[str(tmp_path / "part-*.jsonl")], format="alpaca",
+                     columns={"instruction": "q", "output": "a"})
+    assert [r.rows for r in check_data(cfg)] == [4]
 
 
 def test_the_bundled_data_passes():

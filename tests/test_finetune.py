@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_llmc, session_processes
+from tests.conftest import REPO, WATCHED_STEPS, run_llmc, session_processes
 
 pytestmark = pytest.mark.slow
 CONFIGS = REPO / "workloads" / "configs"
@@ -44,17 +45,18 @@ def read_metrics(out: Path) -> list[dict]:
 
 def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     out = tmp_path / "lora"
-    summary, printed = run_finetune("tiny-lora.yaml", out, "run.merge_adapter=true")
+    summary, printed = run_finetune("tiny-lora.yaml", out, "run.merge_adapter=true", "train.max_steps=30",
+                                    "train.eval_every=10", "train.checkpoint_every=10")
     # Quiet by default: our lines, one progress bar fed from the driver, the summary; no worker or Ray chatter.
-    assert "train: 100%" in printed and "60/60" in printed and "loss=" in printed, printed[-3000:]
+    assert "train: 100%" in printed and "30/30" in printed and "loss=" in printed, printed[-3000:]
     assert "RayTrainWorker" not in printed and "TrainController" not in printed, printed[-3000:]
     # The bar redraws one terminal line with \r (a captured pipe reads each redraw as a line): count the rest.
     assert len([line for line in printed.splitlines() if not line.startswith("train:")]) < 40, printed
     assert summary["method"] == "lora" and summary["workers"] == 2 and summary["deepspeed_stage"] == 2
     assert summary["final_eval_loss"] < 0.85 * summary["initial_eval_loss"], summary
-    assert summary["steps"] == 60 and summary["tokens_per_second"] > 0
+    assert summary["steps"] == 30 and summary["tokens_per_second"] > 0
     assert (out / "loss_curve.png").stat().st_size > 0 and (out / "recipe.yaml").exists()
-    assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, 61))
+    assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, 31))
     kept = checkpoint_dirs(out)
     assert len(kept) == 2 and [(c / "model").exists() for c in kept] == [False, True]  # HF export: last only
 
@@ -76,21 +78,52 @@ def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     torch.testing.assert_close(merged_logits, tuned_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_full_finetune_zero3_lowers_the_loss(ray_cluster, tmp_path):
-    summary = finetune("tiny-full.yaml", tmp_path / "full", "train.max_steps=30", "train.eval_every=15")
+def test_full_finetune_zero3_lowers_the_loss(ray_cluster, tmp_path, monkeypatch):
+    """Also: the length in epochs, generation-scored evals, the best checkpoint kept and exported, trackers."""
+    out = tmp_path / "full"
+    # 4000 examples / (2 workers x 16) = 125 steps an epoch; 0.24 epochs = 30 steps. Evals at 15 and 30.
+    summary = finetune("tiny-full.yaml", out, "train.max_steps=null", "train.num_epochs=0.24", "train.eval_every=15",
+                       "eval.generate=true", "eval.generate_samples=16", "eval.max_new_tokens=16",
+                       "eval.keep_best=true", "tracking.backends=[tensorboard, mlflow]")
     assert summary["method"] == "full" and summary["deepspeed_stage"] == 3
     assert summary["final_eval_loss"] < 0.85 * summary["initial_eval_loss"], summary
+    schedule = (summary["total_steps"], summary["steps"], summary["steps_per_epoch"], summary["epochs"])
+    assert schedule == (30, 30, 125, 0.24), summary
+    assert summary["stopped_early"] is False and 0.0 <= summary["final_eval_exact_match"] <= 1.0
+    assert summary["final_eval_perplexity"] == pytest.approx(math.exp(summary["final_eval_loss"]))
+    rows = {int(r["step"]): r for r in read_metrics(out)}
+    assert rows[15]["eval_exact_match"] != "" and rows[16]["eval_exact_match"] == ""  # measured at evals only
+    # keep_best: checkpoints at each new best (15, maybe 30) and every 20 steps; Ray Train keeps the 2 best-ranked
+    # and the newest, so step 15's stays and step 20's (the newest-2 rule would keep it) is gone.
+    assert summary["best_metric"] == "eval_loss" and summary["best_step"] in (15, 30)
+    assert summary["artifact_step"] == summary["best_step"] and summary["best_checkpoint"], summary
+    kept = [json.loads((c / "trainer_state.json").read_text())["step"] for c in checkpoint_dirs(out, "tiny-full")]
+    assert kept == [15, 30], kept
+    from tests.test_tracking import read_events, scalars
+
+    logged = scalars(read_events(Path(summary["tracking"]["tensorboard"])))
+    assert [step for step, _ in logged["train/loss"]] == list(range(1, 31)) and len(logged["eval/exact_match"]) == 3
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when told to
+    client = MlflowClient(tracking_uri=summary["tracking"]["mlflow"])
+    (run,) = client.search_runs([client.get_experiment_by_name("llmc").experiment_id])
+    assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "train/loss")) == 30
     from workloads.models import load_model
 
     model = load_model(summary["artifact"])  # the gathered ZeRO-3 weights load as a plain model
     assert model.config.model_type == "llama"
 
 
-def test_qlora_4bit_zero3_lowers_the_loss(ray_cluster, tmp_path):
+def test_qlora_4bit_zero3_lowers_the_loss_and_stops_early(ray_cluster, tmp_path):
+    """Early stopping: with min_delta beyond any possible gain, the eval after the first one ends the run."""
     summary, printed = run_finetune("tiny-qlora.yaml", tmp_path / "qlora", "deepspeed.stage=3", "train.max_steps=30",
-                                    "train.eval_every=15", flags=("--verbose",))
+                                    "train.eval_every=5", "eval.early_stopping_patience=1", "eval.min_delta=100",
+                                    flags=("--verbose",))
     assert "(RayTrainWorker" in printed and "[train] step" in printed  # --verbose streams the workers' logs
     assert summary["method"] == "qlora" and summary["deepspeed_stage"] == 3
+    assert (summary["steps"], summary["total_steps"], summary["stopped_early"]) == (10, 30, True), summary
+    assert summary["best_step"] in (5, 10) and summary["best_metric"] == "eval_loss"
     assert summary["final_eval_loss"] < 0.9 * summary["initial_eval_loss"], summary
     assert (Path(summary["artifact"]) / "adapter_model.safetensors").exists()
 
@@ -102,10 +135,11 @@ def _train_workers_of(ray_cluster) -> list[int]:
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     out = tmp_path / "fault"
-    steps = 150
+    steps = 80
     args = ["finetune", str(CONFIGS / "tiny-lora.yaml"), "--output-dir", str(out),
             "--set", f"train.max_steps={steps}", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=50",
-            "--set", "train.micro_batch_size=48", "--set", "data.max_length=48"]
+            "--set", "train.micro_batch_size=48", "--set", "data.max_length=48",
+            "--set", "train.optimizer=adamw_8bit"]  # its 8-bit state goes through DeepSpeed's checkpoint and back
     proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *args], cwd=REPO, env=os.environ.copy(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, killed = time.monotonic() + 600, None
@@ -128,14 +162,16 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, steps + 1))
 
 
-def test_ddp_run_resumes_from_an_explicit_checkpoint(ray_cluster, tmp_path):
-    first = finetune("tiny-lora.yaml", tmp_path / "a", "deepspeed.enabled=false", "train.max_steps=20",
-                     "train.checkpoint_every=10", "train.lr_scheduler=constant")
-    assert first["deepspeed_stage"] is None and first["steps"] == 20
-    second = finetune("tiny-lora.yaml", tmp_path / "b", "deepspeed.enabled=false", "train.max_steps=30",
-                      "train.checkpoint_every=10", "train.lr_scheduler=constant",
-                      f"run.resume_from={first['checkpoint']}")
-    assert second["steps"] == 30 and second["restarts"] == [{"from_step": 20, "via": "resume_from"}]
+def test_ddp_run_resumes_from_an_explicit_checkpoint(watched_finetune, tmp_path):
+    """From the shared watched run's final checkpoint (DDP, 10 steps; tests/conftest.py) into a new directory, in
+    bf16 mixed precision (the fp32 weights it saved stay the master weights)."""
+    first = watched_finetune["summary"]
+    assert first["deepspeed_stage"] is None and first["steps"] == WATCHED_STEPS
+    steps = WATCHED_STEPS + 6
+    second = finetune("tiny-lora.yaml", tmp_path / "b", "deepspeed.enabled=false", f"train.max_steps={steps}",
+                      "train.checkpoint_every=6", "model.dtype=bfloat16",
+                      f"run.resume_from={watched_finetune['checkpoint']}")
+    assert second["steps"] == steps and second["restarts"] == [{"from_step": WATCHED_STEPS, "via": "resume_from"}]
     rows = read_metrics(tmp_path / "b")
-    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])

@@ -21,8 +21,8 @@ TINY = REPO / "workloads/configs/tiny-lora.yaml"
 def test_warmup_ratio_and_the_decay_floor(scheduler):
     train = load_recipe(TINY, ["train.max_steps=100", "train.warmup_ratio=0.1", "train.min_lr_ratio=0.2",
                                f"train.lr_scheduler={scheduler}"]).train
-    factor = lr_lambda(train)
-    assert train.warmup == 10 and factor(0) == pytest.approx(1 / 11) and factor(10) == pytest.approx(1.0)
+    factor = lr_lambda(train, train.max_steps)
+    assert train.warmup_for(100) == 10 and factor(0) == pytest.approx(1 / 11) and factor(10) == pytest.approx(1.0)
     assert factor(100) == pytest.approx(0.2) and min(factor(s) for s in range(10, 101)) == pytest.approx(0.2)
 
 

@@ -7,13 +7,23 @@ module imports neither torch nor Ray, so validation runs before any cluster or m
 
 from __future__ import annotations
 
+import glob
 import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,18 +94,52 @@ class ModelConfig(_Strict):
     )
 
 
-class DataConfig(_Strict):
-    path: str = Field(..., description="JSON, JSONL or Parquet file, relative to the working dir or repo.")
-    format: Literal["alpaca", "messages", "sharegpt", "text"] = Field(
-        ..., description="alpaca: instruction/input/output; messages: OpenAI chat; sharegpt; text: raw."
+DataFormat = Literal["alpaca", "messages", "sharegpt", "text"]
+# The fields each format reads from a row; `columns` may map any of them onto a column of another name.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"), "messages": ("messages",), "sharegpt": ("conversations",),
+    "text": ("text",),
+}
+_FORMAT_HELP = "alpaca: instruction/input/output; messages: OpenAI chat; sharegpt; text: raw."
+_SOURCES = ("path", "data_files", "hub")
+
+
+class _DatasetSource(_Strict):
+    """Where one dataset's rows come from, and which of its columns hold its format's fields."""
+
+    path: str | None = Field(
+        None, description="A JSON, JSONL, Parquet or CSV file (read by its suffix, other suffixes as JSON), or a "
+        "directory written by `datasets` `save_to_disk`; relative to the working dir or repo."
     )
-    eval_path: str | None = Field(None, description="Separate eval file; else `eval_fraction` is held out.")
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    max_length: int = Field(256, ge=8, description="Tokens per example (or per pack); longer is cut.")
-    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
-    packing: bool = Field(False, description="Concatenate examples into `max_length` blocks.")
-    max_samples: int | None = Field(None, ge=1, description="Use only the first N training records.")
-    system_prompt: str | None = Field(None, description="Prepended as a system turn to every example.")
+    data_files: list[str] | None = Field(
+        None, min_length=1, description="Local files or glob patterns read as one dataset by "
+        "`datasets.load_dataset(builder, data_files=...)` (e.g. shards: data/train-*.parquet)."
+    )
+    builder: Literal["json", "csv", "parquet"] | None = Field(
+        None, description="Reader of `path` or `data_files`; null: from the (first) file's suffix."
+    )
+    hub: str | None = Field(
+        None, description="A Hugging Face hub dataset id, read with `datasets.load_dataset(hub, subset, split=split)`"
+        "; needs a reachable hub (checked with a 5 s timeout) or, with HF_HUB_OFFLINE=1, its local cache."
+    )
+    subset: str | None = Field(None, description="The hub dataset's configuration (subset) name.")
+    split: str = Field(
+        "train", min_length=1, description="Split read from `hub`, or from a `save_to_disk` directory holding a "
+        "DatasetDict."
+    )
+    format: DataFormat | None = Field(
+        None, description=f"{_FORMAT_HELP} Required for one dataset; in `data` beside `datasets`, the format of the "
+        "entries that name none."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Format field: the dataset's column holding it, e.g. {instruction: question, "
+        "output: answer} trains a question,answer CSV as alpaca; fields not named here are read from columns of their "
+        "own name. Fields per format: " + "; ".join(f"{f}: {', '.join(v)}" for f, v in FORMAT_FIELDS.items()) + "."
+    )
+    eval_path: str | None = Field(
+        None, description="Separate eval file or save_to_disk directory, read like `path` (builder, columns); else "
+        "`eval_fraction` of this dataset is held out."
+    )
 
     @field_validator("path", "eval_path")
     @classmethod
@@ -103,6 +147,127 @@ class DataConfig(_Strict):
         if value is not None and resolve_path(value) is None:
             raise ValueError(f"file not found (looked in {Path.cwd()} and {REPO_ROOT})")
         return value
+
+    @field_validator("data_files")
+    @classmethod
+    def _files_match(cls, value: list[str] | None) -> list[str] | None:
+        missing = [pattern for pattern in value or [] if not resolve_files(pattern)]
+        if missing:
+            raise ValueError(f"no file matches {missing} (looked in {Path.cwd()} and {REPO_ROOT})")
+        return value
+
+    @field_validator("hub")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", value):
+            raise ValueError("a hub dataset id is NAME or OWNER/NAME (letters, digits, '_', '.', '-')")
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_fit_format(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        fmt = info.data.get("format")
+        if fmt is not None:
+            _check_columns(value, fmt)
+        return value
+
+    def _check_source(self) -> None:
+        """Exactly one of path, data_files, hub, and only the options that source reads."""
+        given = [name for name in _SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of path, data_files or hub; got {', '.join(given) or 'none'}")
+        if self.builder is not None and self.hub is not None:
+            raise ValueError("builder reads local files (path, data_files): not a hub dataset")
+        if self.subset is not None and self.hub is None:
+            raise ValueError("subset names a configuration of a hub dataset: set hub, or drop subset")
+        on_disk = self.path is not None and (resolved := resolve_path(self.path)) is not None and resolved.is_dir()
+        if self.split != "train" and not (self.hub or on_disk):
+            raise ValueError(f"split {self.split!r} needs a hub dataset or a save_to_disk DatasetDict directory: a "
+                             "file holds one split, train")
+
+
+def _check_columns(columns: dict[str, str], fmt: str) -> None:
+    unknown = sorted(set(columns) - set(FORMAT_FIELDS[fmt]))
+    if unknown:
+        raise ValueError(f"columns: {unknown} are not fields of format {fmt!r}; allowed: "
+                         f"{', '.join(FORMAT_FIELDS[fmt])} (a field: the column holding it)")
+
+
+class DatasetConfig(_DatasetSource):
+    """One dataset of a mix (`data.datasets`)."""
+
+    weight: float = Field(1.0, gt=0, description="Share of the mixed training set, relative to the other datasets' "
+                                                 "weights (see data.datasets).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetConfig:
+        self._check_source()
+        return self
+
+
+class DataConfig(_DatasetSource):
+    """The training data: one dataset (path, data_files or hub, with its format) or a weighted mix (`datasets`)."""
+
+    datasets: list[DatasetConfig] | None = Field(
+        None, min_length=1, description="Several datasets mixed into one training set, instead of the one-dataset "
+        "fields (path, data_files, hub, builder, subset, split, columns, eval_path); `format` is their default. Each "
+        "contributes round(weight / sum of weights x N) examples, N the sum of their examples: all of its examples "
+        "as often as fit whole, then a seeded random sample of the rest (so a weight above its share of N repeats "
+        "it, one below subsamples it); the mix is then shuffled with train.seed. Eval: each dataset's eval set, "
+        "concatenated."
+    )
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of each dataset held out for eval when it "
+                                                                    "has no eval_path.")
+    max_length: int = Field(256, ge=8, description="Tokens per example (or per pack); longer is cut.")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    packing: bool = Field(
+        False, description="Put whole examples, in order, into blocks of up to `max_length` tokens. Each example "
+        "keeps its own position_ids (from 0) and a block-diagonal causal attention mask stops it from attending to "
+        "the others in its block, so a packed example trains as it would alone. Needs sdpa attention "
+        "(model.attn_implementation null or sdpa)."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Use only the first N training records (of each dataset).")
+    system_prompt: str | None = Field(None, description="Prepended as a system turn to every example.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> DataConfig:
+        if self.datasets is None:
+            self._check_source()
+            if self.format is None:
+                raise ValueError(f"format is required; allowed: {', '.join(FORMAT_FIELDS)}")
+            return self
+        single = [name for name in (*_SOURCES, "builder", "subset", "eval_path") if getattr(self, name) is not None]
+        single += ["columns"] * bool(self.columns) + ["split"] * (self.split != "train")
+        if single:
+            raise ValueError(f"datasets replaces the one-dataset fields: move {', '.join(single)} into its entries")
+        for i, dataset in enumerate(self.datasets):
+            if dataset.format is None and self.format is None:
+                raise ValueError(f"datasets.{i}.format is required (or a default data.format); allowed: "
+                                 f"{', '.join(FORMAT_FIELDS)}")
+            try:
+                _check_columns(dataset.columns, dataset.format or self.format)
+            except ValueError as exc:
+                raise ValueError(f"datasets.{i}.{exc}") from None
+        return self
+
+    def sources(self) -> list[tuple[str, DatasetConfig]]:
+        """Every dataset, format filled in, with the field that names it in errors: `data` or `data.datasets.I`."""
+        if self.datasets is None:
+            fields = set(_DatasetSource.model_fields)
+            return [("data", DatasetConfig(**{k: v for k, v in self.__dict__.items() if k in fields}))]
+        return [(f"data.datasets.{i}", d if d.format else d.model_copy(update={"format": self.format}))
+                for i, d in enumerate(self.datasets)]
+
+
+def resolve_files(pattern: str) -> list[Path]:
+    """Files matching a path or glob pattern, as given or else relative to the repository; sorted."""
+    given = Path(pattern).expanduser()
+    for base in (Path.cwd(), REPO_ROOT):
+        full = given if given.is_absolute() else base / given
+        matches = sorted(Path(p).resolve() for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
+        if matches:
+            return matches
+    return []
 
 
 _FALLBACKS_SAID: set[str] = set()
@@ -175,33 +340,137 @@ class ScalingConfig(_Strict):
 
 class TrainConfig(_Strict):
     method: Literal["full", "lora", "qlora"] = Field(..., description="What is trained.")
-    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps; set this or num_epochs (exactly one decides the run's length)."
+    )
+    num_epochs: float | None = Field(
+        None, gt=0, description="Passes over the training data (fractions allowed); the step count follows from the "
+        "examples, micro_batch_size, gradient_accumulation_steps and scaling.num_workers. Set this or max_steps."
+    )
     micro_batch_size: int = Field(8, ge=1, description="Examples per worker per forward.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (or use warmup_ratio).")
     warmup_ratio: float | None = Field(
-        None, ge=0.0, lt=1.0, description="Warmup as a fraction of max_steps; replaces warmup_steps when set."
+        None, ge=0.0, lt=1.0,
+        description="Warmup as a fraction of the run's steps (max_steps, or those num_epochs resolves to); replaces "
+                    "warmup_steps when set.",
     )
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
     min_lr_ratio: float = Field(
         0.1, ge=0.0, le=1.0, description="Floor of the linear and cosine decay, as a fraction of learning_rate."
     )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw: torch AdamW; adamw_8bit: bitsandbytes AdamW with 8-bit moments (a quarter of "
+        "the optimizer memory; the usual pairing with QLoRA); paged_adamw_8bit: the same, paged to CPU memory under "
+        "GPU memory pressure (CUDA only)."
+    )
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0)
-    eval_every: int = Field(20, ge=1, description="Steps between eval-loss passes.")
+    eval_every: int = Field(20, ge=1, description="Steps between evaluations (and one at the last step); see `eval`.")
     checkpoint_every: int = Field(20, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in storage.")
     log_every: int = Field(5, ge=1)
     seed: int = 0
     gradient_checkpointing: bool = False
 
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if (self.max_steps is None) == (self.num_epochs is None):
+            got = "both" if self.max_steps is not None else "neither"
+            raise ValueError(f"set exactly one of max_steps and num_epochs, got {got} (max_steps={self.max_steps}, "
+                             f"num_epochs={self.num_epochs}); to switch, set the other to null")
+        return self
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps`: from warmup_ratio when it is set, else warmup_steps."""
+        return round(self.warmup_ratio * total_steps) if self.warmup_ratio is not None else self.warmup_steps
+
+
+# What each metric an evaluation reports counts as better: early stopping and keep_best follow it.
+EVAL_METRIC_MODES: dict[str, Literal["min", "max"]] = {
+    "eval_loss": "min", "eval_perplexity": "min", "eval_exact_match": "max",
+}
+
+
+class EvalConfig(_Strict):
+    """What each evaluation (every `train.eval_every` steps, and at the last) measures beyond eval loss and
+    perplexity, and what it decides: early stopping and the checkpoint the model is exported from."""
+
+    generate: bool = Field(
+        False, description="Also reply greedily to eval prompts and score each reply against the reference "
+        "answer: metric eval_exact_match, the share scored right."
+    )
+    generate_samples: int = Field(
+        16, ge=1, description="Eval examples replied to (the first N of the eval set): bounds the cost of a pass."
+    )
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Most tokens generated per reply.")
+    scorer: Literal["final_number", "exact"] = Field(
+        "final_number", description="final_number: the reply's last integer equals the reference's (arithmetic, "
+        "GSM8K-style answers); exact: reply and reference are equal after stripping whitespace."
+    )
+    metric: Literal["eval_loss", "eval_perplexity", "eval_exact_match"] = Field(
+        "eval_loss", description="What early stopping and keep_best follow; lower is better for eval_loss and "
+        "eval_perplexity, higher for eval_exact_match (needs generate)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations in a row that do not improve `metric` by more "
+        "than min_delta; null: never stop early."
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change of `metric` that counts as an improvement.")
+    keep_best: bool = Field(
+        False, description="Export the model (adapter) from the checkpoint with the best `metric` instead of the "
+        "last step's; that checkpoint is kept in storage whatever train.keep_checkpoints says."
+    )
+
+    @model_validator(mode="after")
+    def _metric_is_measured(self) -> EvalConfig:
+        if self.metric == "eval_exact_match" and not self.generate:
+            raise ValueError("metric eval_exact_match is measured only with generate: true")
+        return self
+
     @property
-    def warmup(self) -> int:
-        """Warmup steps: from warmup_ratio when it is set, else warmup_steps."""
-        return round(self.warmup_ratio * self.max_steps) if self.warmup_ratio is not None else self.warmup_steps
+    def mode(self) -> Literal["min", "max"]:
+        """Whether lower (min) or higher (max) values of `metric` are better."""
+        return EVAL_METRIC_MODES[self.metric]
+
+
+# Tracking backend -> (module it imports, what to pip install).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow-skinny"),
+                    "wandb": ("wandb", "wandb")}
+
+
+class TrackingConfig(_Strict):
+    """Experiment trackers that rank 0 of training logs to: the resolved recipe once, metrics every step."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Any of tensorboard (event files), mlflow (a local file store unless "
+        "mlflow_tracking_uri says otherwise), wandb (offline runs; sync them later with `wandb sync`)."
+    )
+    dir: str | None = Field(
+        None, description="Where trackers write: tensorboard/, mlruns/, wandb/; null: `<run dir>/tracking` (emptied "
+        "when a run starts fresh). On a multi-node cluster name a path every node shares."
+    )
+    experiment: str = Field("llmc", min_length=1, description="MLflow experiment and W&B project of the run.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="An MLflow tracking server (http://host:5000) or store URI; null: the file store "
+        "`dir`/mlruns (MLflow 3 opens it only with MLFLOW_ALLOW_FILE_STORE=true, e.g. for `mlflow ui`)."
+    )
+
+    @field_validator("backends")
+    @classmethod
+    def _installed_once(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        if len(set(value)) != len(value):
+            raise ValueError("each backend may be named once")
+        missing = [f"{b} needs the `{TRACKER_PACKAGES[b][0]}` module: pip install {TRACKER_PACKAGES[b][1]}"
+                   for b in value if importlib.util.find_spec(TRACKER_PACKAGES[b][0]) is None]
+        if missing:
+            raise ValueError("; ".join(missing))
+        return value
 
 
 class RunConfig(_Strict):
@@ -237,13 +506,41 @@ class FinetuneRecipe(_Strict):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("data")
+    @classmethod
+    def _packing_isolates(cls, data: DataConfig, info: ValidationInfo) -> DataConfig:
+        attn = getattr(info.data.get("model"), "attn_implementation", None)
+        if data.packing and attn not in (None, "sdpa"):
+            reason = ("adds the mask to its scores and cannot read the boolean block mask" if attn == "eager"
+                      else "ignores a 4D attention mask on a batch of blocks")
+            raise ValueError(f"packing isolates each packed example with a block-diagonal attention mask, which "
+                             f"model.attn_implementation {attn!r} {reason}: set model.attn_implementation to null or "
+                             "sdpa, or packing: false")
+        return data
 
     @model_validator(mode="after")
     def _cross_field(self) -> FinetuneRecipe:
         if self.train.method == "qlora" and self.deepspeed.enabled and self.deepspeed.offload_params:
             raise ValueError("deepspeed.offload_params cannot move 4-bit weights: turn it off for qlora")
+        if self.train.optimizer == "paged_adamw_8bit" and not self.scaling.use_gpu:
+            raise ValueError("train.optimizer paged_adamw_8bit pages through CUDA unified memory: it needs "
+                             "scaling.use_gpu: true; on CPU use adamw_8bit")
+        if self.train.optimizer != "adamw" and self.deepspeed.enabled and self.deepspeed.offload_optimizer:
+            raise ValueError(f"train.optimizer {self.train.optimizer} runs where the weights are; "
+                             "deepspeed.offload_optimizer runs DeepSpeed's own CPU Adam: choose one (adamw offloads)")
         if self.model.dtype == "float16" and not self.scaling.use_gpu:
             raise ValueError("model.dtype float16 needs GPUs (scaling.use_gpu: true); use float32 on CPU")
+        ev, sources = self.eval, [source for _, source in self.data.sources()]
+        if ev.generate and all(source.format == "text" for source in sources):
+            raise ValueError("eval.generate needs a chat data.format (alpaca, messages or sharegpt): text has no "
+                             "reply to score")
+        if (ev.generate or ev.keep_best or ev.early_stopping_patience) and not (
+                self.data.eval_fraction > 0 or any(source.eval_path for source in sources)):
+            raise ValueError("eval.generate, eval.keep_best and eval.early_stopping_patience need eval data: set "
+                             "data.eval_path or data.eval_fraction > 0")
         return self
 
 

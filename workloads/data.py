@@ -2,7 +2,8 @@
 
 Records in any supported format become chat `messages`, rendered with the tokenizer's own chat
 template; labels cover assistant text only (unless `train_on_prompt`), located by character
-offsets so any prefix-consistent template works.
+offsets so any prefix-consistent template works. Where rows come from, and how several datasets
+are mixed, is `data_sources`.
 """
 
 from __future__ import annotations
@@ -12,23 +13,17 @@ from pathlib import Path
 
 import torch
 
-from workloads.config import DataConfig, resolve_path
+from workloads.config import DataConfig, DatasetConfig
+from workloads.data_sources import map_columns, mix, read_path, read_source
 
 IGNORE_INDEX = -100
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "model": "assistant"}
 
 
-def load_records(path: str) -> list[dict]:
-    """Rows of a JSON, JSONL or Parquet file, read through `datasets`."""
-    import datasets
-
-    resolved = resolve_path(path)
-    if resolved is None:
-        raise FileNotFoundError(path)
-    builder = "parquet" if resolved.suffix == ".parquet" else "json"
-    datasets.disable_progress_bars()
-    return list(datasets.load_dataset(builder, data_files=str(resolved), split="train"))
+def load_records(path: str, builder: str | None = None) -> list[dict]:
+    """Rows of a JSON, JSONL, Parquet or CSV file, or of a `save_to_disk` directory, read through `datasets`."""
+    return read_path(path, builder)
 
 
 def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> list[dict]:
@@ -80,34 +75,54 @@ def tokenize_text(text: str, tokenizer, max_length: int) -> dict:
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
-    """Concatenate examples and cut into `max_length` blocks (labels keep their masks)."""
-    ids = [t for ex in examples for t in ex["input_ids"]]
-    labels = [t for ex in examples for t in ex["labels"]]
-    return [
-        {"input_ids": ids[i : i + max_length], "labels": labels[i : i + max_length]}
-        for i in range(0, len(ids), max_length)
-    ]
+    """Whole examples, in order, into blocks of up to `max_length` tokens (a new block when the next one does not fit).
+
+    position_ids restart at 0 for each example, from which `collate` builds the mask that keeps it from attending
+    to the others; its first label is IGNORE_INDEX, so it is not predicted from the example before it.
+    """
+    blocks: list[dict] = []
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if not blocks or len(blocks[-1]["input_ids"]) + n > max_length:
+            blocks.append({"input_ids": [], "labels": [], "position_ids": []})
+        block = blocks[-1]
+        block["input_ids"] += ex["input_ids"]
+        block["labels"] += [IGNORE_INDEX, *ex["labels"][1:]]
+        block["position_ids"] += range(n)
+    return blocks
 
 
-def tokenize_records(records: list[dict], cfg: DataConfig, tokenizer) -> list[dict]:
-    """Tokenize records in the configured format; drops examples with no trainable token."""
-    out = []
-    for record in records:
-        if cfg.format == "text":
-            ex = tokenize_text(record["text"], tokenizer, cfg.max_length)
-        else:
-            messages = to_messages(record, cfg.format, cfg.system_prompt)
-            ex = tokenize_chat(messages, tokenizer, cfg.max_length, cfg.train_on_prompt)
-        if any(label != IGNORE_INDEX for label in ex["labels"]):
-            out.append(ex)
+def tokenize_records(records: list[dict], cfg: DataConfig, tokenizer, fmt: str | None = None) -> list[dict]:
+    """Tokenize records of format `fmt` (default `cfg.format`); drops those with no trainable token; packs if asked."""
+    out = _tokenize(records, fmt or cfg.format, cfg, tokenizer)
     return pack(out, cfg.max_length) if cfg.packing else out
 
 
-def split_records(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train and eval records: the eval file, or a seeded `eval_fraction` held out of the train file."""
-    records = load_records(cfg.path)
-    if cfg.eval_path:
-        train, evals = records, load_records(cfg.eval_path)
+def _tokenize(records: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> list[dict]:
+    out = []
+    for record in records:
+        if fmt == "text":
+            ex = tokenize_text(record["text"], tokenizer, cfg.max_length)
+        else:
+            messages = to_messages(record, fmt, cfg.system_prompt)
+            ex = tokenize_chat(messages, tokenizer, cfg.max_length, cfg.train_on_prompt)
+        if any(label != IGNORE_INDEX for label in ex["labels"]):
+            out.append(ex)
+    return out
+
+
+def split_records(cfg: DataConfig, seed: int, source: DatasetConfig | None = None,
+                  prefix: str = "data") -> tuple[list[dict], list[dict]]:
+    """Train and eval records of one dataset (default: the first), columns mapped to its format's fields.
+
+    Eval is the dataset's eval file, or a seeded `eval_fraction` held out of it; `max_samples` caps train.
+    """
+    if source is None:
+        prefix, source = cfg.sources()[0]
+    records = [map_columns(r, source.columns) for r in read_source(source, prefix)]
+    if source.eval_path:
+        train = records
+        evals = [map_columns(r, source.columns) for r in read_source(source, prefix, eval_file=True)]
     else:
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
@@ -119,27 +134,71 @@ def split_records(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def eval_records(cfg: DataConfig, seed: int) -> list[tuple[str, dict]]:
+    """(format, record) of every dataset's eval records, in dataset order: what eval generation replies to."""
+    return [(source.format, record) for prefix, source in cfg.sources()
+            for record in split_records(cfg, seed, source, prefix)[1]]
+
+
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[dict], list[dict]]:
-    """Tokenized train and eval examples, ready for `collate`."""
-    train, evals = split_records(cfg, seed)
-    train_ex = tokenize_records(train, cfg, tokenizer)
-    if not train_ex:
-        raise ValueError(f"data.path {cfg.path}: no example has a trainable token within max_length")
-    return train_ex, tokenize_records(evals, cfg, tokenizer)
+    """Tokenized train and eval examples, ready for `collate`: several datasets mixed to their weights, then packed
+    if asked; eval is every dataset's eval set in turn."""
+    sources = cfg.sources()
+    parts, evals = [], []
+    for prefix, source in sources:
+        train, held_out = split_records(cfg, seed, source, prefix)
+        examples = _tokenize(train, source.format, cfg, tokenizer)
+        if not examples:
+            where = next(f"{prefix}.{name} {getattr(source, name)}" for name in ("path", "data_files", "hub")
+                         if getattr(source, name) is not None)
+            raise ValueError(f"{where}: no example has a trainable token within max_length")
+        parts.append(examples)
+        evals += _tokenize(held_out, source.format, cfg, tokenizer)
+    train_ex = parts[0] if len(parts) == 1 else mix(parts, [source.weight for _, source in sources], seed)
+    if cfg.packing:
+        return pack(train_ex, cfg.max_length), pack(evals, cfg.max_length)
+    return train_ex, evals
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions get label IGNORE_INDEX and attention 0."""
+    """Right-pad a batch; padded positions get label IGNORE_INDEX and no attention.
+
+    Packed blocks (examples with position_ids) also get their position_ids and, as attention_mask, a 4D boolean
+    (batch, 1, length, length) mask: causal within each packed example, closed between them. A 4D mask is used as
+    given by transformers' sdpa attention, on CPU as on GPU.
+    """
     width = max(len(ex["input_ids"]) for ex in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    packed = "position_ids" in batch[0]
+    if packed:
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), 1, width, width), dtype=torch.bool)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+    else:
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ex in enumerate(batch):
         n = len(ex["input_ids"])
         ids[row, :n] = torch.tensor(ex["input_ids"])
         labels[row, :n] = torch.tensor(ex["labels"])
-        mask[row, :n] = 1
+        if not packed:
+            mask[row, :n] = 1
+            continue
+        positions[row, :n] = torch.tensor(ex["position_ids"])
+        example = torch.cumsum(positions[row, :n] == 0, 0)  # which packed example each token belongs to
+        mask[row, 0, :n, :n] = (example[:, None] == example[None, :]) & causal[:n, :n]
+        # Padding attends to the block's first token only: no row is empty (that would make NaNs), and its diagonal
+        # stays False, which is how `count_tokens` tells padding apart. No real token attends to padding.
+        mask[row, 0, n:, 0] = True
+    if packed:
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (not padding) tokens of a collated batch: the ones of a 2D mask, the diagonal of a packed 4D mask."""
+    mask = batch["attention_mask"]
+    return int(mask.diagonal(dim1=-2, dim2=-1).sum() if mask.dim() == 4 else mask.sum())
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

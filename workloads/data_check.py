@@ -1,8 +1,11 @@
 """Read a recipe's data on the driver, before Ray starts, and say exactly what no worker could train on.
 
-A dataset that cannot be read, is empty, or whose rows lack what the format needs is a `RecipeError`
-(exit 2) naming the file, the line or row, and the field or value at fault: a handful of examples and a
-count of the rest. Rows that are only too long are counted and reported; fatal only if none remain.
+A dataset that cannot be read, is empty, or whose rows lack what the format needs (after its column
+mapping) is a `RecipeError` (exit 2) naming the recipe field, the file or dataset, the line or row, and
+the field, column or value at fault: a handful of examples and a count of the rest. Rows that are only
+too long are counted and reported; fatal only if none remain. JSON, JSONL and Parquet files are parsed
+here (line numbers); CSV files, save_to_disk directories, data_files and hub datasets are read as
+training reads them (`data_sources`), rows numbered from 1.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workloads.config import DataConfig, RecipeError, resolve_path
+from workloads.config import DataConfig, DatasetConfig, RecipeError, resolve_path
+from workloads.data_sources import builder_for, map_columns, missing_column, read_path, read_source
 
 SHOWN = 5  # problems listed one by one; the rest are counted
 _ROLES = {"system", "user", "assistant"}
@@ -31,9 +35,9 @@ class FileReport:
         return self.rows - self.too_long
 
 
-def read_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
+def read_rows(path: Path, builder: str | None = None) -> tuple[list[tuple[str, object]], list[str]]:
     """(where, row) for every row of a JSONL, JSON or Parquet file, and the rows that could not be parsed."""
-    if path.suffix == ".parquet":
+    if builder_for(path, builder) == "parquet":
         try:
             import pyarrow.parquet as pq
 
@@ -93,37 +97,78 @@ def row_problem(row: object, fmt: str) -> str | None:
 
 
 def check_file(path: str, cfg: DataConfig, tokenizer=None, field_name: str = "data.path") -> FileReport:
-    """Every row of `path` checked for `cfg.format`; with a tokenizer, too-long rows counted. Raises on errors."""
+    """Every row of `path`, read as the recipe's first dataset (builder, columns, format), checked. Raises on errors."""
+    _, source = cfg.sources()[0]
+    label, rows, problems = _path_rows(path, source.builder, source.split, field_name)
+    return _check_rows(rows, problems, field_name, label, source, cfg, tokenizer)
+
+
+def check_source(source: DatasetConfig, cfg: DataConfig, tokenizer=None, prefix: str = "data",
+                 eval_file: bool = False) -> FileReport:
+    """Every row of one dataset (or of its eval file) checked for its format after its column mapping; with a
+    tokenizer, too-long rows counted. Raises `RecipeError` naming the field (`prefix`.path, .hub, ...) on errors."""
+    if eval_file or source.path is not None:
+        path, field = (source.eval_path, f"{prefix}.eval_path") if eval_file else (source.path, f"{prefix}.path")
+        label, rows, problems = _path_rows(path, source.builder, source.split, field)
+    else:
+        field, label = ((f"{prefix}.hub", f"{source.hub}:{source.split}") if source.hub
+                        else (f"{prefix}.data_files", ", ".join(source.data_files or [])))
+        rows, problems = _numbered(read_source(source, prefix)), []
+    return _check_rows(rows, problems, field, label, source, cfg, tokenizer)
+
+
+def check_data(cfg: DataConfig, tokenizer=None) -> list[FileReport]:
+    """Every dataset of the recipe and its eval file, if any; raises `RecipeError` naming what is wrong."""
+    reports = []
+    for prefix, source in cfg.sources():
+        reports.append(check_source(source, cfg, tokenizer, prefix))
+        if source.eval_path:
+            reports.append(check_source(source, cfg, tokenizer, prefix, eval_file=True))
+    return reports
+
+
+def _path_rows(path: str, builder: str | None, split: str, field: str) -> tuple[str, list, list[str]]:
+    """(label, numbered rows, unparsable rows) of a file or save_to_disk directory."""
     resolved = resolve_path(path)
     if resolved is None:
-        raise RecipeError(f"field '{field_name}': {path!r} not found")
-    report = FileReport(str(resolved))
-    rows, problems = read_rows(resolved)
-    problems += [f"{where}: {p}" for where, row in rows if (p := row_problem(row, cfg.format))]
-    report.rows = len(rows)
+        raise RecipeError(f"field '{field}': {path!r} not found")
+    if resolved.is_file() and builder_for(resolved, builder) != "csv":
+        return str(resolved), *read_rows(resolved, builder)
+    return str(resolved), _numbered(read_path(path, builder, split, field)), []
+
+
+def _numbered(rows: list[dict]) -> list[tuple[str, object]]:
+    return [(f"row {i}", row) for i, row in enumerate(rows, start=1)]
+
+
+def _check_rows(rows: list[tuple[str, object]], problems: list[str], field: str, label: str, source: DatasetConfig,
+                cfg: DataConfig, tokenizer) -> FileReport:
+    fmt, columns = source.format, source.columns
+    mapped = []
+    for where, row in rows:
+        if columns and isinstance(row, dict) and (problem := missing_column(row, columns)):
+            problems.append(f"{where}: {problem}")
+            continue
+        row = map_columns(row, columns) if isinstance(row, dict) else row
+        if problem := row_problem(row, fmt):
+            problems.append(f"{where}: {problem}")
+        mapped.append(row)
+    report = FileReport(label, rows=len(rows))
     if not problems and not rows:
-        problems = ["the file holds no rows"]
+        problems = ["the dataset holds no rows"]
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise RecipeError(f"field '{field_name}': {resolved} cannot be used as format '{cfg.format}' "
+        raise RecipeError(f"field '{field}': {label} cannot be used as format '{fmt}' "
                           f"({len(problems)} problem(s) in {len(rows)} rows)\n{shown}{more}")
     if tokenizer is not None:
         from workloads.data import tokenize_records
 
-        report.too_long = sum(not tokenize_records([row], cfg, tokenizer) for _, row in rows)
+        report.too_long = sum(not tokenize_records([row], cfg, tokenizer, fmt) for row in mapped)
         if report.usable == 0:
-            raise RecipeError(f"field 'data.max_length': none of the {report.rows} rows of {resolved} keeps an "
+            raise RecipeError(f"field 'data.max_length': none of the {report.rows} rows of {label} keeps an "
                               f"answer token within max_length={cfg.max_length}: raise it")
     return report
-
-
-def check_data(cfg: DataConfig, tokenizer=None) -> list[FileReport]:
-    """The train file and the eval file, if any; raises `RecipeError` naming what is wrong."""
-    reports = [check_file(cfg.path, cfg, tokenizer)]
-    if cfg.eval_path:
-        reports.append(check_file(cfg.eval_path, cfg, tokenizer, "data.eval_path"))
-    return reports
 
 
 def describe(reports: list[FileReport]) -> str:

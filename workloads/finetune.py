@@ -20,16 +20,19 @@ import torch
 import torch.distributed as dist
 
 from cluster import train as cluster_train
-from workloads import reporting
+from workloads import reporting, schedule, tracking
 from workloads.config import FinetuneRecipe, RecipeError
-from workloads.data import build_datasets, collate
+from workloads.data import build_datasets, collate, count_tokens
 from workloads.data_check import check_data, describe
+from workloads.evaluation import EarlyStopping, Evaluator
 from workloads.models import attach_lora, load_model, load_tokenizer, merge_adapter, resolve_model_path
 from workloads.plan import train_worker_resources
-from workloads.strategy import Strategy
+from workloads.strategy import Strategy, weights_dtype
 
 TRAINER_STATE = "trainer_state.json"
 RESUME_LATEST = "latest"  # run.resume_from: continue this run's newest checkpoint
+# With eval.keep_best, reported with every checkpoint: k on the k-th new best, else 0. Ray Train keeps the highest.
+BEST_RANK = "best_rank"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +48,7 @@ class StepBatches:
         self.micro, self.accum, self.seed = (
             recipe.train.micro_batch_size, recipe.train.gradient_accumulation_steps, recipe.train.seed
         )
-        per_rank = len(examples) // world_size
-        self.steps_per_epoch = per_rank // (self.micro * self.accum)
+        self.steps_per_epoch = schedule.steps_per_epoch(len(examples), self.micro, self.accum, world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"data: {len(examples)} examples cannot fill one step of {world_size} workers x "
@@ -79,7 +81,7 @@ def eval_batches(examples: list[dict], recipe: FinetuneRecipe, rank: int, world_
 def _setup_model(recipe: FinetuneRecipe, model_path: str, device: torch.device):
     method = recipe.train.method
     quant = recipe.quantization if method == "qlora" else None
-    model = load_model(model_path, dtype=recipe.model.dtype, quantization=quant, device=device,
+    model = load_model(model_path, dtype=weights_dtype(recipe), quantization=quant, device=device,
                        revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
     if recipe.train.gradient_checkpointing and method != "qlora":
         model.gradient_checkpointing_enable()
@@ -101,20 +103,23 @@ def _restore(strategy: Strategy, resume_from: str | None, fit_id: str | None = N
     failure = ray_checkpoint is not None and state.get("fit_id") == fit_id
     state["restarts"].append({"from_step": state["step"], "via": "failure" if failure else "resume_from"})
     state["fit_id"] = fit_id
+    if ray_checkpoint is None:  # a checkpoint from elsewhere: its best step and tracker runs are not this run's
+        state.pop("early_stopping", None)
+        state.pop("tracking", None)
     return state
 
 
 def _save_checkpoint(strategy: Strategy, state: dict, metrics: dict, rank: int, tokenizer, trainable_only: bool,
-                     final: bool):
-    """Every rank writes its shard; rank 0 adds the trainer state (and, in the last one, the HF model); report.
+                     export: bool):
+    """Every rank writes its shard; rank 0 adds the trainer state (and, with `export`, the HF model); report.
 
-    Only the last checkpoint carries the HF export: for a full 8B model that is 16 GB, and resuming needs
-    only the training state.
+    Only the last checkpoint (and, with eval.keep_best, each new best) carries the HF export: for a full 8B
+    model that is 16 GB, and resuming needs only the training state.
     """
     with tempfile.TemporaryDirectory(prefix="llmc-ckpt-") as tmp:
         path = Path(tmp)
         strategy.save(path, rank, trainable_only)
-        if final:
+        if export:
             strategy.export(path / "model", rank, tokenizer)
         if rank == 0:
             (path / TRAINER_STATE).write_text(json.dumps(state))
@@ -129,7 +134,7 @@ def _all_sum(values: list[float]) -> list[float]:
 
 
 def train_worker(config: dict) -> None:
-    """One Ray Train worker: setup, train loop, checkpoints. Rank 0 prints and keeps the history."""
+    """One Ray Train worker: setup, train loop, checkpoints. Rank 0 prints, keeps the history, logs to trackers."""
     recipe = FinetuneRecipe.model_validate(config["recipe"])
     train = recipe.train
     rank, local_rank, world_size = cluster_train.world()
@@ -142,34 +147,62 @@ def train_worker(config: dict) -> None:
     train_ex, eval_ex = build_datasets(recipe.data, tokenizer, train.seed)
     batches = StepBatches(train_ex, recipe, rank, world_size, tokenizer.pad_token_id)
     evals = eval_batches(eval_ex, recipe, rank, world_size, tokenizer.pad_token_id)
-    strategy = Strategy(_setup_model(recipe, config["model_path"], device), recipe, world_size, device)
+    total = schedule.total_steps(train, batches.steps_per_epoch)  # the run's length: max_steps or num_epochs
+    evaluate = Evaluator(recipe, tokenizer, evals, rank, world_size, device)
+    strategy = Strategy(_setup_model(recipe, config["model_path"], device), recipe, world_size, device, total)
     state = _restore(strategy, config.get("resume_from"), config.get("fit_id"))
+    state.update(total_steps=total, steps_per_epoch=batches.steps_per_epoch)
     if state["step"] == 0 and evals:
-        state["initial_eval_loss"] = strategy.eval_loss(evals)
-    trainable_only = train.method != "full"
+        state["initial_eval"] = evaluate(strategy)
+        state["initial_eval_loss"] = state["initial_eval"]["eval_loss"]
+    stopper = EarlyStopping.from_config(recipe.eval, state.get("early_stopping"))
+    trainable_only, keep_best = train.method != "full", recipe.eval.keep_best
 
-    # Loop: one optimizer step per iteration; metrics summed over ranks.
-    for step in range(state["step"] + 1, train.max_steps + 1):
-        started = time.perf_counter()
-        micro_batches = batches.for_step(step - 1)
-        loss, grad_norm = strategy.train_step(micro_batches)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        loss_sum, token_sum = _all_sum([loss, tokens])
-        seconds = time.perf_counter() - started
-        row = {"step": step, "loss": loss_sum / world_size, "lr": strategy.lr(), "grad_norm": grad_norm,
-               "tokens": int(token_sum), "step_seconds": seconds, "tokens_per_second": token_sum / seconds}
-        if step % train.eval_every == 0 or step == train.max_steps:
-            row["eval_loss"] = strategy.eval_loss(evals) if evals else None
-        state["history"].append(row)
-        state["step"] = step
-        if rank == 0:  # the dashboard's and `llmc status`'s view of the run: llmc_train_* gauges
-            cluster_train.publish({**row, "restarts": sum(r["via"] == "failure" for r in state["restarts"])})
-        if rank == 0 and (step % train.log_every == 0 or step == train.max_steps or "eval_loss" in row):
-            print(reporting.progress_line(row, train.max_steps), flush=True)
-        if step % train.checkpoint_every == 0 or step == train.max_steps:
-            _save_checkpoint(strategy, state, row, rank, tokenizer, trainable_only, final=step == train.max_steps)
-        elif step % train.log_every == 0:
-            cluster_train.report(row)
+    # Loop: one optimizer step per iteration; metrics summed over ranks; evaluation may end it early.
+    with _tracker(recipe, config, state, rank) as tracker:
+        for step in range(state["step"] + 1, total + 1):
+            started = time.perf_counter()
+            micro_batches = batches.for_step(step - 1)
+            loss, grad_norm = strategy.train_step(micro_batches)
+            tokens = sum(count_tokens(b) for b in micro_batches)
+            loss_sum, token_sum = _all_sum([loss, tokens])
+            seconds = time.perf_counter() - started
+            row = {"step": step, "epoch": round(step / batches.steps_per_epoch, 4), "loss": loss_sum / world_size,
+                   "lr": strategy.lr(), "grad_norm": grad_norm, "tokens": int(token_sum), "step_seconds": seconds,
+                   "tokens_per_second": token_sum / seconds}
+            evaluated = step % train.eval_every == 0 or step == total
+            if evaluated:  # every rank gets the same summed metrics, so all decide alike
+                row.update(evaluate(strategy))
+            new_best = evaluated and stopper.update(step, row.get(recipe.eval.metric))
+            last = step == total or (evaluated and stopper.should_stop)
+            state["history"].append(row)
+            state.update(step=step, early_stopping=stopper.state())
+            if rank == 0:  # the dashboard's and `llmc status`'s view of the run (llmc_train_* gauges), the trackers
+                cluster_train.publish({**row, "restarts": sum(r["via"] == "failure" for r in state["restarts"])})
+                tracker.log_metrics(row, step)
+            if rank == 0 and (step % train.log_every == 0 or last or evaluated):
+                print(reporting.progress_line(row, total), flush=True)
+            if step % train.checkpoint_every == 0 or last or (keep_best and new_best):
+                scored = {**row, BEST_RANK: stopper.improvements if new_best else 0} if keep_best else row
+                _save_checkpoint(strategy, state, scored, rank, tokenizer, trainable_only,
+                                 export=last or (keep_best and new_best))
+            elif step % train.log_every == 0 or evaluated:
+                cluster_train.report(row)
+            if last:
+                break
+
+
+def _tracker(recipe: FinetuneRecipe, config: dict, state: dict, rank: int) -> tracking.Tracker:
+    """Rank 0's trackers (a restarted run's reopened), with the recipe and the initial eval logged; else none."""
+    if rank != 0 or not recipe.tracking.backends:
+        return tracking.Tracker()
+    tracker = tracking.open_tracker(recipe.tracking, Path(config["tracking_dir"]), recipe.run.name,
+                                    start_step=state["step"], resume_ids=state.get("tracking"))
+    state["tracking"] = tracker.ids
+    tracker.log_params(config["recipe"])
+    if state["step"] == 0 and state.get("initial_eval"):
+        tracker.log_metrics(state["initial_eval"], 0)
+    return tracker
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,24 +227,28 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     # Bad data fails here, in seconds, naming file, line and field: not in every worker after Ray starts.
     tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
     print(f"[llmc] {describe(check_data(recipe.data, tokenizer))}", flush=True)
+    total_steps = _total_steps(recipe, tokenizer)
     print(f"[llmc] {connect(address)}", flush=True)
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
     resume_from, resume = _resume_plan(recipe, storage, run_dir)
+    if not recipe.run.resume_from:
+        tracking.reset(recipe.tracking, run_dir)
     scaling = worker_scaling(recipe)
     print(f"[llmc] run {recipe.run.name}: dashboard {cluster_train.run_url() or '(none)'}", flush=True)
     started = time.perf_counter()
     with _say_where_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
-            reporting.TrainProgress(recipe.train.max_steps) as progress:
+            reporting.TrainProgress(total_steps) as progress:
         result = cluster_train.fit(
             train_worker,
             {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "resume_from": resume_from,
-             "fit_id": uuid.uuid4().hex},
+             "fit_id": uuid.uuid4().hex, "tracking_dir": str(tracking.tracking_dir(recipe.tracking, run_dir))},
             name=recipe.run.name,
             resume=resume,
             storage_path=storage,
             scaling=scaling,
             max_failures=recipe.run.max_failures,
             keep_checkpoints=recipe.train.keep_checkpoints,
+            keep_best_by=(BEST_RANK, "max") if recipe.eval.keep_best else None,
             local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None,
             on_report=progress.update,
         )
@@ -219,6 +256,22 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     if result.checkpoint_dir is None:
         raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
     return _write_outputs(recipe, run_dir, model_path, result, wall)
+
+
+def _total_steps(recipe: FinetuneRecipe, tokenizer) -> int:
+    """The run's optimizer steps, as the workers resolve them; num_epochs needs the tokenized data (seconds)."""
+    train, workers = recipe.train, recipe.scaling.num_workers
+    if train.max_steps is not None:
+        return train.max_steps
+    examples, _ = build_datasets(recipe.data, tokenizer, train.seed)
+    per_epoch = schedule.steps_per_epoch(len(examples), train.micro_batch_size, train.gradient_accumulation_steps,
+                                         workers)
+    if per_epoch == 0:
+        raise RecipeError(f"field 'train.num_epochs': {len(examples)} training examples cannot fill one optimizer "
+                          f"step of {workers} workers x micro_batch_size {train.micro_batch_size} x "
+                          f"gradient_accumulation_steps {train.gradient_accumulation_steps}")
+    print(f"[llmc] {schedule.describe(train, per_epoch, workers)}", flush=True)
+    return schedule.total_steps(train, per_epoch)
 
 
 def worker_scaling(recipe: FinetuneRecipe) -> cluster_train.WorkerScaling:
@@ -271,27 +324,68 @@ def _resume_plan(recipe: FinetuneRecipe, storage: str, run_dir: Path) -> tuple[s
     return resume_from, False
 
 
+def _best_checkpoint(recipe: FinetuneRecipe, result: cluster_train.FitResult, best_step: int | None) -> Path | None:
+    """With eval.keep_best, the kept checkpoint of the best step (it carries the HF export); else None."""
+    if not recipe.eval.keep_best or best_step is None or result.best_checkpoint_dir is None:
+        return None
+    step = json.loads((result.best_checkpoint_dir / TRAINER_STATE).read_text())["step"]
+    if step != best_step or not (result.best_checkpoint_dir / "model").is_dir():
+        print(f"[llmc] warning: the best step {best_step} has no exported checkpoint in this run's storage (the best "
+              f"kept is step {step}): the model is exported from the last step", flush=True)
+        return None
+    return result.best_checkpoint_dir
+
+
+def _last(history: list[dict], key: str):
+    values = [r[key] for r in history if r.get(key) is not None]
+    return values[-1] if values else None
+
+
+def _notable(recipe: FinetuneRecipe, summary: dict) -> dict:
+    """What the printed table shows: summary.json less what says nothing new for this run (a full-length run's
+    step counts twice, the best step of a run that neither keeps the best nor stops early)."""
+    said = {"total_steps", "stopped_early"} if not summary["stopped_early"] else set()
+    if summary["artifact_step"] == summary["steps"]:
+        said.add("artifact_step")
+    if not (recipe.eval.keep_best or recipe.eval.early_stopping_patience):
+        said |= {"best_metric", "best_value", "best_step"}
+    return {key: value for key, value in summary.items() if key not in said}
+
+
 def _write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, result, wall: float) -> dict:
     state = json.loads((result.checkpoint_dir / TRAINER_STATE).read_text())
-    history = state["history"]
+    history, initial = state["history"], state.get("initial_eval") or {}
+    stopping = state.get("early_stopping") or {}
+    best = _best_checkpoint(recipe, result, stopping.get("best_step"))
     is_adapter = recipe.train.method != "full"
     artifact = run_dir / ("adapter" if is_adapter else "model")
     shutil.rmtree(artifact, ignore_errors=True)
-    shutil.copytree(result.checkpoint_dir / "model", artifact)
+    shutil.copytree((best or result.checkpoint_dir) / "model", artifact)
     merged = None
     if is_adapter and recipe.run.merge_adapter:
         merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
-    evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
     train_seconds = sum(r["step_seconds"] for r in history)
+    total = state["total_steps"]
     summary = {
         "method": recipe.train.method,
         "model": recipe.model.name,
         "base_model_path": model_path,
         "initial_eval_loss": state.get("initial_eval_loss"),
-        "final_eval_loss": evals[-1] if evals else None,
+        "final_eval_loss": _last(history, "eval_loss"),
+        "initial_eval_perplexity": initial.get("eval_perplexity"),
+        "final_eval_perplexity": _last(history, "eval_perplexity"),
+        "initial_eval_exact_match": initial.get("eval_exact_match"),
+        "final_eval_exact_match": _last(history, "eval_exact_match"),
         "initial_train_loss": history[0]["loss"] if history else None,
         "final_train_loss": history[-1]["loss"] if history else None,
         "steps": state["step"],
+        "total_steps": total,
+        "steps_per_epoch": state.get("steps_per_epoch"),
+        "epochs": round(state["step"] / state["steps_per_epoch"], 4) if state.get("steps_per_epoch") else None,
+        "stopped_early": state["step"] < total,
+        "best_metric": stopping.get("metric"),
+        "best_value": stopping.get("best_value"),
+        "best_step": stopping.get("best_step"),
         "tokens_per_second": sum(r["tokens"] for r in history) / train_seconds if train_seconds else None,
         "train_seconds": train_seconds,
         "wall_seconds": wall,
@@ -299,14 +393,18 @@ def _write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, resul
         "deepspeed_stage": recipe.deepspeed.stage if recipe.deepspeed.enabled else None,
         "restarts": state["restarts"],
         "artifact": str(artifact),
+        "artifact_step": stopping["best_step"] if best else state["step"],
         "merged": merged,
         "checkpoint": str(result.checkpoint_dir),
+        "best_checkpoint": str(best) if best else None,
         "storage": result.storage_dir,
+        "tracking": tracking.locations(recipe.tracking, tracking.tracking_dir(recipe.tracking, run_dir),
+                                       recipe.run.name),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporting.write_csv(history, run_dir / "metrics.csv")
     reporting.plot_losses(history, run_dir / "loss_curve.png", title=f"{recipe.train.method} fine-tuning")
-    reporting.print_summary("fine-tuning summary", summary, run_dir)
+    reporting.print_summary("fine-tuning summary", _notable(recipe, summary), run_dir)
     return summary
 
 

@@ -21,23 +21,25 @@ def deepspeed_config(recipe: FinetuneRecipe, world_size: int) -> dict:
         zero.update(stage3_gather_16bit_weights_on_model_save=True, overlap_comm=on_gpu)
     if ds.stage >= 2:
         zero.update(contiguous_gradients=True, reduce_scatter=True)
+    # An 8-bit bitsandbytes optimizer is built by the Strategy and handed to deepspeed.initialize instead.
+    optimizer = {
+        "type": "AdamW",
+        "params": {
+            "lr": train.learning_rate,
+            "weight_decay": train.weight_decay,
+            "betas": list(train.adam_betas),
+            "eps": train.adam_eps,
+            # torch's AdamW needs no compiled kernel; offload switches DeepSpeed to its CPU Adam.
+            "torch_adam": True,
+        },
+    } if train.optimizer == "adamw" else None
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": train.learning_rate,
-                "weight_decay": train.weight_decay,
-                "betas": list(train.adam_betas),
-                "eps": train.adam_eps,
-                # torch's AdamW needs no compiled kernel; offload switches DeepSpeed to its CPU Adam.
-                "torch_adam": True,
-            },
-        },
+        **({"optimizer": optimizer} if optimizer else {}),
         "bf16": {"enabled": recipe.model.dtype == "bfloat16"},
         "fp16": {"enabled": recipe.model.dtype == "float16"},
         "zero_allow_untested_optimizer": True,

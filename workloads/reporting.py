@@ -22,6 +22,10 @@ def progress_line(row: dict, total_steps: int) -> str:
     parts = [f"step {row['step']:>5}/{total_steps}", f"loss {row['loss']:.4f}"]
     if row.get("eval_loss") is not None:
         parts.append(f"eval_loss {row['eval_loss']:.4f}")
+    if row.get("eval_perplexity") is not None:
+        parts.append(f"eval_ppl {row['eval_perplexity']:.2f}")
+    if row.get("eval_exact_match") is not None:
+        parts.append(f"eval_exact_match {row['eval_exact_match']:.3f}")
     parts += [f"lr {row['lr']:.2e}", f"grad_norm {row['grad_norm']:.3f}", f"{row['tokens_per_second']:.0f} tok/s"]
     return "[train] " + " | ".join(parts)
 
@@ -35,22 +39,24 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 class TrainProgress:
-    """A one-line progress bar in the driver, fed with rank 0's reported rows (step, loss, eval loss, tokens/s)."""
+    """A one-line progress bar in the driver, fed with rank 0's reported rows (step, loss, eval loss and exact
+    match, tokens/s), out of the run's resolved step count."""
 
     def __init__(self, total_steps: int, description: str = "train"):
         from tqdm import tqdm
 
         self._bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True, leave=True)
-        self._eval: float | None = None
+        self._eval: dict[str, float] = {}
 
     def update(self, row: dict) -> None:
         if "step" not in row:
             return
-        if row.get("eval_loss") is not None:
-            self._eval = row["eval_loss"]
+        self._eval.update({k: row[k] for k in ("eval_loss", "eval_exact_match") if row.get(k) is not None})
         postfix = {"loss": f"{row['loss']:.3f}"} if "loss" in row else {}
-        if self._eval is not None:
-            postfix["eval_loss"] = f"{self._eval:.3f}"
+        if "eval_loss" in self._eval:
+            postfix["eval_loss"] = f"{self._eval['eval_loss']:.3f}"
+        if "eval_exact_match" in self._eval:
+            postfix["eval_em"] = f"{self._eval['eval_exact_match']:.2f}"
         if "tokens_per_second" in row:
             postfix["tok/s"] = f"{row['tokens_per_second']:.0f}"
         self._bar.n = int(row["step"])  # a restart from a checkpoint moves it back
@@ -95,12 +101,14 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def print_summary(title: str, summary: dict, run_dir: Path) -> None:
+    """The summary as a table for a person: entries with no value (None, empty) are left to the JSON file."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, show_header=False)
     for key, value in summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        if value is not None and value != [] and value != {}:
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console = Console()
     console.print(table)
     console.print(f"results in {run_dir}")

@@ -20,17 +20,18 @@ from workloads.config import FinetuneRecipe, TrainConfig
 from workloads.plan import deepspeed_config
 
 _STATE_TAG = "state"
+_COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Multiplier on the base learning rate at an optimizer step: warmup, then the schedule."""
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Multiplier on the base learning rate at an optimizer step of a `total_steps` run: warmup, then the schedule."""
 
-    warmup, floor = cfg.warmup, cfg.min_lr_ratio
+    warmup, floor = cfg.warmup_for(total_steps), cfg.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         if cfg.lr_scheduler == "linear":
             return floor + (1.0 - floor) * (1.0 - progress)
         if cfg.lr_scheduler == "cosine":
@@ -40,11 +41,32 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-class Strategy:
-    """Wraps the model for distributed training; one optimizer step per `train_step` call."""
+def weights_dtype(recipe: FinetuneRecipe) -> str:
+    """The dtype the model is loaded in. DeepSpeed (its bf16/fp16 modes keep fp32 master weights) and QLoRA take
+    the recipe's; plain DDP keeps fp32 weights and computes in bf16/fp16 under autocast: mixed precision."""
+    if recipe.deepspeed.enabled or recipe.train.method == "qlora":
+        return recipe.model.dtype
+    return "float32"
 
-    def __init__(self, model: torch.nn.Module, recipe: FinetuneRecipe, world_size: int, device: torch.device):
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer over `params`: torch AdamW, or bitsandbytes' 8-bit (paged) AdamW."""
+    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "betas": cfg.adam_betas, "eps": cfg.adam_eps}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer](
+        params, **kwargs)
+
+
+class Strategy:
+    """Wraps the model for distributed training; one optimizer step per `train_step` call, `total_steps` in all."""
+
+    def __init__(self, model: torch.nn.Module, recipe: FinetuneRecipe, world_size: int, device: torch.device,
+                 total_steps: int):
         self.recipe, self.world_size, self.device = recipe, world_size, device
+        schedule = lr_lambda(recipe.train, total_steps)
         self.use_deepspeed = recipe.deepspeed.enabled
         params = [p for p in model.parameters() if p.requires_grad]
         if self.use_deepspeed:
@@ -52,11 +74,13 @@ class Strategy:
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
             import deepspeed
 
+            client = build_optimizer(params, recipe.train) if recipe.train.optimizer != "adamw" else None
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,
                 model_parameters=params,
+                optimizer=client,
                 config=deepspeed_config(recipe, world_size),
-                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.train)),
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             )
             self.module = self.engine.module
         else:
@@ -66,11 +90,13 @@ class Strategy:
                 if world_size > 1 and dist.is_initialized() else model
             )
             self.module = model
-            self.optimizer = torch.optim.AdamW(
-                params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay,
-                betas=recipe.train.adam_betas, eps=recipe.train.adam_eps,
-            )
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.train))
+            self.optimizer = build_optimizer(params, recipe.train)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        # Mixed precision on the plain path (fp32 weights from `weights_dtype`); DeepSpeed casts by its config.
+        mixed = not self.use_deepspeed and recipe.model.dtype != "float32" and recipe.train.method != "qlora"
+        self.compute_dtype = _COMPUTE_DTYPES[recipe.model.dtype] if mixed else None
+        # float16 (GPU only) underflows without loss scaling; bfloat16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
 
     @property
     def zero3(self) -> bool:
@@ -81,7 +107,8 @@ class Strategy:
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        return self.engine(**batch).loss
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+            return self.engine(**batch).loss
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Forward/backward every micro-batch, then one optimizer step; returns (mean loss, grad norm)."""
@@ -93,14 +120,21 @@ class Strategy:
                 self.engine.backward(loss)  # scales by accumulation steps itself
                 self.engine.step()  # steps the optimizer only at the accumulation boundary
             else:
-                (loss / len(micro_batches)).backward()
+                scaled = loss / len(micro_batches)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.item())
         if self.use_deepspeed:
             grad_norm = self.engine.get_global_grad_norm()
         else:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
             trainable = [p for p in self.module.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.recipe.train.max_grad_norm)
-            self.optimizer.step()
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), float(grad_norm if grad_norm is not None else float("nan"))
