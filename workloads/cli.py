@@ -137,6 +137,44 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from workloads import chat
+    from workloads.config import RecipeError
+
+    if bool(args.url) == bool(args.model_dir):
+        raise RecipeError("fields '--url' and '--model-dir': give exactly one (a served endpoint or a local model)")
+    if args.url:
+        reply, model = chat.served_model(args.url, args.model, chat.api_key_from(args.api_key_env),
+                                         args.max_tokens, args.temperature)
+        where = f"{model} at {args.url}"
+    else:
+        if args.model_dir == "tiny":
+            from workloads.config import TinyModelConfig
+            from workloads.models import build_tiny_model
+
+            model_dir = str(build_tiny_model(TinyModelConfig()))
+        else:
+            model_dir = chat.checked_dir(args.model_dir, "--model-dir", "config.json")
+        adapter = chat.checked_dir(args.adapter, "--adapter", "adapter_config.json") if args.adapter else None
+        reply = chat.local_model(model_dir, adapter, args.max_tokens, args.temperature)
+        where = model_dir + (f" + {adapter}" if adapter else "")
+    print(f"[llmc] chatting with {where}; {chat.COMMANDS_HELP}", file=sys.stderr, flush=True)
+    chat.converse(reply, system=args.system)
+    return 0
+
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default=None, help="with --url: the model or adapter name (default: the first listed)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
+                   help="with --url: the environment variable holding the API key (default OPENAI_API_KEY)")
+    p.add_argument("--model-dir", default=None, help="a local model directory (or 'tiny'), run with transformers")
+    p.add_argument("--adapter", default=None, help="with --model-dir: a PEFT adapter directory on top of it")
+    p.add_argument("--system", default=None, help="a system prompt for every conversation")
+    p.add_argument("--max-tokens", type=int, default=128, help="reply length limit (tokens)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+
+
 # name -> (help, argument setup, handler). Add a workload by adding a row.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "validate": (
@@ -174,6 +212,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             p.add_argument("--adapter", default=None, help="adapters.paths NAME (or a PEFT dir) for every row"),
         ),
         _cmd_generate,
+    ),
+    "chat": (
+        "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",
+        _chat_arguments,
+        _cmd_chat,
     ),
     "make-tiny-model": (
         "build the tiny Llama and tokenizer (cached) and print its directory",
