@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -80,54 +79,12 @@ def assert_stopped_cleanly(returncode: int | None, output: str, sid: int) -> Non
     assert not left, "left behind:\n" + "\n".join(f"{pid} {args[:160]}" for pid, args in left)
 
 
-@dataclass
-class EmbeddedRuns:
-    serve: ServeProcess
-    finetune: subprocess.Popen
-    finetune_dir: Path
-    finetune_log: Path
-
-
-@pytest.fixture(scope="module")
-def embedded(tiny_model_dir, tmp_path_factory):
-    """`llmc serve` and `llmc finetune`, each on its own embedded Ray, started together so that their Ray
-    start-ups overlap (two local Rays on one machine is also what a user running both gets)."""
-    root = tmp_path_factory.mktemp("embedded")
-    adapter = random_adapter(tiny_model_dir, root / "arith")  # the adapter path: local S3 endpoint included
+@pytest.mark.slow
+def test_sigterm_stops_serve_on_embedded_ray_cleanly(tiny_model_dir, tmp_path):
+    adapter = random_adapter(tiny_model_dir, tmp_path / "arith")  # the adapter path: local S3 endpoint included
     server = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={adapter}"],
                           env={**embedded_env(), "LLMC_API_KEYS": ""})
-    run_dir, log = root / "run", root / "finetune.log"
-    command = [sys.executable, "-m", "workloads.cli", "finetune", str(FINETUNE_RECIPE), "--output-dir", str(run_dir),
-               "--set", "train.max_steps=100000", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000"]
-    with log.open("w") as out:
-        finetune = subprocess.Popen(command, cwd=REPO, env=embedded_env(), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-    yield EmbeddedRuns(server, finetune, run_dir, log)
-    for proc in (server.proc, finetune):  # whatever a failed test left running
-        if proc.poll() is None:
-            kill_session(proc.pid)
-
-
-@pytest.mark.slow
-def test_sigterm_stops_finetune_mid_training_cleanly(embedded):
-    proc, sid = embedded.finetune, embedded.finetune.pid  # start_new_session: the session id is its pid
-    try:
-        first = wait_for_checkpoint(embedded.finetune_dir, proc, timeout_s=600)
-        assert first is not None, "no checkpoint before it ended:\n" + embedded.finetune_log.read_text()[-6000:]
-        proc.send_signal(signal.SIGTERM)
-        returncode = proc.wait(timeout=EXIT_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            kill_session(sid)
-    output = embedded.finetune_log.read_text()
-    assert "training stopped; its checkpoints stay in" in output, output[-6000:]
-    assert not (embedded.finetune_dir / "summary.json").exists()  # stopped mid-run, not finished
-    assert_stopped_cleanly(returncode, output, sid)
-
-
-@pytest.mark.slow
-def test_sigterm_stops_serve_on_embedded_ray_cleanly(embedded):
-    server, sid = embedded.serve, embedded.serve.proc.pid
+    sid = server.proc.pid  # start_new_session: the session id is the driver's pid
     try:
         server.wait_ready(timeout_s=600)
         assert len(session_processes(sid)) > 5  # embedded Ray really runs in this session
@@ -138,6 +95,30 @@ def test_sigterm_stops_serve_on_embedded_ray_cleanly(embedded):
             kill_session(sid)
     output = "".join(server.lines)
     assert "[llmc] stopping ..." in output  # the app was deleted before Ray shut down
+    assert_stopped_cleanly(returncode, output, sid)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_finetune_mid_training_cleanly(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "finetune.log"
+    command = [sys.executable, "-m", "workloads.cli", "finetune", str(FINETUNE_RECIPE), "--output-dir", str(run_dir),
+               "--set", "train.max_steps=100000", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=embedded_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    sid = proc.pid
+    try:
+        first = wait_for_checkpoint(run_dir, proc, timeout_s=600)
+        assert first is not None, f"no checkpoint before the process ended:\n{log.read_text()[-6000:]}"
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=EXIT_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            kill_session(sid)
+    output = log.read_text()
+    assert "training stopped; its checkpoints stay in" in output, output[-6000:]
+    assert not (run_dir / "summary.json").exists()  # stopped mid-run, not finished
     assert_stopped_cleanly(returncode, output, sid)
 
 
