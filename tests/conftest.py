@@ -34,11 +34,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-# How often the session cluster's processes export metrics to their node (Ray's default is 10 s): tests that
-# read the export wait for it, so a shorter interval keeps them short.
-METRICS_EXPORT_S = 2
-
-
 @dataclass(frozen=True)
 class RayCluster:
     address: str  # GCS address for ray.init / RAY_ADDRESS
@@ -86,8 +81,7 @@ def ray_cluster(tiny_model_dir) -> RayCluster:
          "--num-cpus=8", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
         # Jobs run `python -m workloads.cli`: this venv's python must come first on the cluster's PATH.
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-             "RAY_metrics_report_interval_ms": str(METRICS_EXPORT_S * 1000)},
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
     )
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}",
                          f"http://127.0.0.1:{metrics_port}/metrics", temp_dir, proc.pid)
