@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, WATCHED_STEPS, run_llmc, session_processes
+from tests.conftest import REPO, WATCHED_STEPS, read_metrics_csv, run_llmc, session_processes
 
 pytestmark = pytest.mark.slow
 CONFIGS = REPO / "workloads" / "configs"
@@ -38,11 +37,6 @@ def checkpoint_dirs(out: Path, run: str = "tiny-lora") -> list[Path]:
     return sorted(c for c in (out / "checkpoints" / run).glob("checkpoint_*") if c.is_dir())
 
 
-def read_metrics(out: Path) -> list[dict]:
-    with (out / "metrics.csv").open() as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     out = tmp_path / "lora"
     summary, printed = run_finetune("tiny-lora.yaml", out, "run.merge_adapter=true", "train.max_steps=30",
@@ -56,7 +50,7 @@ def test_lora_zero2_two_workers_learns_and_merges(ray_cluster, tmp_path):
     assert summary["final_eval_loss"] < 0.85 * summary["initial_eval_loss"], summary
     assert summary["steps"] == 30 and summary["tokens_per_second"] > 0
     assert (out / "loss_curve.png").stat().st_size > 0 and (out / "recipe.yaml").exists()
-    assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, 31))
+    assert [int(r["step"]) for r in read_metrics_csv(out)] == list(range(1, 31))
     kept = checkpoint_dirs(out)
     assert len(kept) == 2 and [(c / "model").exists() for c in kept] == [False, True]  # HF export: last only
 
@@ -91,7 +85,7 @@ def test_full_finetune_zero3_lowers_the_loss(ray_cluster, tmp_path, monkeypatch)
     assert schedule == (30, 30, 125, 0.24), summary
     assert summary["stopped_early"] is False and 0.0 <= summary["final_eval_exact_match"] <= 1.0
     assert summary["final_eval_perplexity"] == pytest.approx(math.exp(summary["final_eval_loss"]))
-    rows = {int(r["step"]): r for r in read_metrics(out)}
+    rows = {int(r["step"]): r for r in read_metrics_csv(out)}
     assert rows[15]["eval_exact_match"] != "" and rows[16]["eval_exact_match"] == ""  # measured at evals only
     # keep_best: checkpoints at each new best (15, maybe 30) and every 20 steps; Ray Train keeps the 2 best-ranked
     # and the newest, so step 15's stays and step 20's (the newest-2 rule would keep it) is gone.
@@ -159,7 +153,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     failures = [r for r in summary["restarts"] if r["via"] == "failure"]
     assert failures and failures[0]["from_step"] >= 10, summary["restarts"]  # it did not start over
     # One row per step: steps before the checkpoint come from it, the rest were trained after the restart.
-    assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, steps + 1))
+    assert [int(r["step"]) for r in read_metrics_csv(out)] == list(range(1, steps + 1))
 
 
 def test_ddp_run_resumes_from_an_explicit_checkpoint(watched_finetune, tmp_path):
@@ -172,6 +166,6 @@ def test_ddp_run_resumes_from_an_explicit_checkpoint(watched_finetune, tmp_path)
                       "train.checkpoint_every=6", "model.dtype=bfloat16",
                       f"run.resume_from={watched_finetune['checkpoint']}")
     assert second["steps"] == steps and second["restarts"] == [{"from_step": WATCHED_STEPS, "via": "resume_from"}]
-    rows = read_metrics(tmp_path / "b")
+    rows = read_metrics_csv(tmp_path / "b")
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
