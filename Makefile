@@ -29,7 +29,7 @@ demo: setup
 	$(PY) -m workloads.demo
 
 test: setup
-	$(PY) -m pytest -x -q
+	$(PY) -m pytest -x -q --durations=40
 
 bench: setup
 	$(PY) -m bench.finetune_bench
