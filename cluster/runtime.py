@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -43,6 +44,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
             context = _init(address=address, **options)
         else:
             _embedded.set()  # before init: processes of an interrupted init are stopped by `shutdown` too
+            _interpreter_tools_first()
             context = _init(
                 num_cpus=num_cpus or max(os.cpu_count() or 1, DEFAULT_LOCAL_CPUS),
                 object_store_memory=DEFAULT_OBJECT_STORE_BYTES,
@@ -61,6 +63,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         f"{where} (node {ctx.get_node_id()[:8]}, {resources.get('CPU', 0):g} CPUs, "
         f"{resources.get('GPU', 0):g} GPUs{', dashboard ' + dashboard if dashboard else ''})"
     )
+
+
+def _interpreter_tools_first() -> None:
+    """Put this interpreter's bin directory first on PATH, for the workers an embedded Ray starts with our env.
+
+    DeepSpeed builds its CPU ops with the `ninja` on PATH; a venv's ninja and the system's hash build commands
+    differently, so every switch between them rebuilt the op (~30 s on 2 cores), and without a system ninja
+    the build failed.
+    """
+    tools = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != tools:
+        os.environ["PATH"] = os.pathsep.join([tools, os.environ.get("PATH", "")])
 
 
 def dashboard_url() -> str:
