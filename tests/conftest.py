@@ -32,6 +32,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The session's `ray start` head enforces token auth (Ray 2.60 default); this process and every
 # subprocess driver must send the token, and Ray reads this once, when it is first imported.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# This venv's tools first for every process the suite starts (as `llmc` does for an embedded Ray): DeepSpeed
+# builds its CPU ops with the `ninja` on PATH, and a second ninja would rebuild them (cluster/runtime.py).
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class RayCluster:
 
 _BUILD_LOG = Path(tempfile.gettempdir()) / f"llmc-tiny-build-{os.getpid()}.log"
 _model_build: subprocess.Popen | None = None  # the tiny model building in the background, if it was not cached
+_ray_head: tuple[subprocess.Popen, RayCluster, Path] | None = None  # started at collection, not yet handed out
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +67,27 @@ def tiny_model_dir() -> Path:
 def ray_cluster(tiny_model_dir) -> RayCluster:
     """A local head node with 8 logical CPUs (training workers, Serve ingress and engines share it).
 
-    On a machine that never ran Ray there is no token yet and `ray start --head` would exit 1: create it first.
+    Collection started it (`_start_ray_head`) while the tiny model builds; this waits for its dashboard.
     """
+    global _ray_head
+    if _ray_head is None:
+        _start_ray_head()
+    (proc, cluster, log), _ray_head = _ray_head, None
+    _wait_for_dashboard(cluster.dashboard_url, proc, log)
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = cluster.address
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None) if previous is None else os.environ.update(RAY_ADDRESS=previous)
+    _stop_session(proc)
+
+
+def _start_ray_head() -> None:
+    """`ray start --head` in a process session of its own. On a machine that never ran Ray there is no token
+    yet and it would exit 1: the token is created first."""
+    global _ray_head
     from cluster.auth import ensure_auth_token
 
     ensure_auth_token()
@@ -80,20 +103,10 @@ def ray_cluster(tiny_model_dir) -> RayCluster:
          f"--dashboard-agent-listen-port={agent_port}",
          "--num-cpus=8", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-        # Jobs run `python -m workloads.cli`: this venv's python must come first on the cluster's PATH.
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+        env=os.environ.copy(),  # this venv first on PATH: jobs run `python -m workloads.cli`
     )
-    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}",
-                         f"http://127.0.0.1:{metrics_port}/metrics", temp_dir, proc.pid)
-    _wait_for_dashboard(cluster.dashboard_url, proc, log)
-    previous = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = cluster.address
-    yield cluster
-    import ray
-
-    ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None) if previous is None else os.environ.update(RAY_ADDRESS=previous)
-    _stop_session(proc)
+    _ray_head = (proc, RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}",
+                                  f"http://127.0.0.1:{metrics_port}/metrics", temp_dir, proc.pid), log)
 
 
 WATCHED_STEPS = 10
@@ -206,7 +219,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`-m "not slow"` stays fast: every test on the session's Ray cluster (Serve, vLLM, Train) is slow.
 
     Tests that need no tiny model run first, while a subprocess pretrains it (about 2 minutes on one core the
-    first time on a machine); the `tiny_model_dir` fixture waits for that build.
+    first time on a machine); the `tiny_model_dir` fixture waits for that build. The other core meanwhile starts
+    the session's Ray head and builds DeepSpeed's CPU op that every DeepSpeed run loads.
     """
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
@@ -215,6 +229,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item in needs_model)  # stable: module order is kept within each group
     if needs_model:
         _start_model_build()
+    if any("ray_cluster" in getattr(item, "fixturenames", ()) for item in items):
+        _start_ray_head()
+        _start_op_build()
 
 
 def _start_model_build() -> None:
@@ -229,6 +246,17 @@ def _start_model_build() -> None:
                                         stdout=log, stderr=subprocess.STDOUT)
 
 
+def _start_op_build() -> None:
+    """Compile DeepSpeed's shared-memory comm op (its CPU backend loads it at init; ~1 min of one core the first
+    time on a machine, cached under ~/.cache/torch_extensions) at low priority, one compile job at a time. A run
+    that needs it first waits on the build's lock instead of compiling it again."""
+    code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+    subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", code], cwd=REPO, env={**os.environ, "MAX_JOBS": "1"},
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def pytest_sessionfinish() -> None:
     if _model_build is not None and _model_build.poll() is None:  # the run ended before any test needed it
         _model_build.kill()
+    if _ray_head is not None:  # started at collection, never handed to a test
+        _stop_session(_ray_head[0])
