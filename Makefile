@@ -19,11 +19,9 @@ $(STAMP): pyproject.toml Makefile scripts/pip_config_for_uv.py
 	# uv installs the ~200 packages about 4x faster than pip (no bytecode compiling up front); it does not read
 	# pip's config, so pip's indexes, find-links and constraints are handed to it. Without uv, pip does it all.
 	$(PIP) install -q --no-compile uv || true
-	if test -x $(UV); then \
-	  flags="$$($(PY) scripts/pip_config_for_uv.py)"; \
+	if test -x $(UV) && flags="$$($(PY) scripts/pip_config_for_uv.py)" && \
 	  $(UV) pip install -q --python $(PY) $$flags torch==2.13.0 && \
-	  $(UV) pip install -q --python $(PY) $$flags -e ".[$(EXTRA),dev]"; \
-	else \
+	  $(UV) pip install -q --python $(PY) $$flags -e ".[$(EXTRA),dev]"; then :; else \
 	  $(PIP) install -q torch==2.13.0 && $(PIP) install -q -e ".[$(EXTRA),dev]"; \
 	fi
 ifeq ($(EXTRA),cpu)

@@ -34,7 +34,8 @@ def _exists(location: str) -> bool:
 def main() -> None:
     flags = [f"{_FLAGS[option]}={location}" for option, values in _settings().items()
              for location in values.split() if _exists(location)]
-    print(shlex.join(flags))
+    # pip takes the best match over all its indexes; uv by default only the first index that has the package.
+    print(shlex.join([*flags, "--index-strategy=unsafe-best-match"] if flags else flags))
 
 
 if __name__ == "__main__":
