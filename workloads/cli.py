@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import workloads.prompting.recipe  # noqa: F401  (registers kind: eval)
 from workloads.config import load_recipe
 from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
 
@@ -79,6 +80,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from workloads.generate import run
 
     run(recipe, Path(args.input), Path(args.output), adapter=args.adapter)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, kind="eval")
+    from workloads.prompting.harness import run
+
+    run(recipe, output_dir=args.output_dir, address=args.address)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.kind != "prompt_search":
+        from workloads.config import RecipeError
+
+        raise RecipeError(f"{args.recipe}: field 'kind': got {recipe.kind!r}; llmc search runs: prompt_search")
+    from workloads.search import run
+
+    run(recipe, output_dir=args.output_dir, address=args.address)
     return 0
 
 
@@ -212,6 +233,16 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             p.add_argument("--adapter", default=None, help="adapters.paths NAME (or a PEFT dir) for every row"),
         ),
         _cmd_generate,
+    ),
+    "eval": (
+        "score prompt variants on a JSONL test set through an OpenAI-compatible endpoint (ours by default)",
+        lambda p: (recipe_arguments(p), p.add_argument("--output-dir", default=None, help="results directory")),
+        _cmd_eval,
+    ),
+    "search": (
+        "Ray Tune over prompt variants (ASHA on dev cases scored); the winner scored on the test split",
+        lambda p: (recipe_arguments(p), p.add_argument("--output-dir", default=None, help="results directory")),
+        _cmd_search,
     ),
     "chat": (
         "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",

@@ -36,7 +36,9 @@ class RecipeError(ValueError):
 _NAME = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A recipe block: unknown fields are errors (a typo never passes silently); assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -45,7 +47,7 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-class TinyModelConfig(_Strict):
+class TinyModelConfig(StrictModel):
     """The Llama built on the spot when `model.name` is `tiny`: its shape, then its pretraining.
 
     It is pretrained once, single process, on generated addition chats in its own phrasing ("What is 49 plus
@@ -78,7 +80,7 @@ class TinyModelConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     name: str = Field(..., description="`tiny` (built locally and cached), a hub id, or a local directory.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -104,7 +106,7 @@ _FORMAT_HELP = "alpaca: instruction/input/output; messages: OpenAI chat; sharegp
 _SOURCES = ("path", "data_files", "hub")
 
 
-class _DatasetSource(_Strict):
+class _DatasetSource(StrictModel):
     """Where one dataset's rows come from, and which of its columns hold its format's fields."""
 
     path: str | None = Field(
@@ -287,7 +289,7 @@ def resolve_path(value: str) -> Path | None:
     return None
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictModel):
     r: int = Field(8, ge=1, description="Adapter rank.")
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -302,7 +304,7 @@ class LoraConfig(_Strict):
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
 
 
-class QuantizationConfig(_Strict):
+class QuantizationConfig(StrictModel):
     """bitsandbytes 4-bit base weights for QLoRA."""
 
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -312,7 +314,7 @@ class QuantizationConfig(_Strict):
     )
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedConfig(StrictModel):
     enabled: bool = Field(True, description="False: plain PyTorch DDP.")
     stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Optimizer states in CPU memory (stage 1-3).")
@@ -327,7 +329,7 @@ class DeepSpeedConfig(_Strict):
         return self
 
 
-class ScalingConfig(_Strict):
+class ScalingConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1, description="Logical CPUs per worker; also its torch threads.")
@@ -338,7 +340,7 @@ class ScalingConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     method: Literal["full", "lora", "qlora"] = Field(..., description="What is trained.")
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer steps; set this or num_epochs (exactly one decides the run's length)."
@@ -395,7 +397,7 @@ EVAL_METRIC_MODES: dict[str, Literal["min", "max"]] = {
 }
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """What each evaluation (every `train.eval_every` steps, and at the last) measures beyond eval loss and
     perplexity, and what it decides: early stopping and the checkpoint the model is exported from."""
 
@@ -442,7 +444,7 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": (
                     "wandb": ("wandb", "wandb")}
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     """Experiment trackers that rank 0 of training logs to: the resolved recipe once, metrics every step."""
 
     backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
@@ -473,7 +475,7 @@ class TrackingConfig(_Strict):
         return value
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     name: str = Field("run", pattern=_NAME, description="Run directory name.")
     output_dir: str = Field("runs", description="Parent of the run directory (summary, plots, model).")
     storage_path: str | None = Field(
@@ -496,7 +498,7 @@ class RunConfig(_Strict):
 # ---------------------------------------------------------------------------------------------
 
 
-class FinetuneRecipe(_Strict):
+class FinetuneRecipe(StrictModel):
     kind: Literal["finetune"] = "finetune"
     model: ModelConfig
     data: DataConfig
@@ -544,7 +546,7 @@ class FinetuneRecipe(_Strict):
         return self
 
 
-RECIPES: dict[str, type[_Strict]] = {"finetune": FinetuneRecipe}
+RECIPES: dict[str, type[StrictModel]] = {"finetune": FinetuneRecipe}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +622,7 @@ def dump_recipe(recipe: BaseModel, path: Path) -> None:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictModel):
     """vLLM engine knobs; continuous batching is the engine's, these bound it."""
 
     model_id: str = Field("tiny", pattern=_NAME, description="Name clients send as `model`; adapters: MODEL_ID:NAME.")
@@ -636,7 +638,7 @@ class EngineConfig(_Strict):
     seed: int = Field(0, description="Engine sampling seed.")
 
 
-class ServeResourcesConfig(_Strict):
+class ServeResourcesConfig(StrictModel):
     """Resources of each engine worker (one per tensor x pipeline rank) of one replica."""
 
     use_gpu: bool = False
@@ -648,7 +650,7 @@ class ServeResourcesConfig(_Strict):
     )
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictModel):
     """Replica count and backpressure of the model deployment (Ray Serve autoscaling)."""
 
     min_replicas: int = Field(1, ge=0, le=256, description="Replicas kept even when idle (0: scale to zero).")
@@ -673,7 +675,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class AdaptersConfig(_Strict):
+class AdaptersConfig(StrictModel):
     """LoRA adapters served by name beside the base model, from an object store."""
 
     enabled: bool = Field(True, description="Serve LoRA adapters (vLLM enable_lora).")
@@ -704,7 +706,7 @@ class AdaptersConfig(_Strict):
         return self
 
 
-class ServerConfig(_Strict):
+class ServerConfig(StrictModel):
     host: str = Field("127.0.0.1", description="HTTP bind address; anything but loopback needs an API key.")
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[SecretStr] = Field(
@@ -722,11 +724,11 @@ class ServerConfig(_Strict):
     ingress_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP router (cache is per replica).")
 
 
-class CacheConfig(_Strict):
+class CacheConfig(StrictModel):
     max_entries: int = Field(1024, ge=0, description="Deterministic (temperature 0) answers kept; 0 turns it off.")
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(StrictModel):
     """Defaults of `llmc generate`; a prompt row may override each one."""
 
     max_tokens: int = Field(64, ge=1, description="Generated tokens per sample.")
@@ -737,7 +739,7 @@ class SamplingConfig(_Strict):
     seed: int | None = Field(0, description="Per-request seed: same seed, same samples.")
 
 
-class ServeRecipe(_Strict):
+class ServeRecipe(StrictModel):
     kind: Literal["serve"] = "serve"
     model: ModelConfig
     engine: EngineConfig = Field(default_factory=EngineConfig)

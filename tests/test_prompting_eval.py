@@ -1,0 +1,75 @@
+"""Prompt evaluation end to end: `llmc eval` against the session's served tiny model (tests/conftest.py `server`,
+whose `tiny:arith` adapter is the session's trained LoRA run), and our client against that server shedding load."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import REPO, run_llmc
+from workloads.config import load_recipe
+from workloads.prompting.client import AsyncLLMClient
+
+EVAL_RECIPE = REPO / "workloads/configs/tiny-eval.yaml"
+SERVE_RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
+
+
+def test_llmc_eval_scores_prompt_variants_and_the_fine_tuned_adapter_beats_the_base(server, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", str(EVAL_RECIPE), "--output-dir", str(out), "--set", f"endpoint.base_url={server.base}/v1",
+            "--set", "endpoint.api_key_env=LLMC_EVAL_KEY"]
+    env = {"LLMC_EVAL_KEY": server.key, "LLMC_CACHE": str(tmp_path / "cache")}
+    result = run_llmc(*args, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {row["variant"]: row for row in summary["variants"]}
+    cases = 50
+    assert list(rows) == ["base", "base-styled", "base-few-shot", "adapter", "adapter-voted"]
+    for row in rows.values():
+        assert row["n"] == cases and row["failures"] == 0, row
+        assert 0 <= row["ci95_low"] <= row["accuracy"] <= row["ci95_high"] <= 1, row
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0 and "mean_contains" in row
+    # The base model cannot do the bundled phrasing; the adapter trained on it can, well outside both intervals.
+    assert rows["base"]["accuracy"] <= 0.1, rows["base"]
+    assert rows["adapter"]["ci95_low"] > rows["base"]["ci95_high"], (rows["base"], rows["adapter"])
+    assert summary["best_variant"] in ("adapter", "adapter-voted")
+    assert len({row["accuracy"] for row in rows.values()}) > 1  # variants score differently
+    records = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert len(records) == 5 * cases
+    voted = [r for r in records if r["variant"] == "adapter-voted"]
+    assert all(len(r["samples"]) == 5 and 0 < r["confidence"] <= 1 for r in voted)  # one request with n=5 each
+    adapter_hits = sum(r["passed"] for r in records if r["variant"] == "adapter")
+    assert adapter_hits == round(rows["adapter"]["accuracy"] * cases)  # the summary counts the records
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "variants.csv").exists()
+    assert "best: " in result.stdout and "adapter" in result.stdout
+    # Temperature-0 requests are cached on disk: a rerun asks the server only for the sampled variant.
+    again = run_llmc(*args, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["cache_hits"] == 4 * cases and rerun["http_requests"] == cases
+    assert {r["variant"]: r["accuracy"] for r in rerun["variants"]}["adapter"] == rows["adapter"]["accuracy"]
+
+
+def test_a_bad_prompt_name_or_test_set_field_is_refused_before_any_request(tmp_path):
+    nowhere = "endpoint.base_url=http://127.0.0.1:9/v1"  # never asked: the recipe fails first
+    bad_prompt = run_llmc("eval", str(EVAL_RECIPE), "--output-dir", str(tmp_path / "a"),
+                          "--set", nowhere, "--set", "variants=[{name: x, prompt: nope}]")
+    assert bad_prompt.returncode == 2 and "nope" in bad_prompt.stderr and "arithmetic-bundled" in bad_prompt.stderr
+    bad_field = run_llmc("eval", str(EVAL_RECIPE), "--output-dir", str(tmp_path / "b"),
+                         "--set", nowhere, "--set", "test_set.reference_field=answer")
+    assert bad_field.returncode == 2 and "test_set.reference_field" in bad_field.stderr, bad_field.stderr
+
+
+def test_the_client_gets_every_case_answered_by_a_server_shedding_load_with_503(server, tmp_path):
+    """Twice the server's queue at once: it sheds with 503; the client halves its concurrency, backs off and retries
+    until every request is answered."""
+    limits = load_recipe(SERVE_RECIPE).autoscaling
+    burst = 2 * (limits.max_ongoing_requests + limits.max_queued_requests)
+    client = AsyncLLMClient(f"{server.base}/v1", model="tiny", api_key=server.key, max_concurrency=burst,
+                            max_retries=30, backoff_s=0.5, max_backoff_s=5, cache=False)
+    requests = [{"messages": [{"role": "user", "content": f"{i} + 1"}], "max_tokens": 96, "temperature": 1.0,
+                 "extra_body": {"ignore_eos": True}} for i in range(burst)]
+    results = client.run_all(requests)
+    print(f"\n{burst} requests: {client.stats.retries} retries, concurrency limit {client.stats.limit_history}")
+    assert [r.error for r in results] == [None] * burst
+    assert all(r.completion_tokens == 96 for r in results)
+    assert client.stats.retries > 0 and min(client.stats.limit_history) < burst  # it was shed, and slowed down

@@ -1,0 +1,40 @@
+"""`llmc search` end to end: Ray Tune trials on the session's cluster, each scoring a prompt variant through the
+session's served tiny model (tests/conftest.py `server`); ASHA stops weak variants after a few dev cases."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import REPO, run_llmc
+
+SEARCH_RECIPE = REPO / "workloads/configs/tiny-search.yaml"
+
+
+def test_prompt_search_stops_weak_variants_early_and_the_winner_is_scored_on_the_test_split(server, tmp_path):
+    out = tmp_path / "search"
+    result = run_llmc("search", str(SEARCH_RECIPE), "--output-dir", str(out),
+                      "--set", f"endpoint.base_url={server.base}/v1", "--set", "endpoint.api_key_env=LLMC_SEARCH_KEY",
+                      env={"LLMC_SEARCH_KEY": server.key, "LLMC_CACHE": str(tmp_path / "cache")}, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == summary["variants"] == 10 and not [t for t in trials if t["error"]]
+    dev_cases = summary["dev_cases"]
+    assert dev_cases == 40 and summary["test_cases"] == 100
+    # ASHA: some trials stopped at a rung (10 or 20 cases), and every trial scored at least the grace period.
+    stopped = [t for t in trials if t["stopped_early"]]
+    assert stopped and all(t["cases"] in (10, 20) for t in stopped), [(t["variant"], t["cases"]) for t in trials]
+    assert summary["dev_requests"] < len(trials) * dev_cases  # fewer requests than scoring every variant fully
+    # The winner scored every dev case and is the best of those that did, far above the bundled prompt on the base
+    # model (which cannot read that phrasing): the adapter trained on it, or the base's own phrasing.
+    finished = {t["variant"]: t for t in trials if t["cases"] == dev_cases}
+    assert summary["best_dev_accuracy"] == max(t["accuracy"] for t in finished.values())
+    assert summary["best_dev_accuracy"] >= finished["arithmetic-bundled|t=0|tiny"]["accuracy"] + 0.5, finished
+    low, high = summary["best_test_ci95"]
+    assert summary["best_test_accuracy"] >= 0.5 and low <= summary["best_test_accuracy"] <= high
+    assert (out / "search.png").stat().st_size > 0 and (out / "trials.csv").exists()
+    assert (out / "winner" / "cases.jsonl").read_text().count("\n") == 100
+    assert "best: " in result.stdout and "stopped early" in result.stdout
+    # The key reached the trials (they ran on the cluster, outside this environment) but none of the run's files.
+    leaked = [str(f) for f in out.rglob("*") if f.is_file() and server.key.encode() in f.read_bytes()]
+    assert not leaked, leaked

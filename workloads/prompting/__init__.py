@@ -1,0 +1,1 @@
+"""Prompt engineering: templates, an OpenAI-compatible client, scorers, self-consistency, ReAct and tools."""

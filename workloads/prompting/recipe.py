@@ -1,0 +1,134 @@
+"""Recipe schemas of prompt engineering: `kind: eval` (`llmc eval`), registered beside finetune and serve.
+
+An endpoint is any OpenAI-compatible server (`base_url` and the name of the variable holding its key) or, with
+no `base_url`, the model a serve recipe names, started for the run and stopped after it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from workloads.config import RECIPES, StrictModel, resolve_path
+from workloads.prompting.consistency import AnswerExtraction
+from workloads.prompting.scorers import ScorerConfig
+from workloads.prompting.templates import DEFAULT_LIBRARY
+
+DEFAULT_SERVE_RECIPE = "workloads/configs/serve-tiny.yaml"
+
+
+class EndpointConfig(StrictModel):
+    base_url: str | None = Field(None, description="An OpenAI-compatible /v1 URL; null: start `serve` for the run.")
+    serve: str = Field(DEFAULT_SERVE_RECIPE, description="Serve recipe started when base_url is null.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's key.")
+    model: str = Field("tiny", min_length=1, description="Model name sent when a variant names none.")
+    max_concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at most (halved on 429/503).")
+    max_retries: int = Field(6, ge=0, le=50, description="Retries per request on 429, 5xx and timeouts.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-try request timeout.")
+    cache: bool | None = Field(None, description="Response cache: null caches temperature-0 requests, true all.")
+
+    @model_validator(mode="after")
+    def _served_recipe_exists(self) -> EndpointConfig:
+        if self.base_url is None and resolve_path(self.serve) is None:
+            raise ValueError(f"endpoint.serve: {self.serve!r} not found (or set endpoint.base_url)")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint.base_url: {self.base_url!r} must start with http:// or https://")
+        return self
+
+
+class TestSetConfig(StrictModel):
+    path: str = Field(..., description="JSONL test set: one case (a JSON object) per line.")
+    skip: int = Field(0, ge=0, description="Cases skipped first (a dev and a test split from one file).")
+    limit: int | None = Field(None, ge=1, description="Score only the first N cases (after `skip`).")
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="Template variable -> case field, where their names differ.")
+    reference_field: str = Field("output", min_length=1, description="The case field holding the expected answer.")
+
+    @model_validator(mode="after")
+    def _exists(self) -> TestSetConfig:
+        if resolve_path(self.path) is None:
+            raise ValueError(f"test_set.path: file not found: {self.path!r}")
+        return self
+
+
+class VariantConfig(StrictModel):
+    name: str = Field(..., min_length=1, description="Shown in tables, files and plots.")
+    prompt: str = Field(..., min_length=1, description="Library entry: NAME (latest version) or NAME@VERSION.")
+    model: str | None = Field(None, description="Model or adapter name (BASE:ADAPTER on our server).")
+    k: int | None = Field(None, ge=0, description="Few-shot demonstrations to use (few_shot prompts).")
+    demo_seed: int | None = Field(None, description="Pick the k demonstrations at random with this seed "
+                                                    "(few_shot prompts); null: the first k.")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(32, ge=1, le=4096)
+    n: int = Field(1, ge=1, le=64, description="Samples per case; above 1 the answers are voted (self-consistency).")
+
+
+class EvalRecipe(StrictModel):
+    kind: Literal["eval"] = "eval"
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    test_set: TestSetConfig
+    library: str = Field(str(DEFAULT_LIBRARY), description="YAML prompt library the variants name entries of.")
+    variants: list[VariantConfig] = Field(..., min_length=1)
+    scorers: list[ScorerConfig] = Field(..., min_length=1,
+                                        description="The first is the variant's accuracy; the rest are reported.")
+    extraction: AnswerExtraction = Field(default_factory=AnswerExtraction,
+                                         description="How a voted answer is read from each sample (n > 1).")
+    chunk_size: int = Field(64, ge=1, description="Cases sent together; results reach disk after each chunk.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> EvalRecipe:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: names must be unique, got {names}")
+        if resolve_path(self.library) is None:
+            raise ValueError(f"library: file not found: {self.library!r}")
+        return self
+
+
+RECIPES["eval"] = EvalRecipe
+
+
+class PromptSpace(StrictModel):
+    """The grid searched: every combination of these (combinations a prompt ignores are tried once)."""
+
+    prompt: list[str] = Field(..., min_length=1, description="Library entries (NAME or NAME@VERSION).")
+    k: list[int] = Field([0], min_length=1, description="Few-shot demonstrations (few_shot prompts only).")
+    demo_seed: list[int | None] = Field([None], min_length=1,
+                                        description="Which demonstrations: a seeded pick; null: the first k.")
+    temperature: list[float] = Field([0.0], min_length=1)
+    model: list[str | None] = Field([None], min_length=1, description="Models or adapters (BASE:ADAPTER).")
+    max_tokens: int = Field(32, ge=1, le=4096)
+
+
+class SearchSettings(StrictModel):
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop weak trials after a few cases.")
+    chunk_size: int = Field(10, ge=1, description="Dev cases scored between reports: ASHA's unit of resource.")
+    grace_period: int = Field(10, ge=1, description="Dev cases every trial scores before it may be stopped.")
+    reduction_factor: float = Field(2, gt=1, description="ASHA keeps the top 1/reduction_factor at each rung.")
+    max_concurrent_trials: int = Field(4, ge=1)
+    cpus_per_trial: float = Field(0.5, gt=0, description="Logical CPUs a trial holds (it mostly waits on HTTP).")
+
+
+class PromptSearchRecipe(StrictModel):
+    kind: Literal["prompt_search"] = "prompt_search"
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    dev_set: TestSetConfig = Field(..., description="Cases every trial is scored on (ASHA stops weak ones early).")
+    test_set: TestSetConfig = Field(..., description="Held-out cases only the winner is scored on.")
+    library: str = Field(str(DEFAULT_LIBRARY))
+    space: PromptSpace
+    scorers: list[ScorerConfig] = Field(..., min_length=1, description="The first is the metric searched.")
+    extraction: AnswerExtraction = Field(default_factory=AnswerExtraction)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    name: str = Field("prompt-search", pattern=r"^[A-Za-z0-9_.-]+$", description="The Tune experiment's name.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> PromptSearchRecipe:
+        if resolve_path(self.library) is None:
+            raise ValueError(f"library: file not found: {self.library!r}")
+        if self.search.grace_period < self.search.chunk_size:
+            raise ValueError("search.grace_period must be at least search.chunk_size (one report)")
+        return self
+
+
+RECIPES["prompt_search"] = PromptSearchRecipe
