@@ -16,12 +16,12 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile scripts/pip_config_for_uv.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# uv installs the ~200 packages about 4x faster than pip (no bytecode compiling up front); it does not read
-	# pip's config, so pip's indexes, find-links and constraints are handed to it. Without uv, pip does it all.
+	# uv installs the ~200 packages (and compiles their bytecode on both cores) about 3x faster than pip; it does not
+	# read pip's config, so pip's indexes, find-links and constraints are handed to it. Without uv, pip does it all.
 	$(PIP) install -q --no-compile uv || true
 	if test -x $(UV) && flags="$$($(PY) scripts/pip_config_for_uv.py)" && \
-	  $(UV) pip install -q --python $(PY) $$flags torch==2.13.0 && \
-	  $(UV) pip install -q --python $(PY) $$flags -e ".[$(EXTRA),dev]"; then :; else \
+	  $(UV) pip install -q --compile-bytecode --python $(PY) $$flags torch==2.13.0 && \
+	  $(UV) pip install -q --compile-bytecode --python $(PY) $$flags -e ".[$(EXTRA),dev]"; then :; else \
 	  $(PIP) install -q torch==2.13.0 && $(PIP) install -q -e ".[$(EXTRA),dev]"; \
 	fi
 ifeq ($(EXTRA),cpu)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,9 +20,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
 
 from workloads.objectstore import free_port
+from workloads.serve import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -48,7 +51,8 @@ class RayCluster:
 
 _BUILD_LOG = Path(tempfile.gettempdir()) / f"llmc-tiny-build-{os.getpid()}.log"
 _model_build: subprocess.Popen | None = None  # the tiny model building in the background, if it was not cached
-_ray_head: tuple[subprocess.Popen, RayCluster, Path] | None = None  # started at collection, not yet handed out
+_ray_head: tuple[subprocess.Popen, RayCluster, Path] | None = None  # started early, not yet handed out
+_wants_cluster = False  # some collected test uses the session's Ray cluster
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +61,9 @@ def tiny_model_dir() -> Path:
     from workloads.config import TinyModelConfig
     from workloads.models import build_tiny_model
 
+    if _model_build is not None and _model_build.poll() is None and _ray_head is None and _wants_cluster:
+        _start_ray_head()  # the tests that need no model are done: the other core starts the cluster meanwhile
+        _start_op_build()
     if _model_build is not None and _model_build.wait() != 0:
         pytest.fail(f"building the tiny model failed (exit {_model_build.returncode}):\n"
                     f"{_BUILD_LOG.read_text()[-5000:]}")
@@ -67,7 +74,7 @@ def tiny_model_dir() -> Path:
 def ray_cluster(tiny_model_dir) -> RayCluster:
     """A local head node with 8 logical CPUs (training workers, Serve ingress and engines share it).
 
-    Collection started it (`_start_ray_head`) while the tiny model builds; this waits for its dashboard.
+    Started (`_start_ray_head`) while the tiny model builds, if it was not cached; this waits for its dashboard.
     """
     global _ray_head
     if _ray_head is None:
@@ -164,6 +171,86 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
             "last": last, "status_run": status_run, "status_jobs": (status or {}).get("jobs", [])}
 
 
+LORA_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def lora_run(ray_cluster, tmp_path_factory) -> dict:
+    """The bundled LoRA recipe on 2 workers with ZeRO-2 and 8-bit AdamW, 30 steps, a checkpoint every 5; one worker
+    is SIGKILLed once Ray has registered a checkpoint, so the run restarts from it. Its adapter is the one the test
+    server serves as `tiny:arith` (a trained adapter: prompt evaluations see it beat the base)."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    args = ["finetune", "workloads/configs/tiny-lora.yaml", "--output-dir", str(out)]
+    # Batches of 64: steps slow enough (~0.2 s) that the kill lands well before the last one.
+    for override in ("run.merge_adapter=true", f"train.max_steps={LORA_STEPS}", "train.eval_every=10",
+                     "train.checkpoint_every=5", "train.optimizer=adamw_8bit", "train.micro_batch_size=64"):
+        args += ["--set", override]
+    proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *args], cwd=REPO, env=os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    snapshot = out / "checkpoints" / "tiny-lora" / "checkpoint_manager_snapshot.json"
+    deadline, killed = time.monotonic() + 600, None
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        # Ray Train writes this file once its controller has registered a checkpoint: a restart resumes from it.
+        if _registered_checkpoint(snapshot):
+            workers = [pid for pid, cmd in session_processes(ray_cluster.sid) if cmd.startswith("ray::RayTrainWorker")]
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    printed, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, printed[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"out": out, "steps": LORA_STEPS, "printed": printed, "killed": killed, "summary": summary,
+            "adapter": Path(summary["artifact"])}
+
+
+def _registered_checkpoint(snapshot: Path) -> bool:
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+
+
+ALLOWED_ORIGIN = "https://app.example"  # the one browser origin the test server allows
+SERVE_RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
+
+
+@dataclass
+class Server:
+    base: str  # http://127.0.0.1:PORT
+    key: str
+    process: ServeProcess
+
+    @property
+    def lines(self) -> list[str]:
+        return self.process.lines
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key or self.key, max_retries=0, timeout=300)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, lora_run):
+    """`llmc serve` of the tiny model with `lora_run`'s adapter as `tiny:arith` on the session's cluster, an API key
+    from the environment, the adapter store a local S3 endpoint started by the driver (one vLLM engine start, about
+    a minute on 2 cores, for every test that talks to a served model)."""
+    key = "llmc-test-" + secrets.token_hex(12)
+    process = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={lora_run['adapter']}",
+                                                    "autoscaling.upscale_delay_s=2",
+                                                    f"server.cors_origins=[{ALLOWED_ORIGIN}]"],
+                           env={**os.environ, "LLMC_API_KEYS": key})
+    try:
+        process.wait_ready(timeout_s=600)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield Server(process.base_url, key, process)
+    process.stop()  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
+
+
 def read_metrics_csv(out: Path) -> list[dict]:
     """The rows of a run's metrics.csv (one per step)."""
     with (out / "metrics.csv").open() as handle:
@@ -219,8 +306,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`-m "not slow"` stays fast: every test on the session's Ray cluster (Serve, vLLM, Train) is slow.
 
     Tests that need no tiny model run first, while a subprocess pretrains it (about 2 minutes on one core the
-    first time on a machine); the `tiny_model_dir` fixture waits for that build. The other core meanwhile starts
-    the session's Ray head and builds DeepSpeed's CPU op that every DeepSpeed run loads.
+    first time on a machine); the `tiny_model_dir` fixture waits for that build, and meanwhile has the other core
+    start the session's Ray head and build DeepSpeed's CPU op that every DeepSpeed run loads.
     """
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
@@ -229,9 +316,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item in needs_model)  # stable: module order is kept within each group
     if needs_model:
         _start_model_build()
-    if any("ray_cluster" in getattr(item, "fixturenames", ()) for item in items):
-        _start_ray_head()
-        _start_op_build()
+    global _wants_cluster
+    _wants_cluster = any("ray_cluster" in getattr(item, "fixturenames", ()) for item in items)
 
 
 def _start_model_build() -> None:
@@ -258,5 +344,5 @@ def _start_op_build() -> None:
 def pytest_sessionfinish() -> None:
     if _model_build is not None and _model_build.poll() is None:  # the run ended before any test needed it
         _model_build.kill()
-    if _ray_head is not None:  # started at collection, never handed to a test
+    if _ray_head is not None:  # started early, never handed to a test
         _stop_session(_ray_head[0])

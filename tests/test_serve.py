@@ -1,8 +1,8 @@
 """Serving end to end: `llmc serve` on the session's Ray cluster, answered through the real `openai` client.
 
-One server for the module (a vLLM engine takes about a minute to start on 2 cores): the tiny model
-plus a LoRA adapter with random weights (no training run needed), an API key from the environment,
-the adapter store a local S3 endpoint started by the driver. Tests that need no server come first.
+One server for the session (tests/conftest.py `server`; a vLLM engine takes about a minute to start on 2 cores): the
+tiny model plus the session's trained LoRA adapter, an API key from the environment, the adapter store a local S3
+endpoint started by the driver. Tests that need no server come first.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,18 +23,16 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_llmc
+from tests.conftest import ALLOWED_ORIGIN, REPO, Server, run_llmc
 from workloads.config import load_recipe
 from workloads.plan import serve_plan
 from workloads.reporting import percentile
 from workloads.scoring import final_number
-from workloads.serve import ServeProcess
 
 RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 GPU_RECIPE = REPO / "workloads/configs/llama3-8b-serve.yaml"
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 PROMPT = "12+7="
-ALLOWED_ORIGIN = "https://app.example"  # the one browser origin the test server allows
 
 
 def random_adapter(model_dir: Path, out_dir: Path, seed: int = 1) -> Path:
@@ -125,39 +122,6 @@ def test_tiny_and_gpu_serve_recipes_differ_only_where_scale_does():
 # ---------------------------------------------------------------------------------------------
 # One real server for the rest of the module
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    base: str  # http://127.0.0.1:PORT
-    key: str
-    process: ServeProcess
-
-    @property
-    def lines(self) -> list[str]:
-        return self.process.lines
-
-    def client(self, key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key or self.key, max_retries=0, timeout=300)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
-
-@pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model_dir, tmp_path_factory):
-    adapter = random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "arith")
-    key = "llmc-test-" + secrets.token_hex(12)
-    process = ServeProcess(RECIPE, overrides=[f"adapters.paths.arith={adapter}", "autoscaling.upscale_delay_s=2",
-                                              f"server.cors_origins=[{ALLOWED_ORIGIN}]"],
-                           env={**os.environ, "LLMC_API_KEYS": key})
-    try:
-        process.wait_ready(timeout_s=600)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    yield Server(process.base_url, key, process)
-    process.stop()  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
 
 
 def test_cross_origin_access_only_for_the_recipes_origins_preflight_before_the_key(server):
