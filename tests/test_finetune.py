@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, WATCHED_STEPS, read_metrics_csv, run_llmc
+from tests.conftest import REPO, read_metrics_csv, run_llmc
 
 pytestmark = pytest.mark.slow
 CONFIGS = REPO / "workloads" / "configs"
@@ -121,18 +121,3 @@ def test_qlora_4bit_zero3_lowers_the_loss_and_stops_early(ray_cluster, tmp_path)
     assert summary["best_step"] in (5, 10) and summary["best_metric"] == "eval_loss"
     assert summary["final_eval_loss"] < 0.9 * summary["initial_eval_loss"], summary
     assert (Path(summary["artifact"]) / "adapter_model.safetensors").exists()
-
-
-def test_ddp_run_resumes_from_an_explicit_checkpoint(watched_finetune, tmp_path):
-    """From the shared watched run's final checkpoint (DDP, 10 steps; tests/conftest.py) into a new directory, in
-    bf16 mixed precision (the fp32 weights it saved stay the master weights)."""
-    first = watched_finetune["summary"]
-    assert first["deepspeed_stage"] is None and first["steps"] == WATCHED_STEPS
-    steps = WATCHED_STEPS + 6
-    second = finetune("tiny-lora.yaml", tmp_path / "b", "deepspeed.enabled=false", f"train.max_steps={steps}",
-                      "train.checkpoint_every=6", "model.dtype=bfloat16",
-                      f"run.resume_from={watched_finetune['checkpoint']}")
-    assert second["steps"] == steps and second["restarts"] == [{"from_step": WATCHED_STEPS, "via": "resume_from"}]
-    rows = read_metrics_csv(tmp_path / "b")
-    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
-    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])

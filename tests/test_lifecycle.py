@@ -80,13 +80,19 @@ def assert_stopped_cleanly(returncode: int | None, output: str, sid: int) -> Non
 
 
 @pytest.mark.slow
-def test_sigterm_stops_serve_on_embedded_ray_cleanly(tiny_model_dir, tmp_path):
+def test_sigterm_stops_serve_deploying_on_embedded_ray_cleanly(tiny_model_dir, tmp_path):
     adapter = random_adapter(tiny_model_dir, tmp_path / "arith")  # the adapter path: local S3 endpoint included
     server = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={adapter}"],
                           env={**embedded_env(), "LLMC_API_KEYS": ""})
     sid = server.proc.pid  # start_new_session: the session id is the driver's pid
     try:
-        server.wait_ready(timeout_s=600)
+        # Mid-deploy: the Serve controller, the ingress and the engine replica are starting (docker stop during a
+        # slow start-up); the stop must clean up a half-started app as well as a running one.
+        deadline = time.monotonic() + 600
+        while not any("[llmc] deploying" in line for line in server.lines) and time.monotonic() < deadline:
+            assert server.proc.poll() is None, "".join(server.lines)[-4000:]
+            time.sleep(0.5)
+        time.sleep(8)
         assert len(session_processes(sid)) > 5  # embedded Ray really runs in this session
         server.proc.send_signal(signal.SIGTERM)
         returncode = server.proc.wait(timeout=EXIT_TIMEOUT_S)

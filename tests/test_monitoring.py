@@ -88,8 +88,11 @@ def test_llmc_status_showed_the_running_train_run_with_step_and_loss(watched_fin
 
 
 @pytest.mark.slow
-def test_a_rerun_into_the_same_dir_needs_overwrite_and_starts_fresh_unless_resume_latest(watched_finetune):
-    """Ray Train V2 would continue any run it finds under `storage/name`; llmc asks for it explicitly."""
+def test_a_rerun_needs_overwrite_resume_latest_continues_and_an_explicit_checkpoint_resumes_in_bf16(watched_finetune):
+    """Ray Train V2 would continue any run it finds under `storage/name`; llmc asks for it explicitly. A rerun with
+    `resume_from: latest` continues the run in the directory; without it, the directory is replaced only with
+    `--overwrite`, and then nothing of the old run is continued: here it resumes from an explicit checkpoint (the
+    watched run's final one, DDP, 10 steps) in bf16 mixed precision, its fp32 weights staying the master weights."""
     out, name = watched_finetune["out"], watched_finetune["name"]
     resumed = finetune(out, name, f"train.max_steps={STEPS + 4}", "train.checkpoint_every=2",
                        "run.resume_from=latest")
@@ -97,11 +100,17 @@ def test_a_rerun_into_the_same_dir_needs_overwrite_and_starts_fresh_unless_resum
     assert [int(r["step"]) for r in read_metrics_csv(out)] == list(range(1, STEPS + 5))
     refused = run_llmc("finetune", str(RECIPE), "--output-dir", str(out), "--set", f"run.name={name}")
     assert refused.returncode == 2 and "--overwrite" in refused.stderr  # never replaced silently
-    fresh = finetune(out, name, "train.max_steps=2", "train.checkpoint_every=2", flags=("--overwrite",))
-    assert fresh["restarts"] == [] and fresh["steps"] == 2 and fresh["initial_eval_loss"] is not None
-    assert [int(r["step"]) for r in read_metrics_csv(out)] == [1, 2]
-    kept = [c for c in (out / "checkpoints" / name).glob("checkpoint_*") if c.is_dir()]
-    assert len(kept) == 1 and json.loads((kept[0] / "trainer_state.json").read_text())["step"] == 2
+    steps = STEPS + 6
+    replaced = finetune(out, name, f"train.max_steps={steps}", "train.checkpoint_every=6", "model.dtype=bfloat16",
+                        f"run.resume_from={watched_finetune['checkpoint']}", flags=("--overwrite",))
+    # From the explicit checkpoint (step 10), not from the replaced run's latest (step 14).
+    assert replaced["steps"] == steps and replaced["restarts"] == [{"from_step": STEPS, "via": "resume_from"}]
+    rows = read_metrics_csv(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    kept = [json.loads((c / "trainer_state.json").read_text())["step"]
+            for c in (out / "checkpoints" / name).glob("checkpoint_*") if c.is_dir()]
+    assert sorted(kept) == [12, steps]  # only this run's checkpoints
 
 
 @pytest.mark.slow

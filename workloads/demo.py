@@ -4,7 +4,11 @@
    2 Ray Train workers with DeepSpeed ZeRO-2 (`tiny-lora.yaml`); loss curve, metrics and summary;
 2. serve: deploy `serve-tiny.yaml` with the new adapter (as `tiny:arith`) beside the base model and
    ask both 50 held-out questions through the `openai` client (chat format) and count the answers whose
-   final number is the sum; every answer goes to `demo_answers.json`.
+   final number is the sum; every answer goes to `demo_answers.json`;
+3. evaluate: the prompt variants of `tiny-eval.yaml` on the same endpoint (`eval/`: per-case JSONL, accuracy with
+   95% intervals, a bar chart);
+4. search: `tiny-search.yaml` on Ray Tune, ASHA stopping weak prompt variants early, the winner scored on the
+   test split (`search/`).
 
 `python -m workloads.demo [--output-dir DIR] [--skip-serve]`; `--set key=value` overrides the
 fine-tuning recipe (e.g. `--set train.max_steps=10` for a quick look).
@@ -22,9 +26,12 @@ from pathlib import Path
 
 from workloads.config import REPO_ROOT, load_recipe
 from workloads.data import prompt_messages
+from workloads.prompting.endpoint import Endpoint
 from workloads.scoring import final_number
 
 FINETUNE_RECIPE = REPO_ROOT / "workloads/configs/tiny-lora.yaml"
+EVAL_RECIPE = REPO_ROOT / "workloads/configs/tiny-eval.yaml"
+SEARCH_RECIPE = REPO_ROOT / "workloads/configs/tiny-search.yaml"
 SERVE_RECIPE = REPO_ROOT / "workloads/configs/serve-tiny.yaml"
 QUESTIONS = REPO_ROOT / "workloads/bundled/arithmetic_test.jsonl"
 
@@ -34,13 +41,14 @@ def finetune_stage(output_dir: Path, overrides: list[str], address: str | None =
     from workloads.finetune import run
 
     recipe = load_recipe(FINETUNE_RECIPE, overrides, kind="finetune")
-    print(f"[demo] 1/2 fine-tuning: {FINETUNE_RECIPE.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
+    print(f"[demo] 1/4 fine-tuning: {FINETUNE_RECIPE.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
     return run(recipe, output_dir=str(output_dir), address=address, overwrite=True)  # the demo reruns by design
 
 
-def serve_stage(adapter_dir: Path, questions: int = 50, address: str | None = None) -> dict:
+def serve_stage(adapter_dir: Path, output_dir: Path, questions: int = 50, address: str | None = None) -> dict:
     """Serve base + adapter and ask both `questions` held-out task questions through the openai client, a few
-    at a time; an answer counts when its final number is the sum. Returns the answers and the totals."""
+    at a time; an answer counts when its final number is the sum. Then, on the same endpoint, the prompt
+    evaluation and prompt search stages. Returns the answers and the totals."""
     import openai
 
     from workloads.serve import serving
@@ -50,7 +58,7 @@ def serve_stage(adapter_dir: Path, questions: int = 50, address: str | None = No
     recipe = load_recipe(SERVE_RECIPE, [f"adapters.paths.arith={Path(adapter_dir).resolve()}"], kind="serve")
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()[:questions]]
     models = {"base": recipe.engine.model_id, "fine_tuned": f"{recipe.engine.model_id}:arith"}
-    print(f"[demo] 2/2 serving: {SERVE_RECIPE.relative_to(REPO_ROOT)} with adapter {adapter_dir}", flush=True)
+    print(f"[demo] 2/4 serving: {SERVE_RECIPE.relative_to(REPO_ROOT)} with adapter {adapter_dir}", flush=True)
     with serving(recipe, address=address) as url:
         client = openai.OpenAI(base_url=url, api_key=key)
 
@@ -66,12 +74,32 @@ def serve_stage(adapter_dir: Path, questions: int = 50, address: str | None = No
               flush=True)
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(ask, rows))
-    totals = {f"{field}_correct": sum(final_number(a[field]) == a["expected"] for a in answers) for field in models}
-    _print_answers(answers[:5])
-    print(f"[demo] held-out sums right (final number = sum): base {totals['base_correct']}/{len(rows)}, "
-          f"fine-tuned {totals['fine_tuned_correct']}/{len(rows)}", flush=True)
+        totals = {f"{field}_correct": sum(final_number(a[field]) == a["expected"] for a in answers)
+                  for field in models}
+        _print_answers(answers[:5])
+        print(f"[demo] held-out sums right (final number = sum): base {totals['base_correct']}/{len(rows)}, "
+              f"fine-tuned {totals['fine_tuned_correct']}/{len(rows)}", flush=True)
+        prompt_stages(Endpoint(url, key, recipe.engine.model_id, f"demo|{adapter_dir}|{secrets.token_hex(4)}"),
+                      output_dir, address)
     return {"questions": len(rows), **totals, "scoring": "final number of the answer equals the sum",
             "answers": answers}
+
+
+def prompt_stages(endpoint: Endpoint, output_dir: Path, address: str | None = None) -> None:
+    """Stages 3 and 4 on the served endpoint: prompt variants evaluated, then searched on Ray Tune."""
+    from workloads import search
+    from workloads.prompting import harness
+
+    print(f"[demo] 3/4 evaluating prompt variants: {EVAL_RECIPE.relative_to(REPO_ROOT)}", flush=True)
+    summary = harness.run(load_recipe(EVAL_RECIPE, kind="eval"), output_dir / "eval", endpoint=endpoint, show=False)
+    scores = ", ".join(f"{r['variant']} {r['accuracy']:.2f}" for r in summary["variants"])
+    print(f"[demo] accuracy on {summary['cases']} questions: {scores} -> {output_dir / 'eval'}", flush=True)
+    print(f"[demo] 4/4 prompt search on Ray Tune: {SEARCH_RECIPE.relative_to(REPO_ROOT)}", flush=True)
+    found = search.run(load_recipe(SEARCH_RECIPE, kind="prompt_search"), output_dir / "search", address=address,
+                       endpoint=endpoint, show=False)
+    print(f"[demo] {found['variants']} variants, {found['stopped_early']} stopped early by ASHA; winner "
+          f"{found['best_variant']}: dev {found['best_dev_accuracy']:.2f}, test {found['best_test_accuracy']:.2f} "
+          f"-> {output_dir / 'search'}", flush=True)
 
 
 def _print_answers(answers: list[dict]) -> None:
@@ -105,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C's path; cluster.runtime renews it after ray.init
     try:
         summary = finetune_stage(out, args.overrides, args.address)
-        tally = None if args.skip_serve else serve_stage(Path(summary["artifact"]), address=args.address)
+        tally = None if args.skip_serve else serve_stage(Path(summary["artifact"]), out, address=args.address)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (taking the same path): a requested stop, exit 0 as llmc does
         print("[demo] stopped", flush=True)
         return 0
@@ -116,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[demo] eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} "
           f"in {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s")
     print(f"[demo] results in {out}: summary.json, metrics.csv, loss_curve.png, adapter/ (PEFT), recipe.yaml, "
-          "demo_answers.json")
+          "demo_answers.json, eval/, search/")
     return 0
 
 

@@ -7,6 +7,7 @@ the winner (the best trial that scored every dev case) is then scored on the tes
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -67,8 +68,10 @@ def prompt_trial(config: dict[str, Any], report, *, recipe: PromptSearchRecipe, 
         client.close()
 
 
-def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, address: str | None = None) -> dict:
-    """The search, then the winner on the test split; writes summary.json, trials.csv, search.png."""
+def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, address: str | None = None,
+        endpoint: Endpoint | None = None, show: bool = True) -> dict:
+    """The search, then the winner on the test split; writes summary.json, trials.csv, search.png. An open
+    `endpoint` is used instead of the recipe's; `show` prints the plan and the trials table."""
     from cluster.runtime import connect
     from cluster.tune import grid, run_search
     from workloads.reporting import save_recipe, write_csv
@@ -82,9 +85,12 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
     dev_cases = count_cases(recipe.dev_set)
     stopping = (f"ASHA stops weak ones every {recipe.search.chunk_size} cases" if recipe.search.scheduler == "asha"
                 else "no early stopping")
-    print(f"[llmc] {len(variants)} prompt variants x {dev_cases} dev cases; {stopping}", flush=True)
-    with open_endpoint(recipe.endpoint, address=address) as endpoint:
-        print(f"[llmc] {connect(address)}", flush=True)
+    if show:
+        print(f"[llmc] {len(variants)} prompt variants x {dev_cases} dev cases; {stopping}", flush=True)
+    with contextlib.nullcontext(endpoint) if endpoint else open_endpoint(recipe.endpoint, address) as endpoint:
+        where = connect(address)
+        if show:
+            print(f"[llmc] {where}", flush=True)
         asha = recipe.search.scheduler == "asha"
         outcomes = run_search(
             functools.partial(prompt_trial, recipe=recipe, endpoint=endpoint),
@@ -114,7 +120,8 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_csv([{k: v for k, v in t.items() if k not in ("config", "curve")} for t in trials], out / "trials.csv")
     plot_trials(trials, out / "search.png", dev_cases)
-    _print_trials(summary, out)
+    if show:
+        _print_trials(summary, out)
     return summary
 
 

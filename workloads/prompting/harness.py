@@ -9,7 +9,9 @@ time, for searches that stop weak variants early.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 from workloads.config import RecipeError, resolve_path
 from workloads.prompting.client import AsyncLLMClient, Result
 from workloads.prompting.consistency import AnswerExtraction, majority_vote
+from workloads.prompting.endpoint import Endpoint
 from workloads.prompting.recipe import EvalRecipe, TestSetConfig, VariantConfig
 from workloads.prompting.scorers import Scorer, build_scorer, wilson_interval
 from workloads.prompting.templates import PromptLibrary, PromptTemplate, load_library, select_demonstrations
@@ -145,6 +148,9 @@ def _record(tally: Tally, case: dict, result: Result, scorers: dict[str, Scorer]
             prediction = vote.answer or ""
             record.update(samples=result.texts, confidence=round(vote.confidence, 4), tie=vote.tie)
         record["prediction"] = prediction
+        if "stop_reason" in result.response:  # an agent's episode: how it went, and its transcript
+            record["agent"] = {k: result.response[k] for k in ("steps", "stop_reason", "tool_calls", "format_errors")}
+            record["transcript"] = result.response["messages"]
         scores = {name: float(scorer(prediction, case)) for name, scorer in scorers.items()}
     for name, value in scores.items():
         tally.score_sums[name] = tally.score_sums.get(name, 0.0) + value
@@ -152,6 +158,41 @@ def _record(tally: Tally, case: dict, result: Result, scorers: dict[str, Scorer]
     tally.passed += int(first >= PASS_SCORE)
     record.update(scores=scores, passed=first >= PASS_SCORE, latency_s=round(result.latency_s, 4))
     return record
+
+
+def _run_agents(client: AsyncLLMClient, variant: VariantConfig, requests: list[dict]) -> list[Result]:
+    """One ReAct episode per request (its system message the instructions, its last user turn the question), all
+    concurrently through the client; each becomes a Result whose text is the Final Answer and whose response holds
+    the transcript."""
+    import asyncio
+
+    from workloads.prompting.react import arun_react, react_completer
+    from workloads.prompting.tools import default_registry
+
+    registry = default_registry()
+
+    async def episode(request: dict) -> Result:
+        messages = request["messages"]
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        complete = react_completer(client, model=request["model"], temperature=request["temperature"],
+                                   max_tokens=request["max_tokens"])
+        before = (client.stats.prompt_tokens, client.stats.completion_tokens)
+        start = time.monotonic()
+        outcome = await arun_react(messages[-1]["content"], complete, registry, system_prompt=system,
+                                   max_steps=variant.max_steps)
+        transcript = {"messages": outcome.messages, "steps": len(outcome.steps), "stop_reason": outcome.stop_reason,
+                      "tool_calls": outcome.tool_calls, "format_errors": outcome.format_errors}
+        return Result([outcome.final_answer or ""], [outcome.stop_reason], client.stats.prompt_tokens - before[0],
+                      client.stats.completion_tokens - before[1], time.monotonic() - start, response=transcript,
+                      error=outcome.error)
+
+    async def every() -> list[Result]:
+        try:
+            return list(await asyncio.gather(*(episode(r) for r in requests)))
+        finally:
+            await client.aclose_connections()
+
+    return asyncio.run(every())
 
 
 def iter_variant(client: AsyncLLMClient, library: PromptLibrary, variant: VariantConfig, cases: Iterator[dict],
@@ -164,7 +205,7 @@ def iter_variant(client: AsyncLLMClient, library: PromptLibrary, variant: Varian
         if not chunk:
             return
         requests = [_request(template, variant, case, recipe.test_set, client.model or "") for case in chunk]
-        results = client.run_all(requests)
+        results = client.run_all(requests) if variant.agent == "none" else _run_agents(client, variant, requests)
         records = [_record(tally, case, result, scorers, recipe.extraction, recipe.test_set, variant.n)
                    for case, result in zip(chunk, results, strict=True)]
         yield records, tally
@@ -266,8 +307,10 @@ def check_recipe(recipe: EvalRecipe) -> PromptLibrary:
     return library
 
 
-def run(recipe: EvalRecipe, output_dir: str | Path | None = None, address: str | None = None) -> dict:
-    """`llmc eval`: open the endpoint (starting our server if the recipe names none), evaluate, print, save."""
+def run(recipe: EvalRecipe, output_dir: str | Path | None = None, address: str | None = None,
+        endpoint: Endpoint | None = None, show: bool = True) -> dict:
+    """`llmc eval`: open the endpoint (starting our server if the recipe names none, unless one is handed in),
+    evaluate, save; `show` prints progress and the table."""
     from workloads.prompting.endpoint import open_endpoint
     from workloads.reporting import save_recipe
 
@@ -275,11 +318,12 @@ def run(recipe: EvalRecipe, output_dir: str | Path | None = None, address: str |
     out = Path(output_dir or "runs/eval")
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)
-    with open_endpoint(recipe.endpoint, address=address) as endpoint:
-        client = endpoint.client(recipe.endpoint)
+    with contextlib.nullcontext(endpoint) if endpoint else open_endpoint(recipe.endpoint, address) as opened:
+        client = opened.client(recipe.endpoint)
         try:
-            summary = evaluate(recipe, client, out)
+            summary = evaluate(recipe, client, out, progress=show)
         finally:
             client.close()
-    print_table(summary, out)
+    if show:
+        print_table(summary, out)
     return summary

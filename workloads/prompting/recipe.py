@@ -62,6 +62,16 @@ class VariantConfig(StrictModel):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(32, ge=1, le=4096)
     n: int = Field(1, ge=1, le=64, description="Samples per case; above 1 the answers are voted (self-consistency).")
+    agent: Literal["none", "react"] = Field(
+        "none", description="react: each case is a ReAct episode with the calculator tool (the prompt's system text "
+        "is the agent's instructions, its user turn the question); the Final Answer is scored.")
+    max_steps: int = Field(6, ge=1, le=32, description="Think-act-observe steps an agent episode may take.")
+
+    @model_validator(mode="after")
+    def _agent_samples_once(self) -> VariantConfig:
+        if self.agent != "none" and self.n != 1:
+            raise ValueError(f"variant {self.name!r}: n must be 1 with an agent (one episode per case)")
+        return self
 
 
 class EvalRecipe(StrictModel):
