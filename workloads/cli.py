@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import workloads.prompting.recipe  # noqa: F401  (registers kind: eval)
+import workloads.prompting.recipe  # noqa: F401  (registers kinds eval, prompt_search and optimize)
 from workloads.config import load_recipe
 from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
 
@@ -86,6 +86,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="eval")
     from workloads.prompting.harness import run
+
+    run(recipe, output_dir=args.output_dir, address=args.address)
+    return 0
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, kind="optimize")
+    from workloads.prompting.optimizer import run
 
     run(recipe, output_dir=args.output_dir, address=args.address)
     return 0
@@ -238,6 +246,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "score prompt variants on a JSONL test set through an OpenAI-compatible endpoint (ours by default)",
         lambda p: (recipe_arguments(p), p.add_argument("--output-dir", default=None, help="results directory")),
         _cmd_eval,
+    ),
+    "optimize": (
+        "improve a few-shot library prompt: bootstrapped demonstrations and instruction candidates scored on a dev "
+        "split; the best saved as its next version",
+        lambda p: (recipe_arguments(p), p.add_argument("--output-dir", default=None, help="results directory")),
+        _cmd_optimize,
     ),
     "search": (
         "Ray Tune over prompt variants (ASHA on dev cases scored); the winner scored on the test split",

@@ -60,8 +60,9 @@ class Tally:
                 "mean_latency_s": round(self.latency_s / answered, 4)}
 
 
-def read_cases(test_set: TestSetConfig) -> Iterator[dict]:
-    """The test set's cases, one line at a time (never the whole file in memory); a bad line names its number."""
+def read_cases(test_set: TestSetConfig, split: str = "test_set") -> Iterator[dict]:
+    """The test set's cases, one line at a time (never the whole file in memory); a bad line names its number and
+    the recipe section the set came from (`split`)."""
     path = resolve_path(test_set.path)
     with Path(path).open() as handle:
         count, skipped = 0, 0
@@ -74,9 +75,9 @@ def read_cases(test_set: TestSetConfig) -> Iterator[dict]:
             try:
                 case = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RecipeError(f"field 'test_set.path': {path} line {number} is not JSON ({exc.msg})") from exc
+                raise RecipeError(f"field '{split}.path': {path} line {number} is not JSON ({exc.msg})") from exc
             if not isinstance(case, dict) or test_set.reference_field not in case:
-                raise RecipeError(f"field 'test_set.reference_field': {path} line {number} has no "
+                raise RecipeError(f"field '{split}.reference_field': {path} line {number} has no "
                                   f"{test_set.reference_field!r} field")
             yield case
             count += 1
@@ -102,14 +103,16 @@ def build_scorers(recipe: EvalRecipe, client: AsyncLLMClient | None = None) -> d
     return scorers
 
 
-def _variables(template: PromptTemplate, case: dict, test_set: TestSetConfig) -> dict[str, Any]:
+def case_variables(template: PromptTemplate, case: dict, test_set: TestSetConfig,
+                   split: str = "test_set") -> dict[str, Any]:
+    """The values of `template`'s variables in `case` (through `test_set.fields`); a missing one names the field."""
     variables = {}
     for name in template.variables:
         column = test_set.fields.get(name, name)
         if column not in case:
-            raise RecipeError(f"field 'test_set.fields': prompt {template.ref} needs variable {name!r} and the case "
+            raise RecipeError(f"field '{split}.fields': prompt {template.ref} needs variable {name!r} and the case "
                               f"has no field {column!r} (fields: {', '.join(case)}); map it with "
-                              f"test_set.fields.{name}: FIELD")
+                              f"{split}.fields.{name}: FIELD")
         variables[name] = case[column]
     return variables
 
@@ -120,7 +123,7 @@ def _request(template: PromptTemplate, variant: VariantConfig, case: dict, test_
     if variant.demo_seed is not None and template.kind == "few_shot":
         k = len(template.demonstrations) if variant.k is None else variant.k
         demos = select_demonstrations([d.model_dump() for d in template.demonstrations], k, seed=variant.demo_seed)
-    messages = template.render_messages(_variables(template, case, test_set), demonstrations=demos,
+    messages = template.render_messages(case_variables(template, case, test_set), demonstrations=demos,
                                         k=len(demos) if demos is not None else variant.k)
     return {"messages": messages, "model": variant.model or model, "temperature": variant.temperature,
             "max_tokens": variant.max_tokens, "n": variant.n}

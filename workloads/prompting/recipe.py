@@ -1,4 +1,5 @@
-"""Recipe schemas of prompt engineering: `kind: eval` (`llmc eval`), registered beside finetune and serve.
+"""Recipe schemas of prompt engineering: `kind: eval` (`llmc eval`), `kind: prompt_search` (`llmc search`) and
+`kind: optimize` (`llmc optimize`), registered beside finetune and serve.
 
 An endpoint is any OpenAI-compatible server (`base_url` and the name of the variable holding its key) or, with
 no `base_url`, the model a serve recipe names, started for the run and stopped after it.
@@ -6,9 +7,10 @@ no `base_url`, the model a serve recipe names, started for the run and stopped a
 
 from __future__ import annotations
 
-from typing import Literal
+import string
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from workloads.config import RECIPES, StrictModel, resolve_path
 from workloads.prompting.consistency import AnswerExtraction
@@ -142,3 +144,109 @@ class PromptSearchRecipe(StrictModel):
 
 
 RECIPES["prompt_search"] = PromptSearchRecipe
+
+
+DEFAULT_META_PROMPT = (
+    "Rewrite the following instruction for a language model in {n} different ways. Write each rewrite on its own "
+    "line, with no numbering and nothing else.\n\nInstruction: {instruction}"
+)
+
+
+class TeacherConfig(StrictModel):
+    prompt: str = Field(..., min_length=1, description="Library entry the teacher runs on the train cases.")
+    model: str | None = Field(None, description="Model or adapter (BASE:ADAPTER); null: endpoint.model.")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(32, ge=1, le=4096)
+
+
+class StudentConfig(StrictModel):
+    model: str | None = Field(None, description="Model or adapter every candidate is scored on; null: endpoint.model.")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(32, ge=1, le=4096)
+
+
+class ProposerConfig(StrictModel):
+    model: str | None = Field(None, description="Model asked for rewrites of the target's instruction; null: "
+                                                "endpoint.model.")
+    n: int = Field(4, ge=1, le=32, description="Rewrites asked for, in one reply, one per line (empty and repeated "
+                                               "lines are dropped).")
+    endpoint: EndpointConfig | None = Field(None, description="Another OpenAI-compatible endpoint (base_url "
+                                                              "required); null: the recipe's endpoint.")
+    meta_prompt: str = Field(DEFAULT_META_PROMPT, description="What the proposer is asked; {instruction} and {n} "
+                                                              "are filled in.")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1, le=4096)
+
+    @field_validator("meta_prompt")
+    @classmethod
+    def _meta_placeholders(cls, value: str) -> str:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+        if "instruction" not in names or not names <= {"instruction", "n"}:
+            raise ValueError(f"uses {{instruction}} and optionally {{n}}; got placeholders {sorted(names)}")
+        return value
+
+    @model_validator(mode="after")
+    def _own_endpoint_has_url(self) -> ProposerConfig:
+        if self.endpoint is not None and self.endpoint.base_url is None:
+            raise ValueError("proposer.endpoint.base_url: required (a null proposer.endpoint asks the recipe's "
+                             "endpoint)")
+        return self
+
+
+class OptimizeRecipe(StrictModel):
+    kind: Literal["optimize"] = "optimize"
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    train_set: TestSetConfig = Field(..., description="Cases the teacher answers; those it gets right (by the first "
+                                                      "scorer) become the demonstrations.")
+    dev_set: TestSetConfig = Field(..., description="Cases every candidate is scored on.")
+    library: str = Field(str(DEFAULT_LIBRARY), description="YAML prompt library the entries below are looked up in.")
+    target: str = Field(..., min_length=1, description="The few_shot entry optimized (NAME or NAME@VERSION); the best "
+                                                       "candidate is saved as the next version of its name.")
+    teacher: TeacherConfig
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    max_demos: int = Field(4, ge=1, le=64, description="Demonstrations bootstrapped at most (the teacher stops once "
+                                                       "it has them).")
+    k: list[Annotated[int, Field(ge=0)]] = Field(
+        [0, 2, 4], min_length=1, description="Demonstrations shown: every phrasing is tried with each k (capped at "
+        "the number bootstrapped).")
+    instruction_candidates: list[str] = Field(
+        default_factory=list, description="Library entries whose phrasing (system, instruction and question "
+        "template) each replaces the target's in a candidate.")
+    proposer: ProposerConfig | None = Field(None, description="A model asked for rewrites of the target's "
+                                                              "instruction, each a candidate; null: none.")
+    scorers: list[ScorerConfig] = Field(..., min_length=1, description="The first keeps demonstrations and ranks "
+                                                                       "candidates; the rest are reported.")
+    save_to: str | None = Field(None, description="Library file the best is appended to (begun as a copy of "
+                                                  "`library` if missing); null: library.yaml in the output directory "
+                                                  "(the shipped library only when named here).")
+    chunk_size: int = Field(32, ge=1, description="Cases sent together.")
+
+    @field_validator("library")
+    @classmethod
+    def _library_exists(cls, value: str) -> str:
+        if resolve_path(value) is None:
+            raise ValueError("file not found")
+        return value
+
+    @field_validator("k")
+    @classmethod
+    def _k_within_max_demos(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        max_demos = info.data.get("max_demos")  # validated before k (declared before it); absent when invalid
+        too_many = [k for k in value if max_demos is not None and k > max_demos]
+        if too_many:
+            raise ValueError(f"{too_many} more than max_demos ({max_demos}): a candidate shows at most the "
+                             "demonstrations bootstrapped")
+        return value
+
+    @field_validator("instruction_candidates")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("name each entry once")
+        return value
+
+
+RECIPES["optimize"] = OptimizeRecipe
