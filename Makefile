@@ -39,6 +39,7 @@ test: setup
 bench: setup
 	$(PY) -m bench.finetune_bench
 	$(PY) -m bench.serve_bench
+	$(PY) -m bench.prompt_bench
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -283,7 +283,7 @@ def _stop_session(proc: subprocess.Popen) -> None:
     """`ray start --block` stops its cluster on SIGTERM; then kill whatever of its session is left."""
     proc.terminate()
     try:
-        proc.wait(timeout=8)  # it often lingers well past its cluster; the kill below ends the rest
+        proc.wait(timeout=3)  # it often lingers well past its cluster; the kill below ends the rest
     except subprocess.TimeoutExpired:
         pass
     for pid, _ in session_processes(proc.pid):

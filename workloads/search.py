@@ -69,9 +69,10 @@ def prompt_trial(config: dict[str, Any], report, *, recipe: PromptSearchRecipe, 
 
 
 def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, address: str | None = None,
-        endpoint: Endpoint | None = None, show: bool = True) -> dict:
+        endpoint: Endpoint | None = None, show: bool = True, variants: list[VariantConfig] | None = None) -> dict:
     """The search, then the winner on the test split; writes summary.json, trials.csv, search.png. An open
-    `endpoint` is used instead of the recipe's; `show` prints the plan and the trials table."""
+    `endpoint` is used instead of the recipe's; `variants` instead of the recipe's grid; `show` prints the plan
+    and the trials table."""
     from cluster.runtime import connect
     from cluster.tune import grid, run_search
     from workloads.reporting import save_recipe, write_csv
@@ -80,7 +81,7 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)
     library = check_recipe(_as_eval(recipe, "dev_set", [VariantConfig(name=p, prompt=p) for p in recipe.space.prompt]))
-    variants = variants_of(recipe, library)
+    variants = variants or variants_of(recipe, library)
     check_recipe(_as_eval(recipe, "dev_set", variants))  # every point of the grid renders, before any trial starts
     dev_cases = count_cases(recipe.dev_set)
     stopping = (f"ASHA stops weak ones every {recipe.search.chunk_size} cases" if recipe.search.scheduler == "asha"
