@@ -14,6 +14,8 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from cluster.runtime import verbose
+
 Report = Callable[[dict[str, Any]], None]
 
 
@@ -48,14 +50,25 @@ def run_search(trial: Callable[[dict[str, Any], Report], None], param_space: dic
     def trainable(config: dict[str, Any]) -> None:
         trial(config, lambda metrics: tune.report(dict(metrics)))
 
+    loud = verbose()
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cpus_per_trial}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(storage_path), verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(storage_path), verbose=1 if loud else 0),
     )
-    results = tuner.fit()
+    # Tune's newer console output prints its experiment heading and paths even at verbose=0; the classic
+    # reporter is silent at 0. Quiet unless --verbose (our own table is the output).
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if loud else "0"
+    try:
+        results = tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
     outcomes = []
     for result in results:
         history = result.metrics_dataframe
