@@ -120,8 +120,9 @@ def main() -> int:
 
 
 def render(r: dict) -> str:
-    """prompt.md, every figure from prompt.json."""
-    f = r["multi_fidelity"]
+    """prompt.md, every figure from prompt.json (`python -m bench.prompt_bench --render` rewrites it from the file)."""
+    f = {k: ({**v, "winner": v["winner"].replace("|", "\\|")} if isinstance(v, dict) else v)
+         for k, v in r["multi_fidelity"].items()}  # variant labels hold "|": escaped in a Markdown table
     return (f"# Prompt-engineering benchmark ({r['machine']})\n\n"
             f"| path | requests | wall s |\n| --- | --- | --- |\n"
             f"| sequential guide loop | {r['sequential']['requests']} | {r['sequential']['wall_s']} |\n"
@@ -138,4 +139,9 @@ def render(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--render"]:
+        (RESULTS / "prompt.md").write_text(render(json.loads((RESULTS / "prompt.json").read_text())))
+        raise SystemExit(0)
     raise SystemExit(main())
