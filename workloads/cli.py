@@ -100,11 +100,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.kind != "prompt_search":
-        from workloads.config import RecipeError
-
-        raise RecipeError(f"{args.recipe}: field 'kind': got {recipe.kind!r}; llmc search runs: prompt_search")
+    recipe = load_recipe(args.recipe, args.overrides, kind="prompt_search")
     from workloads.search import run
 
     run(recipe, output_dir=args.output_dir, address=args.address)

@@ -11,12 +11,15 @@ import contextlib
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workloads.prompting.endpoint import Endpoint, open_endpoint
+from workloads.prompting.endpoint import Endpoint, open_endpoint, opened_client
 from workloads.prompting.harness import build_scorers, check_recipe, count_cases, evaluate, iter_variant, read_cases
 from workloads.prompting.recipe import EvalRecipe, PromptSearchRecipe, VariantConfig
 from workloads.prompting.templates import PromptLibrary
+
+if TYPE_CHECKING:  # cluster.tune imports Ray: the driver imports it when it runs a search
+    from cluster.tune import TrialOutcome
 
 METRIC = "accuracy"
 RESOURCE = "cases"
@@ -57,15 +60,12 @@ def prompt_trial(config: dict[str, Any], report, *, recipe: PromptSearchRecipe, 
 
     variant = VariantConfig(**config["variant"])
     as_eval = _as_eval(recipe, "dev_set", [variant])
-    client = endpoint.client(recipe.endpoint)
-    try:
+    with opened_client(recipe.endpoint, endpoint=endpoint) as client:
         library = load_library(recipe.library)
         scorers = build_scorers(as_eval, client)
         for _, tally in iter_variant(client, library, variant, read_cases(recipe.dev_set), scorers, as_eval):
             report({METRIC: tally.accuracy, RESOURCE: tally.n, "passed": tally.passed,
                     "requests": client.stats.http_requests, "tokens": tally.prompt_tokens + tally.completion_tokens})
-    finally:
-        client.close()
 
 
 def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, address: str | None = None,
@@ -100,18 +100,15 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
             max_t=dev_cases, grace_period=recipe.search.grace_period,
             reduction_factor=recipe.search.reduction_factor,
             max_concurrent_trials=recipe.search.max_concurrent_trials, cpus_per_trial=recipe.search.cpus_per_trial)
-        trials = [_trial_row(o, dev_cases) for o in outcomes]
+        trials = [_trial_row(o) for o in outcomes]
         failed = [t for t in trials if t["error"]]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(trials)} trials failed; first: {failed[0]['error']}")
         complete = [t for t in trials if t[RESOURCE] == dev_cases]
         best = max(complete, key=lambda t: (t[METRIC], -t["tokens"]))
         winner = VariantConfig(**{**best["config"], "name": best["variant"]})
-        test_client = endpoint.client(recipe.endpoint)
-        try:
+        with opened_client(recipe.endpoint, endpoint=endpoint) as test_client:
             tested = evaluate(_as_eval(recipe, "test_set", [winner]), test_client, out / "winner", progress=False)
-        finally:
-            test_client.close()
     row = tested["variants"][0]
     summary = {"best_variant": best["variant"], "best_config": best["config"], "best_dev_accuracy": best[METRIC],
                "best_test_accuracy": row["accuracy"], "best_test_ci95": [row["ci95_low"], row["ci95_high"]],
@@ -126,12 +123,12 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
     return summary
 
 
-def _trial_row(outcome, dev_cases: int) -> dict:
+def _trial_row(outcome: TrialOutcome) -> dict:
     last = outcome.last
     variant = outcome.config.get("variant", {})
     return {"variant": variant.get("name", ""), "config": {k: v for k, v in variant.items() if k != "name"},
             METRIC: round(float(last.get(METRIC, 0.0)), 4), RESOURCE: int(last.get(RESOURCE, 0)),
-            "stopped_early": int(last.get(RESOURCE, 0)) < dev_cases, "requests": int(last.get("requests", 0)),
+            "stopped_early": outcome.stopped_early, "requests": int(last.get("requests", 0)),
             "tokens": int(last.get("tokens", 0)), "error": outcome.error,
             "curve": [(int(r.get(RESOURCE, 0)), float(r.get(METRIC, 0.0))) for r in outcome.reports]}
 

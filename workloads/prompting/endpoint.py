@@ -63,6 +63,18 @@ def open_endpoint(config: EndpointConfig, address: str | None = None) -> Iterato
         server.stop()
 
 
+@contextlib.contextmanager
+def opened_client(config: EndpointConfig, address: str | None = None,
+                  endpoint: Endpoint | None = None) -> Iterator[AsyncLLMClient]:
+    """A client of `endpoint`, or of the configured one opened for the block (`open_endpoint`); closed after it."""
+    with contextlib.nullcontext(endpoint) if endpoint else open_endpoint(config, address) as opened:
+        client = opened.client(config)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
 def _fingerprint(serve_recipe: ServeRecipe) -> str:
     """The served model and adapters, by path and file contents' size and time (cheap, and changes on retraining)."""
     from workloads.models import resolve_model_path

@@ -9,7 +9,6 @@ time, for searches that stop weak variants early.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -214,13 +213,15 @@ def iter_variant(client: AsyncLLMClient, library: PromptLibrary, variant: Varian
         yield records, tally
 
 
-def evaluate(recipe: EvalRecipe, client: AsyncLLMClient, output_dir: Path, progress: bool = True) -> dict:
-    """Every variant on the test set; writes cases.jsonl, summary.json, variants.csv and accuracy.png."""
+def evaluate(recipe: EvalRecipe, client: AsyncLLMClient, output_dir: Path, progress: bool = True,
+             library: PromptLibrary | None = None) -> dict:
+    """Every variant on the test set; writes cases.jsonl, summary.json, variants.csv and accuracy.png. `library`:
+    what `check_recipe` returned, if the caller has checked the recipe already."""
     from tqdm import tqdm
 
     from workloads.reporting import write_csv
 
-    library = check_recipe(recipe)
+    library = library or check_recipe(recipe)
     scorers = build_scorers(recipe, client)
     total = count_cases(recipe.test_set)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -314,19 +315,15 @@ def run(recipe: EvalRecipe, output_dir: str | Path | None = None, address: str |
         endpoint: Endpoint | None = None, show: bool = True) -> dict:
     """`llmc eval`: open the endpoint (starting our server if the recipe names none, unless one is handed in),
     evaluate, save; `show` prints progress and the table."""
-    from workloads.prompting.endpoint import open_endpoint
+    from workloads.prompting.endpoint import opened_client
     from workloads.reporting import save_recipe
 
-    check_recipe(recipe)
+    library = check_recipe(recipe)
     out = Path(output_dir or "runs/eval")
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)
-    with contextlib.nullcontext(endpoint) if endpoint else open_endpoint(recipe.endpoint, address) as opened:
-        client = opened.client(recipe.endpoint)
-        try:
-            summary = evaluate(recipe, client, out, progress=show)
-        finally:
-            client.close()
+    with opened_client(recipe.endpoint, address, endpoint) as client:
+        summary = evaluate(recipe, client, out, progress=show, library=library)
     if show:
         print_table(summary, out)
     return summary

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from workloads.config import RecipeError, format_errors, resolve_path
 from workloads.prompting.client import AsyncLLMClient
-from workloads.prompting.endpoint import Endpoint, open_endpoint
+from workloads.prompting.endpoint import Endpoint, opened_client
 from workloads.prompting.harness import (
     build_scorers,
     case_variables,
@@ -370,12 +370,8 @@ def run(recipe: OptimizeRecipe, output_dir: str | Path | None = None, address: s
     out = Path(output_dir or "runs/optimize")
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)
-    with contextlib.nullcontext(endpoint) if endpoint else open_endpoint(recipe.endpoint, address) as opened:
-        client = opened.client(recipe.endpoint)
-        try:
-            summary = optimize(recipe, client, library, out, progress=show)
-        finally:
-            client.close()
+    with opened_client(recipe.endpoint, address, endpoint) as client:
+        summary = optimize(recipe, client, library, out, progress=show)
     if show:
         print_table(summary, out)
     return summary
@@ -423,12 +419,8 @@ def _proposer_client(recipe: OptimizeRecipe, client: AsyncLLMClient) -> Iterator
     if config is None:
         yield client
         return
-    with open_endpoint(config) as opened:
-        own = opened.client(config)
-        try:
-            yield own
-        finally:
-            own.close()
+    with opened_client(config) as own:
+        yield own
 
 
 def _entry(library: PromptLibrary, ref: str, field: str) -> PromptTemplate:
