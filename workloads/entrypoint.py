@@ -7,6 +7,7 @@ traceback (and Ray's log dir); Ctrl-C or SIGTERM is a requested stop, exit 0; an
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
 import sys
@@ -58,10 +59,8 @@ def set_output(verbose: bool) -> None:
     # Per-request INFO lines of the local S3 endpoint (werkzeug) and of client retries (openai, httpx, boto).
     for name in ("werkzeug", "moto", "openai", "httpx", "botocore", "boto3", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
+    if not glob.glob("/dev/nvidia[0-9]*"):  # no NVIDIA GPU: what DeepSpeed would pick, without its warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (a device-file check: importing torch costs a second)
 
 
 def report_failure(exc: BaseException) -> None:
