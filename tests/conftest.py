@@ -314,10 +314,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
     needs_model = [item for item in items if "tiny_model_dir" in getattr(item, "fixturenames", ())]
     items.sort(key=lambda item: item in needs_model)  # stable: module order is kept within each group
+    _first_on_server(items)
     if needs_model:
         _start_model_build()
     global _wants_cluster
     _wants_cluster = any("ray_cluster" in getattr(item, "fixturenames", ()) for item in items)
+
+
+def _first_on_server(items: list[pytest.Item]) -> None:
+    """Tests marked `first_on_server` go right before the first other user of the session's `server`: at its
+    minimum replicas, before any load has scaled it up (a replica killed then is the endpoint's only one)."""
+    first = [item for item in items if item.get_closest_marker("first_on_server")]
+    rest = [item for item in items if item not in first]
+    at = next((n for n, item in enumerate(rest) if {"server", "ray_cluster"} <= set(getattr(item, "fixturenames", ()))),
+              len(rest))
+    items[:] = rest[:at] + first + rest[at:]
 
 
 def _start_model_build() -> None:
