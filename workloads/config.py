@@ -63,7 +63,8 @@ class TinyModelConfig(StrictModel):
     max_position_embeddings: int = Field(512, ge=64, description="Longest sequence the model accepts.")
     seed: int = Field(0, description="Seed for weights, tokenizer and pretraining order: same seed, same model.")
     pretrain_steps: int = Field(
-        2000, ge=0, description="Optimizer steps of pretraining on the generated corpus; 0: random weights."
+        1500, ge=0, description="Optimizer steps of pretraining on the generated corpus; 0: random weights (1,500: "
+        "the demo's LoRA reaches the same 45 of 50 as after 2,000; after 1,000, 34 of 50)."
     )
     pretrain_batch_size: int = Field(32, ge=1, description="Conversations per pretraining step.")
     pretrain_learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak AdamW learning rate (cosine).")

@@ -1,0 +1,75 @@
+"""The README's numbers about the tiny model and the demo: generated from a results file, never typed.
+
+    python scripts/readme_numbers.py --from-run runs/demo   # record a demo run in bench/results/demo.json, then
+                                                             # rewrite the README's block from it
+    python scripts/readme_numbers.py                         # rewrite the block from bench/results/demo.json
+
+A demo run holds its answers (`demo_answers.json`) and its fine-tuning summary, which names the base model whose
+`skill.json` has the pretraining and the measured skill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "demo.json"
+README = REPO / "README.md"
+BEGIN, END = "<!-- demo-numbers:begin (scripts/readme_numbers.py) -->", "<!-- demo-numbers:end -->"
+
+
+def record(run_dir: Path) -> dict:
+    """The demo run's numbers: the base model's skill card, the LoRA run's length, the answers' totals."""
+    answers = json.loads((run_dir / "demo_answers.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    skill = json.loads((Path(summary["base_model_path"]) / "skill.json").read_text())
+    return {
+        "pretraining": skill["pretraining"],
+        "held_out_own_phrasing": {k: skill["held_out_own_phrasing"][k] for k in ("correct", "questions")},
+        "held_out_bundled_task": {k: skill["held_out_bundled_task"][k] for k in ("correct", "questions")},
+        "lora_steps": summary["steps"],
+        "demo_questions": answers["questions"],
+        "demo_base_correct": answers["base_correct"],
+        "demo_fine_tuned_correct": answers["fine_tuned_correct"],
+    }
+
+
+def block(numbers: dict) -> str:
+    """The README's sentences about the build and the demo, from `numbers`."""
+    p, own, task = numbers["pretraining"], numbers["held_out_own_phrasing"], numbers["held_out_bundled_task"]
+    return (f"The build measured here (its `skill.json`, from a clean clone with an empty `HOME`): {p['steps']:,} "
+            f"steps x {p['batch_size']} chats in {p['seconds']:.0f} s on this 2-core machine; {own['correct']} of "
+            f"{own['questions']} held-out sums right in its own phrasing, {task['correct']} of {task['questions']} in "
+            "the bundled task's (\"Add the two numbers and state the sum in a sentence.\\n\\n49 + 97\", answered in "
+            "the same restating style). The demo then served both through the endpoint (its "
+            f"`runs/demo/demo_answers.json`): base {numbers['demo_base_correct']} of {numbers['demo_questions']} "
+            f"held-out questions, the {numbers['lora_steps']}-step LoRA adapter {numbers['demo_fine_tuned_correct']} "
+            f"of {numbers['demo_questions']} (final number = sum).")
+
+
+def rewrite(readme: str, numbers: dict) -> str:
+    """`readme` with the text between the markers replaced by `block(numbers)`."""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"{README}: no block between {BEGIN} and {END}")
+    return pattern.sub(lambda _: f"{BEGIN}\n{block(numbers)}\n{END}", readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-run", type=Path, help="a demo run directory to record first (e.g. runs/demo)")
+    args = parser.parse_args(argv)
+    if args.from_run:
+        RESULTS.write_text(json.dumps(record(args.from_run), indent=2) + "\n")
+        print(f"recorded {args.from_run} in {RESULTS.relative_to(REPO)}")
+    README.write_text(rewrite(README.read_text(), json.loads(RESULTS.read_text())))
+    print(f"rewrote the demo numbers in {README.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""The README's numbers come from committed results (scripts/readme_numbers.py), not typed by hand."""
+
+from __future__ import annotations
+
+import json
+
+from scripts.readme_numbers import README, RESULTS, rewrite
+
+
+def test_the_readme_demo_numbers_are_the_recorded_results():
+    readme = README.read_text()
+    assert rewrite(readme, json.loads(RESULTS.read_text())) == readme, "run: python scripts/readme_numbers.py"
