@@ -40,6 +40,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
+def pytest_configure() -> None:
+    """Torch work in this process (small models, a few batches) runs on one thread: with two threads on 2 cores, a
+    core kept busy by Ray, vLLM or training processes makes every parallel region wait for the descheduled thread
+    (the greedy-generation test took 30 s at the end of the suite, 3 s on its own)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @dataclass(frozen=True)
 class RayCluster:
     address: str  # GCS address for ray.init / RAY_ADDRESS
