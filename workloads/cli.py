@@ -7,6 +7,7 @@ field, its value and what is allowed, before Ray or any model is touched.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shlex
 import sys
@@ -83,28 +84,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides, kind="eval")
-    from workloads.prompting.harness import run
-
-    run(recipe, output_dir=args.output_dir, address=args.address)
-    return 0
+def _results_arguments(parser: argparse.ArgumentParser) -> None:
+    """RECIPE, `--set`, `--address` and the results directory: eval, optimize and search."""
+    recipe_arguments(parser)
+    parser.add_argument("--output-dir", default=None, help="results directory")
 
 
-def _cmd_optimize(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides, kind="optimize")
-    from workloads.prompting.optimizer import run
+def _run_recipe(kind: str, module: str) -> Callable[[argparse.Namespace], int]:
+    """A command that checks a recipe of `kind`, then hands it to `module.run` (imported only then: a bad recipe
+    fails before the heavy imports)."""
 
-    run(recipe, output_dir=args.output_dir, address=args.address)
-    return 0
+    def command(args: argparse.Namespace) -> int:
+        recipe = load_recipe(args.recipe, args.overrides, kind=kind)
+        importlib.import_module(module).run(recipe, output_dir=args.output_dir, address=args.address)
+        return 0
 
-
-def _cmd_search(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides, kind="prompt_search")
-    from workloads.search import run
-
-    run(recipe, output_dir=args.output_dir, address=args.address)
-    return 0
+    return command
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -240,19 +235,19 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     ),
     "eval": (
         "score prompt variants on a JSONL test set through an OpenAI-compatible endpoint (ours by default)",
-        lambda p: (recipe_arguments(p), p.add_argument("--output-dir", default=None, help="results directory")),
-        _cmd_eval,
+        _results_arguments,
+        _run_recipe("eval", "workloads.prompting.harness"),
     ),
     "optimize": (
         "improve a few-shot library prompt: bootstrapped demonstrations and instruction candidates scored on a dev "
         "split; the best saved as its next version",
-        lambda p: (recipe_arguments(p), p.add_argument("--output-dir", default=None, help="results directory")),
-        _cmd_optimize,
+        _results_arguments,
+        _run_recipe("optimize", "workloads.prompting.optimizer"),
     ),
     "search": (
         "Ray Tune over prompt variants (ASHA on dev cases scored); the winner scored on the test split",
-        lambda p: (recipe_arguments(p), p.add_argument("--output-dir", default=None, help="results directory")),
-        _cmd_search,
+        _results_arguments,
+        _run_recipe("prompt_search", "workloads.search"),
     ),
     "chat": (
         "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",
