@@ -112,3 +112,19 @@ def print_summary(title: str, summary: dict, run_dir: Path) -> None:
     console = Console()
     console.print(table)
     console.print(f"results in {run_dir}")
+
+
+def print_rows(title: str, columns: list[str], rows: list[list[str]], footer: str, *, left: int = 1,
+               no_wrap: bool = False) -> None:
+    """A results table for a person (the first `left` columns text, the rest numbers), then one footer line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for n, column in enumerate(columns):
+        table.add_column(column, justify="left" if n < left else "right", no_wrap=no_wrap and n < left)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(footer)

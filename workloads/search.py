@@ -159,18 +159,13 @@ def plot_trials(trials: list[dict], path: Path, dev_cases: int) -> Path:
 
 
 def _print_trials(summary: dict, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from workloads.reporting import print_rows
 
-    table = Table(title=f"prompt search: {summary['variants']} variants, {summary['dev_cases']} dev cases")
-    for column in ("variant", "dev accuracy", "cases", "stopped"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    for trial in sorted(summary["trials"], key=lambda t: (-t[RESOURCE], -t[METRIC])):
-        table.add_row(trial["variant"], f"{trial[METRIC]:.3f}", str(trial[RESOURCE]),
-                      "early" if trial["stopped_early"] else "")
-    console = Console()
-    console.print(table)
-    console.print(f"best: {summary['best_variant']}: dev {summary['best_dev_accuracy']:.3f}, test "
-                  f"{summary['best_test_accuracy']:.3f} ({summary['test_cases']} cases); "
-                  f"{summary['stopped_early']} trials stopped early, {summary['dev_requests']} dev requests; "
-                  f"results in {out}")
+    trials = sorted(summary["trials"], key=lambda t: (-t[RESOURCE], -t[METRIC]))
+    print_rows(f"prompt search: {summary['variants']} variants, {summary['dev_cases']} dev cases",
+               ["variant", "dev accuracy", "cases", "stopped"],
+               [[t["variant"], f"{t[METRIC]:.3f}", str(t[RESOURCE]), "early" if t["stopped_early"] else ""]
+                for t in trials],
+               f"best: {summary['best_variant']}: dev {summary['best_dev_accuracy']:.3f}, test "
+               f"{summary['best_test_accuracy']:.3f} ({summary['test_cases']} cases); {summary['stopped_early']} "
+               f"trials stopped early, {summary['dev_requests']} dev requests; results in {out}")

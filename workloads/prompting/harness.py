@@ -277,22 +277,16 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> Path:
 
 def print_table(summary: dict, output_dir: Path) -> None:
     """The variants, best first, as a table for a person."""
-    from rich.console import Console
-    from rich.table import Table
+    from workloads.reporting import print_rows
 
-    table = Table(title=f"prompt variants on {summary['cases']} cases ({summary['scorer']})")
-    for column in ("variant", "prompt", "model", "accuracy", "95% CI", "tokens", "latency s", "failures"):
-        table.add_column(column, justify="left" if column in ("variant", "prompt", "model") else "right")
-    for row in sorted(summary["variants"], key=lambda r: -r["accuracy"]):
-        table.add_row(row["variant"], row["prompt"], row["model"], f"{row['accuracy']:.3f}",
-                      f"{row['ci95_low']:.2f}-{row['ci95_high']:.2f}",
-                      str(row["prompt_tokens"] + row["completion_tokens"]), f"{row['mean_latency_s']:.3f}",
-                      str(row["failures"]))
-    console = Console()
-    console.print(table)
-    console.print(f"best: {summary['best_variant']} ({summary['best_accuracy']:.3f}); "
-                  f"{summary['requests']} requests, {summary['retries']} retries, {summary['cache_hits']} cached; "
-                  f"results in {output_dir}")
+    rows = sorted(summary["variants"], key=lambda r: -r["accuracy"])
+    print_rows(f"prompt variants on {summary['cases']} cases ({summary['scorer']})",
+               ["variant", "prompt", "model", "accuracy", "95% CI", "tokens", "latency s", "failures"],
+               [[row["variant"], row["prompt"], row["model"], f"{row['accuracy']:.3f}",
+                 f"{row['ci95_low']:.2f}-{row['ci95_high']:.2f}", str(row["prompt_tokens"] + row["completion_tokens"]),
+                 f"{row['mean_latency_s']:.3f}", str(row["failures"])] for row in rows],
+               f"best: {summary['best_variant']} ({summary['best_accuracy']:.3f}); {summary['requests']} requests, "
+               f"{summary['retries']} retries, {summary['cache_hits']} cached; results in {output_dir}", left=3)
 
 
 def check_recipe(recipe: EvalRecipe) -> PromptLibrary:

@@ -379,25 +379,19 @@ def run(recipe: OptimizeRecipe, output_dir: str | Path | None = None, address: s
 
 def print_table(summary: dict, out: Path) -> None:
     """The candidates, best first, and what was saved."""
-    from rich.console import Console
-    from rich.table import Table
+    from workloads.reporting import print_rows
 
-    table = Table(title=f"candidates for {summary['target']} on {summary['dev_cases']} dev cases "
-                        f"({summary['scorer']})")
-    table.add_column("candidate (phrasing, k)", no_wrap=True)
-    for column in ("accuracy", "95% CI", "prompt tokens", "failures"):
-        table.add_column(column, justify="right")
-    for row in sorted(summary["candidates"], key=lambda r: -r["accuracy"]):
-        table.add_row(row["candidate"], f"{row['accuracy']:.3f}", f"{row['ci95_low']:.2f}-{row['ci95_high']:.2f}",
-                      str(row["prompt_tokens"]), str(row["failures"]))
-    console = Console()
-    console.print(table)
+    rows = sorted(summary["candidates"], key=lambda r: -r["accuracy"])
     saved = (f"saved as {summary['best_saved_as']} in {summary['best_library']}" if summary["best_saved_as"]
              else "nothing saved: no candidate beat the target as it is")
-    console.print(f"best: {summary['best_candidate']} ({summary['best_dev_accuracy']:.3f}) against "
-                  f"{summary['target']} as it is ({summary['baseline_dev_accuracy']:.3f}); {saved}; "
-                  f"{summary['demos_kept']} demonstrations from {summary['train_cases_tried']} train cases "
-                  f"({summary['teacher']}); {summary['requests']} requests; results in {out}")
+    print_rows(f"candidates for {summary['target']} on {summary['dev_cases']} dev cases ({summary['scorer']})",
+               ["candidate (phrasing, k)", "accuracy", "95% CI", "prompt tokens", "failures"],
+               [[row["candidate"], f"{row['accuracy']:.3f}", f"{row['ci95_low']:.2f}-{row['ci95_high']:.2f}",
+                 str(row["prompt_tokens"]), str(row["failures"])] for row in rows],
+               f"best: {summary['best_candidate']} ({summary['best_dev_accuracy']:.3f}) against {summary['target']} "
+               f"as it is ({summary['baseline_dev_accuracy']:.3f}); {saved}; {summary['demos_kept']} demonstrations "
+               f"from {summary['train_cases_tried']} train cases ({summary['teacher']}); {summary['requests']} "
+               f"requests; results in {out}", no_wrap=True)
 
 
 def _teacher_variant(recipe: OptimizeRecipe) -> VariantConfig:
