@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,7 @@ def fit(
     local_copy_to: Path | None = None,
     on_report: Callable[[dict], None] | None = None,
     resume: bool = False,
+    callbacks: Sequence[UserCallback] = (),
 ) -> FitResult:
     """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics.
 
@@ -71,6 +72,7 @@ def fit(
 
     `on_report(metrics)` is called in this process with rank 0's metrics after every `report`: the
     controller forwards them through a queue actor, so the driver can show progress without worker logs.
+    `callbacks`: more Ray Train callbacks for the run (e.g. `cluster.tune.train_reporter` inside a Tune trial).
 
     The run's storage is `storage_path/name`. Ray Train V2 treats a snapshot found there as the same
     run and hands its newest checkpoint to the workers: with `resume` that is what is wanted (an error
@@ -80,6 +82,7 @@ def fit(
     _prepare_storage(storage_path, name, resume)
     # The dashboard's Train API (`/api/train/v2/runs/v1`, read by `llmc status`) lists runs only with this.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    reports = _report_queue(on_report)
     trainer = _StoppableTrainer(
         train_fn,
         train_loop_config=config,
@@ -100,7 +103,7 @@ def fit(
                 checkpoint_score_attribute=keep_best_by[0] if keep_best_by else None,
                 checkpoint_score_order=keep_best_by[1] if keep_best_by else "max",
             ),
-            callbacks=[_ForwardReports(reports)] if (reports := _report_queue(on_report)) is not None else None,
+            callbacks=[*([_ForwardReports(reports)] if reports is not None else []), *callbacks] or None,
         ),
     )
     with _consume(reports, on_report):

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import workloads.align.recipe  # noqa: F401  (registers kind align)
+import workloads.hparam_search  # noqa: F401  (registers kind hparam_search)
 import workloads.prompting.recipe  # noqa: F401  (registers kinds eval, prompt_search and optimize)
 from workloads.config import load_recipe
 from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
@@ -32,10 +34,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
         report["data_rows"] = {r.path: r.rows for r in check_data(recipe.data)}  # structure only: no tokenizer
         report.update(finetune_plan(recipe))
+    if recipe.kind == "align":  # the same workers, batch math and DeepSpeed config as a fine-tuning run
+        from workloads.plan import finetune_plan
+
+        report.update(finetune_plan(recipe))
     if recipe.kind == "serve":
         from workloads.plan import serve_plan
 
         report.update(serve_plan(recipe))
+    if recipe.kind == "hparam_search":
+        report.update(recipe.plan())
     if args.print:  # the recipe as it will run: every default filled in, overrides applied, secrets masked
         import yaml
 
@@ -68,6 +76,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_align(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, kind="align")
+    from workloads.align.run import run
+
+    run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="serve")
     from workloads.serve import run
@@ -90,13 +106,13 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="results directory")
 
 
-def _run_recipe(kind: str, module: str) -> Callable[[argparse.Namespace], int]:
-    """A command that checks a recipe of `kind`, then hands it to `module.run` (imported only then: a bad recipe
-    fails before the heavy imports)."""
+def _run_recipe(modules: dict[str, str]) -> Callable[[argparse.Namespace], int]:
+    """A command that checks a recipe of one of the kinds in `modules`, then hands it to that kind's `module.run`
+    (imported only then: a bad recipe fails before the heavy imports)."""
 
     def command(args: argparse.Namespace) -> int:
-        recipe = load_recipe(args.recipe, args.overrides, kind=kind)
-        importlib.import_module(module).run(recipe, output_dir=args.output_dir, address=args.address)
+        recipe = load_recipe(args.recipe, args.overrides, kind=tuple(modules))
+        importlib.import_module(modules[recipe.kind]).run(recipe, output_dir=args.output_dir, address=args.address)
         return 0
 
     return command
@@ -218,6 +234,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         finetune_arguments,
         _cmd_finetune,
     ),
+    "align": (
+        "reward model or DPO from preference pairs (TRL on Ray Train workers); PPO and GRPO are not built yet",
+        finetune_arguments,
+        _cmd_align,
+    ),
     "serve": (
         "OpenAI-compatible endpoint (vLLM on Ray Serve) for the model and its LoRA adapters, until Ctrl-C",
         lambda p: (recipe_arguments(p), p.add_argument("--port", type=int, default=None, help="HTTP port")),
@@ -236,18 +257,19 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "eval": (
         "score prompt variants on a JSONL test set through an OpenAI-compatible endpoint (ours by default)",
         _results_arguments,
-        _run_recipe("eval", "workloads.prompting.harness"),
+        _run_recipe({"eval": "workloads.prompting.harness"}),
     ),
     "optimize": (
         "improve a few-shot library prompt: bootstrapped demonstrations and instruction candidates scored on a dev "
         "split; the best saved as its next version",
         _results_arguments,
-        _run_recipe("optimize", "workloads.prompting.optimizer"),
+        _run_recipe({"optimize": "workloads.prompting.optimizer"}),
     ),
     "search": (
-        "Ray Tune over prompt variants (ASHA on dev cases scored); the winner scored on the test split",
+        "Ray Tune over prompt variants (ASHA on dev cases scored; the winner scored on the test split) or, with kind "
+        "hparam_search, over fine-tuning hyperparameters (ASHA on eval loss; the best run's adapter kept)",
         _results_arguments,
-        _run_recipe("prompt_search", "workloads.search"),
+        _run_recipe({"prompt_search": "workloads.search", "hparam_search": "workloads.hparam_search"}),
     ),
     "chat": (
         "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",

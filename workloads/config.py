@@ -555,7 +555,7 @@ RECIPES: dict[str, type[StrictModel]] = {"finetune": FinetuneRecipe}
 # ---------------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, kind: str | None = None) -> Any:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, kind: str | tuple[str, ...] | None = None) -> Any:
     """Read, override and validate a recipe; raises RecipeError naming every bad field."""
     resolved = resolve_path(str(path))
     if resolved is None:
@@ -571,12 +571,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, kind: str 
     return validate_recipe(raw, kind=kind, source=str(path))
 
 
-def validate_recipe(raw: dict, kind: str | None = None, source: str = "recipe") -> Any:
-    """Validate a recipe mapping against the schema its `kind` names (or the one asked for)."""
-    kind = kind or raw.get("kind", "finetune")
-    if raw.get("kind", kind) != kind or kind not in RECIPES:
-        allowed = ", ".join(sorted(RECIPES)) if kind not in RECIPES else kind
-        raise RecipeError(f"{source}: field 'kind': got {raw.get('kind', kind)!r}; allowed: {allowed}")
+def validate_recipe(raw: dict, kind: str | tuple[str, ...] | None = None, source: str = "recipe") -> Any:
+    """Validate a recipe mapping against the schema its `kind` names, which must be the one (or one of those) asked
+    for; a recipe that names no kind is the first asked for, else finetune."""
+    asked = (kind,) if isinstance(kind, str) else tuple(kind or ())
+    kind = raw.get("kind", asked[0] if asked else "finetune")
+    if (asked and kind not in asked) or kind not in RECIPES:
+        allowed = ", ".join(asked or sorted(RECIPES))
+        raise RecipeError(f"{source}: field 'kind': got {kind!r}; allowed: {allowed}")
     try:
         return RECIPES[kind].model_validate(raw)
     except ValidationError as exc:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -222,40 +222,59 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     _refuse_to_replace(run_dir, recipe, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporting.save_recipe(recipe, run_dir)
-    model_path = resolve_model_path(recipe.model)
-    print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
-    # Bad data fails here, in seconds, naming file, line and field: not in every worker after Ray starts.
-    tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
-    print(f"[llmc] {describe(check_data(recipe.data, tokenizer))}", flush=True)
-    total_steps = _total_steps(recipe, tokenizer)
+    model_path, total_steps = prepare(recipe)
     print(f"[llmc] {connect(address)}", flush=True)
-    storage = recipe.run.storage_path or str(run_dir / "checkpoints")
+    storage = storage_of(recipe, run_dir)
     resume_from, resume = _resume_plan(recipe, storage, run_dir)
     if not recipe.run.resume_from:
         tracking.reset(recipe.tracking, run_dir)
-    scaling = worker_scaling(recipe)
     print(f"[llmc] run {recipe.run.name}: dashboard {cluster_train.run_url() or '(none)'}", flush=True)
     started = time.perf_counter()
     with _say_where_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
             reporting.TrainProgress(total_steps) as progress:
-        result = cluster_train.fit(
-            train_worker,
-            {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "resume_from": resume_from,
-             "fit_id": uuid.uuid4().hex, "tracking_dir": str(tracking.tracking_dir(recipe.tracking, run_dir))},
-            name=recipe.run.name,
-            resume=resume,
-            storage_path=storage,
-            scaling=scaling,
-            max_failures=recipe.run.max_failures,
-            keep_checkpoints=recipe.train.keep_checkpoints,
-            keep_best_by=(BEST_RANK, "max") if recipe.eval.keep_best else None,
-            local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None,
-            on_report=progress.update,
-        )
+        result = fit(recipe, run_dir, model_path, resume_from=resume_from, resume=resume, on_report=progress.update)
     wall = time.perf_counter() - started
     if result.checkpoint_dir is None:
         raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
-    return _write_outputs(recipe, run_dir, model_path, result, wall)
+    return write_outputs(recipe, run_dir, model_path, result, wall)
+
+
+def prepare(recipe: FinetuneRecipe) -> tuple[str, int]:
+    """The base model's path and the run's step count, after the data checks: bad data fails here, in seconds,
+    naming file, line and field, not in every worker after Ray starts."""
+    model_path = resolve_model_path(recipe.model)
+    print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
+    tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
+    print(f"[llmc] {describe(check_data(recipe.data, tokenizer))}", flush=True)
+    return model_path, _total_steps(recipe, tokenizer)
+
+
+def storage_of(recipe: FinetuneRecipe, run_dir: Path) -> str:
+    """Where the run's checkpoints go: `run.storage_path`, else the run directory's checkpoints/."""
+    return recipe.run.storage_path or str(run_dir / "checkpoints")
+
+
+def fit(recipe: FinetuneRecipe, run_dir: Path, model_path: str, *, resume_from: str | None = None,
+        resume: bool = False, on_report: Callable[[dict], None] | None = None,
+        callbacks: Sequence = ()) -> cluster_train.FitResult:
+    """The recipe's Ray Train run (`train_worker` on its workers), as `llmc finetune` and each hyperparameter-search
+    trial start it; `on_report` and `callbacks` see rank 0's reports (see `cluster.train.fit`)."""
+    storage = storage_of(recipe, run_dir)
+    return cluster_train.fit(
+        train_worker,
+        {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "resume_from": resume_from,
+         "fit_id": uuid.uuid4().hex, "tracking_dir": str(tracking.tracking_dir(recipe.tracking, run_dir))},
+        name=recipe.run.name,
+        resume=resume,
+        storage_path=storage,
+        scaling=worker_scaling(recipe),
+        max_failures=recipe.run.max_failures,
+        keep_checkpoints=recipe.train.keep_checkpoints,
+        keep_best_by=(BEST_RANK, "max") if recipe.eval.keep_best else None,
+        local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None,
+        on_report=on_report,
+        callbacks=callbacks,
+    )
 
 
 def _total_steps(recipe: FinetuneRecipe, tokenizer) -> int:
@@ -352,7 +371,10 @@ def _notable(recipe: FinetuneRecipe, summary: dict) -> dict:
     return {key: value for key, value in summary.items() if key not in said}
 
 
-def _write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, result, wall: float) -> dict:
+def write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, result, wall: float,
+                  show: bool = True) -> dict:
+    """The run's model (adapter), summary.json, metrics.csv and loss_curve.png from its final checkpoint; `show`
+    prints the summary table."""
     state = json.loads((result.checkpoint_dir / TRAINER_STATE).read_text())
     history, initial = state["history"], state.get("initial_eval") or {}
     stopping = state.get("early_stopping") or {}
@@ -404,7 +426,8 @@ def _write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, resul
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporting.write_csv(history, run_dir / "metrics.csv")
     reporting.plot_losses(history, run_dir / "loss_curve.png", title=f"{recipe.train.method} fine-tuning")
-    reporting.print_summary("fine-tuning summary", _notable(recipe, summary), run_dir)
+    if show:
+        reporting.print_summary("fine-tuning summary", _notable(recipe, summary), run_dir)
     return summary
 
 

@@ -242,24 +242,29 @@ def _keep_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model, cfg: LoraConfig, quantized: bool = False, gradient_checkpointing: bool = False):
-    """Freeze the base and add trainable LoRA adapters (k-bit preparation first for QLoRA)."""
+def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: tuple[str, ...] = ()):
+    """The recipe's LoRA block as a PEFT config; `modules_to_save` adds fully trained modules (a reward head)."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    peft_cfg = PeftLoraConfig(
+    return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
-        modules_to_save=list(cfg.modules_to_save) or None,
+        modules_to_save=list(dict.fromkeys([*cfg.modules_to_save, *modules_to_save])) or None,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
-    return get_peft_model(model, peft_cfg)
+
+
+def attach_lora(model, cfg: LoraConfig, quantized: bool = False, gradient_checkpointing: bool = False):
+    """Freeze the base and add trainable LoRA adapters (k-bit preparation first for QLoRA)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, peft_lora_config(cfg))
 
 
 def merge_adapter(base_path: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
