@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.fs
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster import _ray_private, metrics
@@ -83,31 +83,35 @@ def fit(
     # The dashboard's Train API (`/api/train/v2/runs/v1`, read by `llmc status`) lists runs only with this.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     reports = _report_queue(on_report)
-    trainer = _StoppableTrainer(
-        train_fn,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker=dict(scaling.resources_per_worker),
-            accelerator_type=scaling.accelerator_type,
-            placement_strategy=scaling.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=keep_checkpoints,
-                checkpoint_score_attribute=keep_best_by[0] if keep_best_by else None,
-                checkpoint_score_order=keep_best_by[1] if keep_best_by else "max",
+
+    def trainer() -> _StoppableTrainer:
+        return _StoppableTrainer(
+            train_fn,
+            train_loop_config=config,
+            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=scaling.num_workers,
+                use_gpu=scaling.use_gpu,
+                resources_per_worker=dict(scaling.resources_per_worker),
+                accelerator_type=scaling.accelerator_type,
+                placement_strategy=scaling.placement_strategy,
             ),
-            callbacks=[*([_ForwardReports(reports)] if reports is not None else []), *callbacks] or None,
-        ),
-    )
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,
+                # Restarts are ours (below): Ray Train would also retry an error no restart can fix.
+                failure_config=FailureConfig(max_failures=0),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=keep_checkpoints,
+                    checkpoint_score_attribute=keep_best_by[0] if keep_best_by else None,
+                    checkpoint_score_order=keep_best_by[1] if keep_best_by else "max",
+                ),
+                callbacks=[*([_ForwardReports(reports)] if reports is not None else []), *callbacks] or None,
+            ),
+        )
+
     with _consume(reports, on_report):
-        result = trainer.fit()
+        result = _fit_with_restarts(trainer, max_failures)
     checkpoint_dir = _local(result.checkpoint, local_copy_to)
     best_dir = None
     if keep_best_by and result.best_checkpoints:
@@ -116,6 +120,58 @@ def fit(
         best, _ = pick(result.best_checkpoints, key=lambda kept: kept[1][metric])
         best_dir = _local(best, local_copy_to and local_copy_to.with_name(f"{local_copy_to.name}_best"))
     return FitResult(checkpoint_dir, dict(result.metrics or {}), str(result.path), best_dir)
+
+
+# Exceptions a train loop raises for what it was given (recipe, data, code): a restart would raise them again.
+# Runtime errors (out of memory, a collective whose peer died) and a dead worker process are retried.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, NotImplementedError,
+                        AssertionError, ImportError, SyntaxError, ZeroDivisionError, FileNotFoundError,
+                        NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class TrainingFailed(RuntimeError):
+    """The run's workers failed: with an error no restart can fix, or more often than `max_failures` allows."""
+
+
+def _fit_with_restarts(trainer: Callable[[], TorchTrainer], max_failures: int):
+    """`trainer().fit()`, restarted from the run's newest checkpoint after a worker-group failure, up to
+    `max_failures` times; an error every restart would hit again (`deterministic_failure`) is raised at once.
+
+    A new trainer of the same name and storage continues the run: Ray Train V2 finds its snapshot and hands the
+    newest checkpoint to the new workers, as its own restart would.
+    """
+    failures = 0
+    while True:
+        try:
+            return trainer().fit()
+        except WorkerGroupError as error:
+            said = describe_failure(error)
+            if (cause := deterministic_failure(error)) is not None:
+                raise TrainingFailed(f"{said}; not retried: {type(cause).__name__} comes from the recipe, the data "
+                                     "or the code, and a restart would raise it again") from error
+            if failures >= max_failures:
+                raise TrainingFailed(f"{said}; {failures} restart(s) allowed (run.max_failures) were used") from error
+            failures += 1
+            print(f"[llmc] {said}; restart {failures} of {max_failures} from the newest checkpoint", flush=True)
+
+
+def deterministic_failure(error: WorkerGroupError) -> BaseException | None:
+    """The worker error that no restart can fix, if the failure is one: a train-loop exception of a
+    `DETERMINISTIC_ERRORS` type, with no worker lost (a dead worker's peers fail too, with runtime errors)."""
+    failures = list(error.worker_failures.values())
+    if any(isinstance(f, ray.exceptions.RayError) for f in failures):
+        return None
+    return next((f for f in failures if isinstance(f, DETERMINISTIC_ERRORS)), None)
+
+
+def describe_failure(error: WorkerGroupError) -> str:
+    """One line: which ranks failed and with what (the first line of each distinct message)."""
+    seen: dict[str, list[int]] = {}
+    for rank, failure in sorted(error.worker_failures.items()):
+        text = str(failure).strip().splitlines()
+        seen.setdefault(f"{type(failure).__name__}: {text[0] if text else ''}"[:300], []).append(rank)
+    return "worker group failed: " + "; ".join(f"rank {', '.join(map(str, ranks))}: {what}"
+                                               for what, ranks in seen.items())
 
 
 def _local(checkpoint, copy_to: Path | None) -> Path | None:

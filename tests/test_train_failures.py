@@ -1,0 +1,77 @@
+"""`cluster.train.fit` restarts a failed worker group from its newest checkpoint, but not for an error that a
+restart would only raise again. Real Ray Train runs of one worker on the session's cluster; the train loops are
+plain functions that count their attempts in a file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import train as cluster_train
+
+ONE_WORKER = cluster_train.WorkerScaling(num_workers=1, resources_per_worker={"CPU": 1})
+
+
+def _attempt(config: dict) -> int:
+    """Count this attempt in the run's file; returns its number (1 for the first)."""
+    attempts = Path(config["attempts"])
+    with attempts.open("a") as handle:
+        handle.write("x")
+    return len(attempts.read_text())
+
+
+def bad_data_loop(config: dict) -> None:
+    _attempt(config)
+    raise ValueError("row 3 of train.jsonl has no 'output'")
+
+
+def flaky_loop(config: dict) -> None:
+    """Step 1 with a checkpoint, then the first attempt dies of a runtime error; a restart goes on from step 1."""
+    attempt = _attempt(config)
+    with cluster_train.latest_checkpoint() as checkpoint:
+        step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+    if step == 0:
+        _checkpoint(config, {"step": 1, "attempt": attempt})
+        step = 1
+    if attempt == 1:
+        raise RuntimeError("connection reset by peer")
+    _checkpoint(config, {"step": step + 1, "attempt": attempt, "resumed_from": step})
+
+
+def _checkpoint(config: dict, metrics: dict) -> None:
+    saved = Path(config["attempts"]).with_name(f"ckpt-{metrics['step']}")
+    saved.mkdir()
+    (saved / "state.json").write_text(json.dumps({"step": metrics["step"]}))
+    cluster_train.report(metrics, saved)
+
+
+def _fit(loop, tmp_path: Path, max_failures: int) -> cluster_train.FitResult:
+    import ray
+    import ray.cloudpickle
+
+    ray.init(ignore_reinit_error=True, log_to_driver=False)  # the session's cluster (RAY_ADDRESS)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    return cluster_train.fit(loop, {"attempts": str(tmp_path / "attempts")}, name=f"fail-{loop.__name__}",
+                             storage_path=str(tmp_path / "storage"), scaling=ONE_WORKER, max_failures=max_failures)
+
+
+@pytest.mark.slow
+def test_an_error_no_restart_can_fix_is_not_retried(ray_cluster, tmp_path):
+    with pytest.raises(cluster_train.TrainingFailed) as info:
+        _fit(bad_data_loop, tmp_path, max_failures=2)
+    said = str(info.value)
+    assert "rank 0: ValueError: row 3 of train.jsonl has no 'output'" in said and "not retried" in said, said
+    assert (tmp_path / "attempts").read_text() == "x"  # one attempt, not 1 + max_failures
+
+
+@pytest.mark.slow
+def test_a_runtime_failure_restarts_from_the_newest_checkpoint(ray_cluster, tmp_path, capsys):
+    result = _fit(flaky_loop, tmp_path, max_failures=1)
+    assert (tmp_path / "attempts").read_text() == "xx"
+    assert result.metrics == {"step": 2, "attempt": 2, "resumed_from": 1}
+    printed = capsys.readouterr().out
+    assert "rank 0: RuntimeError: connection reset by peer; restart 1 of 1 from the newest checkpoint" in printed
