@@ -1,4 +1,4 @@
-"""Fine-tuning benchmark (issue 2): platform overhead, method throughput and peak memory, in one run.
+"""Fine-tuning benchmark (issues 2 and 10): platform overhead, method throughput and peak memory, in one run.
 
 `python -m bench.finetune_bench` (or `make bench`) measures, sequentially on this machine:
 
@@ -6,13 +6,19 @@
    method: load through `workloads.models.load_model` / `attach_lora`, then a few plain AdamW steps.
 2. Step time of a plain single-process torch loop (2 threads) on that model, global batch 8 x 64
    tokens, against the real platform path (`workloads.finetune.run`: Ray Train + DDP or DeepSpeed)
-   in four layouts; median steady-state step from each run's own per-step `step_seconds`, start-up
-   (wall minus the steps) reported separately. The plain loop runs before and after the platform
-   runs, to show how much the shared machine drifted meanwhile.
-3. Tokens/s of full vs LoRA vs QLoRA on the tiny model, same steps, through the platform path.
+   in every layout of `LAYOUTS` (the shipped recipes' layouts among them, named as such), at the shipped
+   recipe's report / eval / checkpoint cadence: the median steady step (the run's own `step_seconds`) and,
+   beside it, the wall time per step over one whole cadence period (reports, eval and checkpoint included).
+   Start-up (wall minus the steps) is reported separately. A plain-loop run comes before the first platform
+   run and after every one, to show how much the shared machine drifted meanwhile.
+3. ZeRO-2 on 2 workers x 1 CPU (the shipped LoRA layout) with other optimizers and thread settings
+   (`VARIANTS`), each step split into its phases by DeepSpeed's own timers and comms logger.
+4. Tokens/s of full vs LoRA vs QLoRA on the tiny model, same steps, through the platform path.
 
-Results: a table on stdout, `bench/results/finetune.{json,md,png}`. Timings are printed and
-recorded, never asserted: the machine is shared and the numbers are noisy.
+Results: a table on stdout, `bench/results/finetune.{json,md,png}`, and the README's benchmark block
+(`scripts/readme_numbers.py`). `--only ROWS` or `--quick` runs a part (or the tiny model) into
+`runs/bench-finetune/partial/` instead, for checking a row. Timings are printed and recorded, never
+asserted: the machine is shared and the numbers are noisy.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
+import math
 import os
 import platform
 import resource
@@ -29,16 +37,26 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench.finetune_report import auto_notes, layout_label, plot, print_tables, write_markdown
+from bench._instrument import instrumented_worker
+from bench.finetune_report import (
+    auto_notes,
+    layout_label,
+    plot,
+    print_tables,
+    profile_summary,
+    shipped_layouts,
+    write_markdown,
+)
 from workloads.config import REPO_ROOT, FinetuneRecipe, TinyModelConfig, load_recipe
 
 RESULTS = REPO_ROOT / "bench" / "results"
 WORK_DIR = REPO_ROOT / "runs" / "bench-finetune"  # run outputs and logs (gitignored)
+PARTIAL = WORK_DIR / "partial"  # where --only / --quick runs write their results
 BASE_RECIPE = "workloads/configs/tiny-lora.yaml"
 # The 76M-class model of DESIGN.md's baselines: 12 layers x 768, fp32, built by the tiny-model factory.
 BIG_MODEL = TinyModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, pretrain_steps=0)
@@ -60,19 +78,53 @@ class Layout:
     def label(self) -> str:
         return layout_label(asdict(self))
 
+    @property
+    def key(self) -> tuple[bool, int, int, int]:
+        return self.deepspeed, self.stage if self.deepspeed else 0, self.workers, self.cpus_per_worker
+
 
 LAYOUTS = [
-    Layout("ddp-1x2", False, 0, 1, 2),
+    Layout("ray-1x2", False, 0, 1, 2),  # one worker: Strategy wraps nothing in DDP (nothing to all-reduce)
+    Layout("ddp-2x1", False, 0, 2, 1),  # real DDP: gloo all-reduce of every gradient
     Layout("ds0-1x2", True, 0, 1, 2),  # DeepSpeed's engine without ZeRO partitioning
     Layout("ds2-1x2", True, 2, 1, 2),
-    Layout("ds2-2x1", True, 2, 2, 1),  # what the shipped tiny-*.yaml recipes use
+    Layout("ds2-2x1", True, 2, 2, 1),  # shipped by tiny-lora.yaml and tiny-qlora.yaml
+    Layout("ds3-2x1", True, 3, 2, 1),  # shipped by tiny-full.yaml
 ]
-SHIPPED = LAYOUTS[-1]
+SHIPPED = LAYOUTS[4]  # the layout of the LoRA recipes: the method rows and the variants run in it
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A change to the shipped ZeRO-2, 2 x 1 run: recipe fields, DeepSpeed config keys (bench-only), threads."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...] = ()  # recipe fields, as `--set` takes them
+    ds_config: dict = field(default_factory=dict)  # merged into the recipe's DeepSpeed config in the workers
+    cpus_per_worker: int = 1  # the worker's torch threads (`torch.set_num_threads(scaling.cpus_per_worker)`)
+
+
+# `workloads.plan.deepspeed_config` always sets `torch_adam: true` (torch.optim.AdamW, unfused), also with
+# `deepspeed.offload_optimizer`: no recipe field reaches DeepSpeed's CPU Adam, so these variants set it here.
+_DS_ADAM = {"optimizer": {"params": {"torch_adam": False}}}
+VARIANTS = [
+    Variant("ds2-2x1-torch-adamw", "torch AdamW, as shipped"),
+    Variant("ds2-2x1-fused-adamw", "torch AdamW fused=True", ds_config={"optimizer": {"params": {"fused": True}}}),
+    Variant("ds2-2x1-ds-fusedadam", "DeepSpeed FusedAdam (CPU Adam kernel)", ds_config=_DS_ADAM),
+    Variant("ds2-2x1-cpuadam-offload", "DeepSpeedCPUAdam (offload_optimizer: true)",
+            overrides=("deepspeed.offload_optimizer=true",), ds_config=_DS_ADAM),
+]
+THREADS_VARIANT = "-2threads"  # appended to the fastest optimizer variant: the same with 2 threads per worker
+# DeepSpeed's own wall-clock timers (forward, backward, step, ZeRO's optimizer phases) and comms logger.
+PROFILE_DS_CONFIG = {"wall_clock_breakdown": True, "comms_logger": {"enabled": True, "prof_all": True,
+                                                                     "verbose": False}}
 # A bigger sibling for the memory probes, where the weights (not activations or imports) dominate.
 LARGE_MODEL = TinyModelConfig(hidden_size=1536, num_layers=12, num_heads=12, intermediate_size=4096,
                             pretrain_steps=0)
 MODELS = {"85M": BIG_MODEL, "340M": LARGE_MODEL}
 MEMORY_VARIANTS = ["full", "lora", "qlora"]
+GROUPS = ("memory", "layouts", "variants", "methods")
 
 
 @dataclass(frozen=True)
@@ -103,21 +155,34 @@ def _model_overrides(model: TinyModelConfig) -> list[str]:
     return [f"model.tiny.{k}={v}" for k, v in model.model_dump().items()]
 
 
+def shipped_cadence() -> dict[str, int]:
+    """The base recipe's report / eval / checkpoint cadence, and its period (the steps after which it repeats)."""
+    train = load_recipe(BASE_RECIPE, [], kind="finetune").train
+    every = {"log_every": train.log_every, "eval_every": train.eval_every, "checkpoint_every": train.checkpoint_every}
+    return {**every, "period": math.lcm(*every.values())}
+
+
+def cadence_steps(warmup: int, period: int) -> int:
+    """Steps of a run at the shipped cadence: `warmup`, one whole period, and one more step, so the last
+    step's checkpoint (which also exports the model, unlike the period's) falls outside the window."""
+    return warmup + period + 1
+
+
 def bench_recipe(
-    method: str, layout: Layout, steps: int, model: TinyModelConfig, *, packed: bool, micro_batch: int | None = None
+    method: str, layout: Layout, steps: int, model: TinyModelConfig, *, packed: bool, micro_batch: int | None = None,
+    cadence: bool = False, extra: tuple[str, ...] = (),
 ) -> FinetuneRecipe:
-    """A recipe for `steps` optimizer steps of global batch 8 (x 64 packed tokens when `packed`), no eval."""
+    """A recipe for `steps` optimizer steps of global batch 8 (x 64 packed tokens when `packed`).
+
+    With `cadence` it keeps the base recipe's report / eval / checkpoint cadence and eval set; without, it
+    reports, evaluates (nothing: no eval set) and checkpoints once, at the end. `extra`: more `--set` fields.
+    """
     micro = micro_batch or (GLOBAL_BATCH // layout.workers if packed else 16)
     overrides = [
         f"train.method={method}",
         f"train.max_steps={steps}",
         f"train.micro_batch_size={micro}",
-        f"train.eval_every={steps}",
-        f"train.checkpoint_every={steps}",
-        f"train.log_every={steps}",
         "train.warmup_steps=0",
-        "data.eval_path=null",
-        "data.eval_fraction=0",
         f"data.max_length={SEQ_LEN}",
         "run.max_failures=0",
         f"deepspeed.enabled={str(layout.deepspeed).lower()}",
@@ -126,9 +191,12 @@ def bench_recipe(
         f"scaling.cpus_per_worker={layout.cpus_per_worker}",
         *_model_overrides(model),
     ]
+    if not cadence:
+        overrides += [f"train.eval_every={steps}", f"train.checkpoint_every={steps}", f"train.log_every={steps}",
+                      "data.eval_path=null", "data.eval_fraction=0"]
     if packed:  # every example exactly SEQ_LEN tokens: batch 8 x 64, as in DESIGN.md's baseline
         overrides += ["data.packing=true", "data.max_samples=600"]
-    return load_recipe(BASE_RECIPE, overrides, kind="finetune")
+    return load_recipe(BASE_RECIPE, [*overrides, *extra], kind="finetune")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +246,9 @@ def progress_stream() -> TextIO:
 # ---------------------------------------------------------------------------------------------
 
 
-def plain_loop(recipe: FinetuneRecipe, model_path: str) -> list[float]:
-    """Seconds per optimizer step of forward/backward/clip/AdamW in this process, same batches as rank 0."""
+def plain_loop(recipe: FinetuneRecipe, model_path: str) -> dict[str, list[float]]:
+    """Seconds per optimizer step of forward/backward/clip/AdamW in this process, same batches as rank 0, and
+    of its forward/backward part (the rest is clipping and the optimizer)."""
     import torch
 
     from workloads.data import build_datasets
@@ -197,18 +266,20 @@ def plain_loop(recipe: FinetuneRecipe, model_path: str) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train, recipe.train.max_steps))
-    seconds = []
+    seconds, forward_backward = [], []
     for step in range(recipe.train.max_steps):
         started = time.perf_counter()
         micro_batches = batches.for_step(step)
         for batch in micro_batches:
             (model(**batch).loss / len(micro_batches)).backward()
+        computed = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - started)
-    return seconds
+        forward_backward.append(computed - started)
+    return {"step_seconds": seconds, "forward_backward_seconds": forward_backward}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,17 +287,39 @@ def plain_loop(recipe: FinetuneRecipe, model_path: str) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def platform_run(recipe: FinetuneRecipe, name: str, address: str | None) -> dict[str, Any]:
-    """Run the recipe through `workloads.finetune.run`; per-step times from the run's own history."""
+@contextlib.contextmanager
+def instrumented(options: dict) -> Iterator[None]:
+    """Meanwhile `workloads.finetune.run` starts `bench._instrument.instrumented_worker(options, ...)` on its
+    workers instead of `train_worker` (which that calls, instrumented as `options` say)."""
+    import workloads.finetune as finetune
+
+    original = finetune.train_worker
+    finetune.train_worker = functools.partial(instrumented_worker, options)
+    try:
+        yield
+    finally:
+        finetune.train_worker = original
+
+
+def platform_run(recipe: FinetuneRecipe, name: str, address: str | None, *, ds_config: dict | None = None,
+                 profile: bool = False) -> dict[str, Any]:
+    """Run the recipe through `workloads.finetune.run`; per-step times from the run's own history, the wall
+    time at which rank 0 finished each step, and with `profile` each step's phases (DeepSpeed's timers)."""
     from workloads.finetune import TRAINER_STATE, run
 
     out = WORK_DIR / name
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    record = out / "bench-record.json"
+    extra = {**(ds_config or {}), **(PROFILE_DS_CONFIG if profile and recipe.deepspeed.enabled else {})}
     load_before = load_average()
-    summary = run(recipe, output_dir=str(out), address=address)
+    with instrumented({"record": str(record), "ds_config": extra, "profile": profile}):
+        summary = run(recipe, output_dir=str(out), address=address)
     history = json.loads((Path(summary["checkpoint"]) / TRAINER_STATE).read_text())["history"]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # hundreds of MB per run for the big model
     shutil.rmtree(out / "model", ignore_errors=True)
+    # Missing when rank 0 ran on another node (--address): the cadence timing is then left out.
+    measured = json.loads(record.read_text()) if record.exists() else {"finished": [], "profile": []}
     return {
         "step_seconds": [r["step_seconds"] for r in history],
         "tokens": [r["tokens"] for r in history],
@@ -236,7 +329,24 @@ def platform_run(recipe: FinetuneRecipe, name: str, address: str | None) -> dict
         "startup_seconds": summary["wall_seconds"] - summary["train_seconds"],
         "tokens_per_second_all_steps": summary["tokens_per_second"],
         "load_average": [load_before, load_average()],
+        "step_finished_at": measured["finished"],
+        "profile": measured["profile"],
+        "optimizer": measured.get("optimizer"),
+        "ds_config_changes": extra,
     }
+
+
+def cadence_timing(entry: dict[str, Any], warmup: int, period: int) -> dict[str, Any] | None:
+    """Wall time per step over one whole cadence period after `warmup` (steps warmup+1 .. warmup+period, with
+    every report, eval and checkpoint in between), beside the steps' own time over the same window."""
+    finished = {int(step): at for step, at in entry.get("step_finished_at") or []}
+    first, last = warmup, warmup + period
+    if first not in finished or last not in finished:
+        return None
+    wall = finished[last] - finished[first]
+    steps = entry["step_seconds"][first:last]
+    return {"window": [first + 1, last], "seconds_per_step": wall / period, "steps_mean_s": statistics.fmean(steps),
+            "cadence_seconds_per_period": wall - sum(steps)}
 
 
 def steady_tokens_per_second(result: dict[str, Any], warmup: int) -> float:
@@ -393,29 +503,61 @@ def run_probe(variant: str, case: MemoryCase, log_path: Path) -> dict[str, Any]:
 
 def plain_between(recipe: FinetuneRecipe, model_path: str) -> dict[str, Any]:
     load_before = load_average()
-    return {"step_seconds": plain_loop(recipe, model_path), "load_average": [load_before, load_average()]}
+    return {**plain_loop(recipe, model_path), "load_average": [load_before, load_average()]}
+
+
+def _wanted(only: set[str] | None, group: str, name: str | None = None) -> bool:
+    """Whether `--only` (None: everything) names this row or its group."""
+    return only is None or group in only or name in only
+
+
+def _attempt(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`, or the error it raised: one broken row must not lose the others' numbers."""
+    try:
+        return run()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _with_shipped(layout: Layout, shipped: dict[tuple, list[str]]) -> dict[str, Any]:
+    return {**asdict(layout), "shipped_by": shipped.get(layout.key, [])}
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement, in order: memory probes, then plain/platform interleaved, then methods."""
+    """Every measurement asked for, in order: memory probes, then plain/platform runs interleaved (layouts, then
+    the ZeRO-2 variants), then methods."""
     from tqdm import tqdm
 
     from cluster.runtime import connect, shutdown
     from workloads.models import build_tiny_model
 
+    only = set(args.only.split(",")) if args.only else None
+    model = TinyModelConfig() if args.quick else BIG_MODEL
+    cadence = shipped_cadence()
+    layout_steps = cadence_steps(args.warmup, cadence["period"])
+    shipped = shipped_layouts()
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     log = WORK_DIR / "bench.log"
     log.write_text("")
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": load_average()},
-        "settings": {"global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN, "steps": args.steps,
-                     "plain_steps": args.plain_steps, "warmup": args.warmup, "method_steps": args.method_steps,
-                     "plain_threads": THREADS, "models": {k: v.model_dump() for k, v in MODELS.items()}},
+        "settings": {"global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN, "steps": layout_steps,
+                     "variant_steps": args.steps, "plain_steps": args.plain_steps, "warmup": args.warmup,
+                     "method_steps": args.method_steps, "plain_threads": THREADS,
+                     "cadence": {**cadence, "recipe": BASE_RECIPE}, "overhead_model": model.model_dump(),
+                     "models": {k: v.model_dump() for k, v in MODELS.items()}, "quick": args.quick,
+                     "only": sorted(only) if only else None},
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    cases = [] if args.skip_memory else MEMORY_CASES
-    n_tasks = sum(len(c.variants) for c in cases) + 1 + 2 * len(LAYOUTS) + 1 + 3
+    memory_wanted = not args.skip_memory and (_wanted(only, "memory") if not args.quick else "memory" in (only or ()))
+    cases = MEMORY_CASES if memory_wanted else []
+    layouts_todo = [layout for layout in LAYOUTS if _wanted(only, "layouts", layout.name)]
+    variants_todo = [variant for variant in VARIANTS if _wanted(only, "variants", variant.name)]
+    threads_wanted = _wanted(only, "variants", "threads")
+    methods_todo = [m for m in ("full", "lora", "qlora") if _wanted(only, "methods", f"tiny-{m}")]
+    platform_runs = len(layouts_todo) + len(variants_todo) + threads_wanted
+    n_tasks = sum(len(c.variants) for c in cases) + 1 + 2 * platform_runs + bool(platform_runs) + len(methods_todo)
     bar = tqdm(total=n_tasks, file=progress_stream(), desc="finetune bench", unit="run")
 
     def task(desc: str) -> None:
@@ -433,59 +575,88 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             bar.update()
     results["memory"] = memory
 
-    # 2. overhead: a plain-loop run before the first layout and after every layout, so each layout's
-    #    ratio is taken against the plain runs on either side of it (the machine's load drifts).
+    # 2. overhead and 3. variants: a plain-loop run before the first platform run and after every one, so
+    #    each run's ratio is taken against the plain runs on either side of it (the machine's load drifts).
+    layouts: dict[str, Any] = {}
+    variants: dict[str, Any] = {}
+    plain_runs: list[dict[str, Any]] = []
+    methods: dict[str, Any] = {}
     with quiet(log):
-        big_model_path = str(build_tiny_model(BIG_MODEL))
-        plain_recipe = bench_recipe("full", LAYOUTS[0], args.plain_steps, BIG_MODEL, packed=True)
+        model_path = str(build_tiny_model(model))
+        plain_recipe = bench_recipe("full", LAYOUTS[0], args.plain_steps, model, packed=True)
         task("ray init")
         started = time.perf_counter()
         print(connect(args.address), flush=True)
         results["ray_init_seconds"] = time.perf_counter() - started
         bar.update()
-        task("plain torch loop")
-        plain_runs = [plain_between(plain_recipe, big_model_path)]
-        bar.update()
-        layouts = {}
-        for layout in LAYOUTS:
-            task(layout.name)
-            recipe = bench_recipe("full", layout, args.steps, BIG_MODEL, packed=True)
-            try:
-                layouts[layout.name] = {"layout": asdict(layout), **platform_run(recipe, layout.name, args.address)}
-            except Exception as exc:  # one broken layout must not lose the others' numbers
-                layouts[layout.name] = {"layout": asdict(layout), "error": f"{type(exc).__name__}: {exc}"}
-            bar.update()
-            task(f"plain torch loop after {layout.name}")
-            plain_runs.append(plain_between(plain_recipe, big_model_path))
-            bar.update()
 
-        # 3. tokens/s per method on the tiny model: the shipped layout (ZeRO-2, 2 x 1), same steps
-        methods = {}
-        for method in ("full", "lora", "qlora"):
+        def measured(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+            """`run()` between two plain-loop runs (the first platform run gets one before it too)."""
+            if not plain_runs:
+                task("plain torch loop")
+                plain_runs.append(plain_between(plain_recipe, model_path))
+                bar.update()
+            task(name)
+            entry = {**_attempt(run), "plain_neighbours": [len(plain_runs) - 1, len(plain_runs)]}
+            bar.update()
+            task(f"plain torch loop after {name}")
+            plain_runs.append(plain_between(plain_recipe, model_path))
+            bar.update()
+            return entry
+
+        for layout in layouts_todo:
+            recipe = bench_recipe("full", layout, layout_steps, model, packed=True, cadence=True)
+            entry = measured(layout.name, lambda r=recipe, n=layout.name: platform_run(r, n, args.address))
+            layouts[layout.name] = {"layout": _with_shipped(layout, shipped), **entry}
+
+        def run_variant(variant: Variant) -> None:
+            layout = replace(SHIPPED, cpus_per_worker=variant.cpus_per_worker)
+            recipe = bench_recipe("full", layout, args.steps, model, packed=True, extra=variant.overrides)
+            entry = measured(variant.name, lambda: platform_run(recipe, variant.name, args.address,
+                                                                ds_config=variant.ds_config, profile=True))
+            variants[variant.name] = {"variant": asdict(variant), "layout": _with_shipped(layout, shipped), **entry}
+
+        for variant in variants_todo:
+            run_variant(variant)
+        if threads_wanted:  # the fastest optimizer measured above (as shipped if none), with 2 threads per worker
+            ok = [v for v in variants_todo if "error" not in variants[v.name]]
+            base = min(ok, key=lambda v: statistics.median(variants[v.name]["step_seconds"][args.warmup:]),
+                       default=VARIANTS[0])
+            run_variant(replace(base, name=base.name + THREADS_VARIANT, cpus_per_worker=2,
+                                label=f"{base.label}, 2 threads per worker (scaling.cpus_per_worker: 2)"))
+
+        # 4. tokens/s per method on the tiny model: the shipped layout (ZeRO-2, 2 x 1), same steps
+        for method in methods_todo:
             task(f"tiny {method}")
             recipe = bench_recipe(method, SHIPPED, args.method_steps, TinyModelConfig(), packed=False)
-            try:
-                methods[method] = platform_run(recipe, f"tiny-{method}", args.address)
-            except Exception as exc:
-                methods[method] = {"error": f"{type(exc).__name__}: {exc}"}
+            methods[method] = _attempt(lambda r=recipe, m=method: platform_run(r, f"tiny-{m}", args.address))
             bar.update()
         shutdown()
     bar.close()
 
     for run in plain_runs:
         run["steady"] = steady(run["step_seconds"], args.warmup)
+
+    def plain_median(key: str) -> float | None:  # over every plain run's steady steps
+        values = [v for r in plain_runs for v in (r[key][args.warmup:] or r[key])]
+        return statistics.median(values) if values else None
+
     plain_medians = [r["steady"]["median_s"] for r in plain_runs]
-    plain_all = statistics.median(s for r in plain_runs for s in r["step_seconds"][args.warmup:])
-    results["plain"] = {"runs": plain_runs, "median_s": plain_all, "run_medians_s": plain_medians,
-                        "tokens_per_second": GLOBAL_BATCH * SEQ_LEN / plain_all}
-    for i, entry in enumerate(layouts.values()):
+    plain_all = plain_median("step_seconds")
+    for run in plain_runs:
+        run["optimizer_seconds"] = [s - f for s, f in zip(run["step_seconds"], run["forward_backward_seconds"],
+                                                          strict=True)]
+    results["plain"] = {
+        "runs": plain_runs, "median_s": plain_all, "run_medians_s": plain_medians,
+        "forward_backward_median_s": plain_median("forward_backward_seconds"),
+        "optimizer_median_s": plain_median("optimizer_seconds"),
+        "tokens_per_second": GLOBAL_BATCH * SEQ_LEN / plain_all if plain_all else None,
+    }
+    for entry in [*layouts.values(), *variants.values()]:
         if "error" not in entry:
-            entry["steady"] = steady(entry["step_seconds"], args.warmup)
-            entry["plain_neighbours_s"] = plain_medians[i : i + 2]
-            entry["ratio_vs_neighbour_plain"] = entry["steady"]["median_s"] / statistics.fmean(plain_medians[i : i + 2])
-            entry["ratio_vs_plain"] = entry["steady"]["median_s"] / plain_all
-            entry["tokens_per_second_steady"] = steady_tokens_per_second(entry, args.warmup)
+            _summarize(entry, plain_medians, plain_all, args.warmup, cadence["period"])
     results["layouts"] = layouts
+    results["variants"] = {"layout": _with_shipped(SHIPPED, shipped), "runs": variants}
     for entry in methods.values():
         if "error" not in entry:
             entry["steady"] = steady(entry["step_seconds"], args.warmup)
@@ -496,6 +667,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     results["machine"]["load_average_at_end"] = load_average()
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return results
+
+
+def _summarize(entry: dict[str, Any], plain_medians: list[float], plain_all: float, warmup: int,
+               period: int) -> None:
+    """A platform run's steady step, its ratios to the plain loop, its cadence timing and profile medians."""
+    neighbours = statistics.fmean(plain_medians[i] for i in entry["plain_neighbours"])
+    entry["steady"] = steady(entry["step_seconds"], warmup)
+    entry["plain_neighbours_s"] = [plain_medians[i] for i in entry["plain_neighbours"]]
+    entry["ratio_vs_neighbour_plain"] = entry["steady"]["median_s"] / neighbours
+    entry["ratio_vs_plain"] = entry["steady"]["median_s"] / plain_all
+    entry["tokens_per_second_steady"] = steady_tokens_per_second(entry, warmup)
+    entry["cadence"] = cadence_timing(entry, warmup, period) if len(entry["step_seconds"]) > warmup + period else None
+    if entry["cadence"]:
+        entry["cadence"]["ratio_vs_neighbour_plain"] = entry["cadence"]["seconds_per_step"] / neighbours
+    entry["profile_median"] = profile_summary(entry.get("profile") or [], warmup)
 
 
 def memory_ratios(memory: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -523,14 +709,22 @@ def winner(layouts: dict[str, Any]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.finetune_bench [--only ROWS] [--quick]`: measure, then write results, tables and plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per platform run (85M model)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per variant run (85M model); the "
+                        "layouts run one whole period of the shipped cadence after --warmup, plus one step")
     parser.add_argument("--plain-steps", type=int, default=6, help="optimizer steps per plain-loop run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the steady-state median")
     parser.add_argument("--method-steps", type=int, default=30, help="steps per method run (tiny model)")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory probes")
+    parser.add_argument("--only", default=None, help="comma-separated groups (" + ", ".join(GROUPS) + ") or rows "
+                        "(layouts " + ", ".join(x.name for x in LAYOUTS) + "; variants "
+                        + ", ".join(v.name for v in VARIANTS) + ", threads; methods tiny-full, tiny-lora, "
+                        "tiny-qlora); results then go to " + str(PARTIAL.relative_to(REPO_ROOT)))
+    parser.add_argument("--quick", action="store_true", help="the tiny model instead of the 85M one, 4 variant "
+                        "steps, 3 plain steps, 1 warmup step, no memory probes (unless --only memory): a check that "
+                        "rows run, not a measurement; results go to " + str(PARTIAL.relative_to(REPO_ROOT)))
     parser.add_argument("--address", default=None, help="a Ray cluster to measure instead of embedded Ray")
-    parser.add_argument("--notes", default=None, help="Markdown file whose text goes under 'Reading'")
     parser.add_argument("--probe", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--probe-model", choices=list(MODELS), default="85M", help=argparse.SUPPRESS)
     parser.add_argument("--probe-batch", type=int, default=GLOBAL_BATCH, help=argparse.SUPPRESS)
@@ -544,17 +738,22 @@ def main(argv: list[str] | None = None) -> int:
                               args.probe_checkpointing)
         print(PROBE_PREFIX + json.dumps(result), flush=True)
         return 0
+    if args.quick:
+        args.steps, args.plain_steps, args.warmup, args.method_steps = 4, 3, 1, 6
     if args.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # a shared cluster would measure someone else's load
     results = run_bench(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "finetune.json").write_text(json.dumps(results, indent=2))
-    notes = auto_notes(results)
-    if args.notes:
-        notes += "\n\n" + Path(args.notes).read_text()
-    write_markdown(results, notes, RESULTS / "finetune.md")
-    plot(results, RESULTS / "finetune.png")
-    print_tables(results, RESULTS)
+    partial = bool(args.only or args.quick)
+    folder = PARTIAL if partial else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "finetune.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, auto_notes(results), folder / "finetune.md")
+    plot(results, folder / "finetune.png")
+    print_tables(results, folder)
+    if not partial:  # the README's benchmark block quotes these results: keep it in step
+        from scripts.readme_numbers import rewrite_bench_block
+
+        rewrite_bench_block()
     return 0
 
 

@@ -1,12 +1,16 @@
-"""Serving benchmark: the `llmc serve` endpoint against two baselines, measured in one run.
+"""Serving benchmark: the `llmc serve` endpoint against the stock Ray Serve LLM app and two baselines, in one run.
 
 For each model (the tiny Llama, and a ~80M one built the same way) and concurrency 1, 8 and 32, the
 same prompts, each asking for exactly 64 new tokens (greedy, `ignore_eos`):
   endpoint   `llmc serve` (Ray Serve LLM + vLLM, one replica), driven over HTTP by an async client
+  stock app  Ray Serve LLM's own `build_openai_app` on the same LLMConfig (`cluster.serve.llm_config` of the
+             same recipe: engine, placement and deployment settings alike), driven the same way: what our
+             ingress adds is the difference
   (a)        a sequential `model.generate` per request in one process (transformers)
   (b)        in-process `vllm.LLM.generate`, fed the prompts `c` at a time (its batch = the concurrency)
-Reports output tokens/s and p50/p99 request latency; writes bench/results/serve.{json,md,png}.
-`python -m bench.serve_bench [--models tiny,small]`. Never asserts timings.
+Reports output tokens/s and p50/p99 request latency; writes bench/results/serve.{json,md,png} (the Markdown and
+its "Reading" by `bench.serve_report`, from the JSON) and the README's benchmark block.
+`python -m bench.serve_bench [--models tiny,small] [--sides ...] [--quick]`. Never asserts timings.
 """
 
 from __future__ import annotations
@@ -16,21 +20,28 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+from bench.serve_report import write_markdown
+from workloads.objectstore import free_port
 from workloads.reporting import percentile
-from workloads.serve import ServeProcess
+from workloads.serve import READY_LINE, ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+PARTIAL = REPO / "runs" / "bench-serve" / "partial"  # where --sides / --quick runs write their results
 RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 NEW_TOKENS = 64
 LEVELS = {1: 16, 8: 64, 32: 128}  # concurrency -> requests at that level
+QUICK_LEVELS = {1: 4, 8: 16, 32: 32}
+SIDES = ("endpoint", "stock", "inprocess", "generate")
 MODELS = {
     "tiny": {},  # 2 layers x 128
     "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048, "pretrain_steps": 0},
@@ -81,7 +92,7 @@ def hf_sequential(model_dir: Path, count: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def vllm_inprocess(model_dir: Path) -> dict:
+def vllm_inprocess(model_dir: Path, levels: dict[int, int]) -> dict:
     """`LLM.generate` on each level's prompts, `c` prompts per call; returns stats per concurrency."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -91,7 +102,7 @@ def vllm_inprocess(model_dir: Path) -> dict:
     params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True, temperature=0)
     llm.generate(prompts(32), params, use_tqdm=False)  # warm up
     results = {}
-    for concurrency, count in LEVELS.items():
+    for concurrency, count in levels.items():
         batch, latencies, tokens = prompts(count), [], 0
         start = time.perf_counter()
         for i in range(0, count, concurrency):
@@ -104,20 +115,68 @@ def vllm_inprocess(model_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The endpoint
+# The served sides: the llmc endpoint, and the stock Ray Serve LLM app on the same LLMConfig
 # ---------------------------------------------------------------------------------------------
 
 
-def start_endpoint(shape: dict) -> ServeProcess:
-    """`llmc serve` on its own embedded Ray: one replica, no adapters, no response cache (every request runs)."""
-    sets = [f"model.tiny.{k}={v}" for k, v in shape.items()] + [
+def _endpoint_sets(shape: dict) -> list[str]:
+    """The serve recipe's overrides: one replica, no adapters, no response cache (every request runs)."""
+    return [f"model.tiny.{k}={v}" for k, v in shape.items()] + [
         "adapters.enabled=false", "cache.max_entries=0", "autoscaling.max_replicas=1",
         "autoscaling.max_ongoing_requests=64", "autoscaling.target_ongoing_requests=32",
         "autoscaling.max_queued_requests=-1", "server.api_key_env=null"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLMC_API_KEYS")}
-    process = ServeProcess(RECIPE, overrides=sets, env=env)
-    process.wait_ready(timeout_s=900)
-    return process
+
+
+def _child_env() -> dict[str, str]:
+    """This environment less a shared cluster's address and any API keys: each side starts its own embedded Ray."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLMC_API_KEYS")}
+
+
+class _StockApp(ServeProcess):
+    """`python -m bench.serve_bench --stock-child SHAPE PORT` in a child process of its own session; the same
+    readiness, log and stop handling as `ServeProcess`."""
+
+    def __init__(self, shape: dict):  # ServeProcess.__init__, with another command
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "bench.serve_bench", "--stock-child", json.dumps(shape), str(self.port)]
+        self.proc = subprocess.Popen(command, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+
+def serve_stock_app(shape: dict, port: int) -> None:
+    """In the child: Ray Serve LLM's `build_openai_app` on the LLMConfig `llmc serve` builds from the same recipe
+    and overrides, on embedded Ray, until Ctrl-C (SIGINT, as `ServeProcess.stop` sends)."""
+    from cluster import runtime  # first: importing `cluster` opts this process into Ray's token auth
+    from cluster.serve import llm_config
+    from workloads.config import load_recipe
+    from workloads.models import resolve_model_path
+    from workloads.serve import build_spec
+
+    recipe = load_recipe(str(RECIPE), _endpoint_sets(shape), kind="serve")
+    spec = build_spec(recipe, str(resolve_model_path(recipe.model)), None, {}, [], port)
+    print(f"[bench] {runtime.connect()}", flush=True)
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    try:
+        serve.start(http_options={"host": spec.host, "port": port})
+        serve.run(build_openai_app({"llm_configs": [llm_config(spec)]}), name="stock", route_prefix="/",
+                  blocking=False)
+        while (app := serve.status().applications.get("stock")) is None or app.status != "RUNNING":
+            if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"stock app {app.status}: {app.message}")
+            time.sleep(2)
+        print(f"{READY_LINE} {spec.url}", flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete("stock")
+        runtime.shutdown()
 
 
 async def _drive(base: str, batch: list[str], concurrency: int) -> dict:
@@ -142,12 +201,12 @@ async def _drive(base: str, batch: list[str], concurrency: int) -> dict:
         return _stats(latencies, tokens[0], time.perf_counter() - start)
 
 
-def endpoint(shape: dict) -> dict:
-    process = start_endpoint(shape)
-    base = process.base_url
+def served(process: ServeProcess, levels: dict[int, int]) -> dict:
+    """Warm a started side up, then drive it at each level; it is stopped afterwards, whatever happens."""
     try:
-        asyncio.run(_drive(base, prompts(32), 32))  # warm up
-        return {str(c): asyncio.run(_drive(base, prompts(n), c)) for c, n in LEVELS.items()}
+        process.wait_ready(timeout_s=900)
+        asyncio.run(_drive(process.base_url, prompts(32), 32))  # warm up
+        return {str(c): asyncio.run(_drive(process.base_url, prompts(n), c)) for c, n in levels.items()}
     finally:
         process.stop()
 
@@ -157,34 +216,56 @@ def endpoint(shape: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_model(name: str) -> dict:
+def _inprocess_child(model_dir: Path, levels: dict[int, int]) -> dict:
+    """`vllm_inprocess` in a child process (vLLM prints to stdout too: the numbers come back through a file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "inprocess.json"
+        child = subprocess.run([sys.executable, "-m", "bench.serve_bench", "--vllm-child", str(model_dir), str(out),
+                                json.dumps(levels)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+        if child.returncode:
+            raise RuntimeError(child.stderr[-3000:])
+        return json.loads(out.read_text())
+
+
+def bench_model(name: str, sides: tuple[str, ...] = SIDES, levels: dict[int, int] = LEVELS) -> dict:
+    """Every asked-for side on one model, one after the other (each alone on the machine), and the ratios."""
     from workloads.config import TinyModelConfig
     from workloads.models import build_tiny_model
 
     shape = MODELS[name]
     model_dir = build_tiny_model(TinyModelConfig(**shape))
     print(f"[bench] {name}: {model_dir}", flush=True)
-    serve = endpoint(shape)
-    print(f"[bench] {name} endpoint: {json.dumps(serve)}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:  # vLLM prints to stdout too: the numbers go through a file
-        out = Path(tmp) / "inprocess.json"
-        child = subprocess.run([sys.executable, "-m", "bench.serve_bench", "--vllm-child", str(model_dir), str(out)],
-                               cwd=REPO, capture_output=True, text=True, timeout=1800)
-        if child.returncode:
-            raise RuntimeError(child.stderr[-3000:])
-        inproc = json.loads(out.read_text())
-    print(f"[bench] {name} in-process vLLM: {json.dumps(inproc)}", flush=True)
-    hf = hf_sequential(model_dir, LEVELS[1])
-    print(f"[bench] {name} sequential generate: {json.dumps(hf)}", flush=True)
+    run: dict = {"model": name, "shape": {**TinyModelConfig(**shape).model_dump(), "parameters": 0}}
+    steps = {"endpoint": ("endpoint", lambda: served(ServeProcess(RECIPE, overrides=_endpoint_sets(shape),
+                                                                  env=_child_env()), levels)),
+             "stock": ("stock_app", lambda: served(_StockApp(shape), levels)),
+             "inprocess": ("inprocess_vllm", lambda: _inprocess_child(model_dir, levels)),
+             "generate": ("sequential_generate", lambda: hf_sequential(model_dir, levels[1]))}
+    for side in sides:
+        key, measure = steps[side]
+        try:
+            run[key] = measure()
+        except Exception as exc:  # one broken side must not lose the others' numbers
+            run[key] = {"error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        print(f"[bench] {name} {key}: {json.dumps(run[key])}", flush=True)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    params = _param_count(config)
-    ratios = {c: {"vs_sequential_generate": round(serve[c]["tokens_per_s"] / hf["tokens_per_s"], 2),
-                  "vs_inprocess_vllm": round(serve[c]["tokens_per_s"] / inproc[c]["tokens_per_s"], 2)}
-              for c in serve}
-    return {"model": name, "shape": {**TinyModelConfig(**shape).model_dump(), "parameters": params},
-            "endpoint": serve, "inprocess_vllm": inproc, "sequential_generate": hf, "ratios": ratios}
+    run["shape"]["parameters"] = _param_count(AutoConfig.from_pretrained(model_dir))
+    run["ratios"] = _ratios(run)
+    return run
+
+
+def _ratios(run: dict) -> dict:
+    """Endpoint tokens/s over each other side's, per concurrency level (sides not measured are left out)."""
+    def measured(key: str) -> dict:
+        return {} if "error" in (run.get(key) or {}) else run.get(key) or {}
+
+    out = {}
+    for c, ours in measured("endpoint").items():
+        others = {"vs_sequential_generate": measured("sequential_generate") or None,
+                  "vs_inprocess_vllm": measured("inprocess_vllm").get(c), "vs_stock_app": measured("stock_app").get(c)}
+        out[c] = {k: round(ours["tokens_per_s"] / v["tokens_per_s"], 2) for k, v in others.items() if v}
+    return out
 
 
 def _param_count(config) -> int:
@@ -192,32 +273,21 @@ def _param_count(config) -> int:
     return layers * (4 * h * h + 3 * h * i + 2 * h) + 2 * v * h + h
 
 
-def write_results(runs: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(runs: list[dict], folder: Path, levels: dict[int, int]) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "new_tokens_per_request": NEW_TOKENS, "requests_per_level": LEVELS,
+            "new_tokens_per_request": NEW_TOKENS, "requests_per_level": levels,
             "targets_at_32": {"vs_sequential_generate": 10, "vs_inprocess_vllm": 0.7},
-            "note": "load generator, endpoint and engines share the same cores; one replica; greedy, ignore_eos"}
-    (RESULTS / "serve.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
-    lines = ["# Serving benchmark", "", f"{meta['machine']}; {NEW_TOKENS} new tokens per request; "
-             "output tokens/s (p50 / p99 latency in s). Ratios: endpoint over baseline.", "",
-             "| model | concurrency | endpoint | (a) sequential generate | (b) in-process vLLM | x (a) | x (b) |",
-             "|---|---|---|---|---|---|---|"]
-    for run in runs:
-        hf = run["sequential_generate"]
-        for c in run["endpoint"]:
-            e, b, r = run["endpoint"][c], run["inprocess_vllm"][c], run["ratios"][c]
-            lines.append(f"| {run['model']} ({run['shape']['parameters'] / 1e6:.1f}M) | {c} | "
-                         f"{e['tokens_per_s']} ({e['p50_s']} / {e['p99_s']}) | "
-                         f"{hf['tokens_per_s']} ({hf['p50_s']} / {hf['p99_s']}) | "
-                         f"{b['tokens_per_s']} ({b['p50_s']} / {b['p99_s']}) | "
-                         f"{r['vs_sequential_generate']} | {r['vs_inprocess_vllm']} |")
-    lines += ["", "Targets at concurrency 32: at least 10x (a) and 0.7x (b)."]
-    (RESULTS / "serve.md").write_text("\n".join(lines) + "\n")
-    _plot(runs)
+            "note": "load generator, endpoint and engines share the same cores; one replica; greedy, ignore_eos",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    results = json.loads(json.dumps({"meta": meta, "runs": runs}))  # the levels' keys as the file has them
+    (folder / "serve.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, folder / "serve.md")
+    _plot(runs, folder / "serve.png")
+    return results
 
 
-def _plot(runs: list[dict]) -> None:
+def _plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,33 +295,53 @@ def _plot(runs: list[dict]) -> None:
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs, strict=True):
-        levels = [int(c) for c in run["endpoint"]]
-        ax.plot(levels, [run["endpoint"][str(c)]["tokens_per_s"] for c in levels], "o-", label="endpoint")
-        ax.plot(levels, [run["inprocess_vllm"][str(c)]["tokens_per_s"] for c in levels], "s--", label="in-process vLLM")
-        ax.axhline(run["sequential_generate"]["tokens_per_s"], color="gray", ls=":", label="sequential generate")
-        ax.set(xscale="log", yscale="log", xticks=levels, xticklabels=levels, xlabel="concurrency",
-               ylabel="output tokens/s", title=f"{run['model']} ({run['shape']['parameters'] / 1e6:.1f}M params)")
+        for key, style, label in (("endpoint", "o-", "llmc endpoint"), ("stock_app", "^-", "stock Ray Serve LLM app"),
+                                  ("inprocess_vllm", "s--", "in-process vLLM")):
+            if run.get(key) and "error" not in run[key]:
+                levels = sorted(int(c) for c in run[key])
+                ax.plot(levels, [run[key][str(c)]["tokens_per_s"] for c in levels], style, label=label)
+        if run.get("sequential_generate") and "error" not in run["sequential_generate"]:
+            ax.axhline(run["sequential_generate"]["tokens_per_s"], color="gray", ls=":", label="sequential generate")
+        ax.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="output tokens/s",
+               title=f"{run['model']} ({run['shape']['parameters'] / 1e6:.1f}M params)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "serve.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.serve_bench [--models M,..] [--sides S,..] [--quick]`: measure, then write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,small", help=f"comma-separated, from {sorted(MODELS)}")
-    parser.add_argument("--vllm-child", nargs=2, default=None, help=argparse.SUPPRESS)  # MODEL_DIR OUT_JSON
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}; a "
+                        f"subset writes its results to {PARTIAL.relative_to(REPO)} instead of bench/results")
+    parser.add_argument("--quick", action="store_true", help=f"requests per level {QUICK_LEVELS} instead of "
+                        f"{LEVELS}: a check that the sides run, not a measurement; results to "
+                        f"{PARTIAL.relative_to(REPO)}")
+    parser.add_argument("--vllm-child", nargs=3, default=None, help=argparse.SUPPRESS)  # MODEL_DIR OUT_JSON LEVELS
+    parser.add_argument("--stock-child", nargs=2, default=None, help=argparse.SUPPRESS)  # SHAPE_JSON PORT
     args = parser.parse_args(argv)
     if args.vllm_child:
-        Path(args.vllm_child[1]).write_text(json.dumps(vllm_inprocess(Path(args.vllm_child[0]))))
+        levels = {int(c): n for c, n in json.loads(args.vllm_child[2]).items()}
+        Path(args.vllm_child[1]).write_text(json.dumps(vllm_inprocess(Path(args.vllm_child[0]), levels)))
         return 0
-    runs = [bench_model(name) for name in args.models.split(",")]
-    write_results(runs)
+    if args.stock_child:
+        serve_stock_app(json.loads(args.stock_child[0]), int(args.stock_child[1]))
+        return 0
+    sides = tuple(side for side in SIDES if side in args.sides.split(","))
+    levels = QUICK_LEVELS if args.quick else LEVELS
+    partial = args.quick or sides != SIDES
+    runs = [bench_model(name, sides, levels) for name in args.models.split(",")]
+    folder = PARTIAL if partial else RESULTS
+    write_results(runs, folder, levels)
     for run in runs:
-        r = run["ratios"]["32"]
-        print(f"[bench] {run['model']} at concurrency 32: endpoint {run['endpoint']['32']['tokens_per_s']} tok/s = "
-              f"{r['vs_sequential_generate']}x sequential generate (target 10x), "
-              f"{r['vs_inprocess_vllm']}x in-process vLLM (target 0.7x)")
-    print(f"[bench] results in {RESULTS}/serve.json, serve.md, serve.png")
+        print(f"[bench] {run['model']} at concurrency 32: {json.dumps(run['ratios'].get('32', {}))}")
+    if not partial:  # the README's benchmark block quotes these results: keep it in step
+        from scripts.readme_numbers import rewrite_bench_block
+
+        rewrite_bench_block()
+    print(f"[bench] results in {folder}/serve.json, serve.md, serve.png")
     return 0
 
 

@@ -65,6 +65,48 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     )
 
 
+def node_ips() -> tuple[str, list[str]]:
+    """(IP of the node this driver runs on, IPs of every alive node of the connected cluster), once connected.
+
+    Raylets at one IP are one machine; a node at another IP is, as far as a driver can tell, another machine:
+    it shares neither this one's loopback nor, unless mounted there, its files. Only nodes alive now are seen.
+    """
+    mine, alive = _nodes()
+    return mine, sorted({n["NodeManagerAddress"] for n in alive})
+
+
+def missing_on_other_machines(paths: list[str], timeout_s: float = 60) -> dict[str, list[str]]:
+    """Which of `paths` the nodes at another IP than this driver's do not see: {node IP: [path, ...]}, for the
+    nodes that lack any. A zero-CPU task pinned to each such node looks; a node that has not answered within
+    `timeout_s` (its workers still starting) or could not run it is left out rather than blamed."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def missing(paths: list[str]) -> list[str]:  # nested: shipped by value, so a node needs none of our modules
+        return [path for path in paths if not os.path.exists(path)]
+
+    mine, alive = _nodes()
+    probe = ray.remote(num_cpus=0, max_retries=0)(missing)
+    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths):
+            n["NodeManagerAddress"] for n in alive if n["NodeManagerAddress"] != mine}
+    if not refs:
+        return {}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    found: dict[str, set[str]] = {}
+    for ref in ready:
+        with contextlib.suppress(ray.exceptions.RayError):
+            found.setdefault(refs[ref], set()).update(ray.get(ref))
+    return {ip: sorted(lacking) for ip, lacking in found.items() if lacking}
+
+
+def _nodes() -> tuple[str, list[dict]]:
+    """(this driver's node IP, the alive nodes as `ray.nodes()` lists them)."""
+    here = ray.get_runtime_context().get_node_id()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return next((n["NodeManagerAddress"] for n in alive if n["NodeID"] == here), ""), alive
+
+
 def _interpreter_tools_first() -> None:
     """Put this interpreter's bin directory first on PATH, for the workers an embedded Ray starts with our env.
 

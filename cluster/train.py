@@ -10,11 +10,13 @@ newest. The run is named after the recipe's run (the dashboard, Ray Train's own 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs
 import ray
@@ -62,6 +64,7 @@ def fit(
     on_report: Callable[[dict], None] | None = None,
     resume: bool = False,
     callbacks: Sequence[UserCallback] = (),
+    shared: dict[str, Any] | None = None,
 ) -> FitResult:
     """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics.
 
@@ -73,6 +76,8 @@ def fit(
     `on_report(metrics)` is called in this process with rank 0's metrics after every `report`: the
     controller forwards them through a queue actor, so the driver can show progress without worker logs.
     `callbacks`: more Ray Train callbacks for the run (e.g. `cluster.tune.train_reporter` inside a Tune trial).
+    `shared`: values every worker needs (e.g. the tokenized dataset), put in the object store once (or already
+    there: `share`) and handed to `train_fn` in its config under their keys, instead of made again by each worker.
 
     The run's storage is `storage_path/name`. Ray Train V2 treats a snapshot found there as the same
     run and hands its newest checkpoint to the workers: with `resume` that is what is wanted (an error
@@ -84,9 +89,12 @@ def fit(
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     reports = _report_queue(on_report)
 
+    refs = {key: (value if isinstance(value, Shared) else share(value)).ref for key, value in (shared or {}).items()}
+    loop = functools.partial(_run_with_shared, train_fn, refs) if refs else train_fn
+
     def trainer() -> _StoppableTrainer:
         return _StoppableTrainer(
-            train_fn,
+            loop,
             train_loop_config=config,
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
@@ -119,7 +127,23 @@ def fit(
         pick = max if order == "max" else min
         best, _ = pick(result.best_checkpoints, key=lambda kept: kept[1][metric])
         best_dir = _local(best, local_copy_to and local_copy_to.with_name(f"{local_copy_to.name}_best"))
-    return FitResult(checkpoint_dir, dict(result.metrics or {}), str(result.path), best_dir)
+    return FitResult(checkpoint_dir, dict(result.metrics or {}), experiment_path(storage_path, name), best_dir)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A value in the cluster's object store (`share`), for `fit(shared=...)`: passed on without another copy."""
+
+    ref: Any  # ray.ObjectRef
+
+
+def share(value: Any) -> Shared:
+    """Put `value` in the object store once; every run it is passed to (`fit(shared={key: it})`) reads that copy."""
+    return Shared(ray.put(value))
+
+
+def _run_with_shared(train_fn: Callable[[dict], None], refs: dict[str, Any], config: dict) -> None:
+    train_fn({**config, **{key: ray.get(ref) for key, ref in refs.items()}})
 
 
 # Exceptions a train loop raises for what it was given (recipe, data, code): a restart would raise them again.

@@ -1,8 +1,12 @@
-"""The README's numbers about the tiny model and the demo: generated from a results file, never typed.
+"""The README's numbers about the tiny model, the demo and the benchmarks: generated from results files, never typed.
 
     python scripts/readme_numbers.py --from-run runs/demo   # record a demo run in bench/results/demo.json, then
-                                                             # rewrite the README's block from it
-    python scripts/readme_numbers.py                         # rewrite the block from bench/results/demo.json
+                                                             # rewrite the README's blocks
+    python scripts/readme_numbers.py                         # rewrite the blocks from bench/results/*.json
+
+The benchmark block comes from `bench/results/finetune.json` and `serve.json` (the sentences are written by
+`bench.finetune_report` and `bench.serve_report`); `python -m bench.finetune_bench` and `bench.serve_bench`
+rewrite it after a full run.
 
 A demo run holds its answers (`demo_answers.json`) and its fine-tuning summary, which names the base model whose
 `skill.json` has the pretraining and the measured skill.
@@ -20,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "demo.json"
 README = REPO / "README.md"
 BEGIN, END = "<!-- demo-numbers:begin (scripts/readme_numbers.py) -->", "<!-- demo-numbers:end -->"
+BENCH_BEGIN, BENCH_END = "<!-- bench-numbers:begin (scripts/readme_numbers.py) -->", "<!-- bench-numbers:end -->"
+BENCH_RESULTS = (REPO / "bench" / "results" / "finetune.json", REPO / "bench" / "results" / "serve.json")
 
 
 def record(run_dir: Path) -> dict:
@@ -51,12 +57,38 @@ def block(numbers: dict) -> str:
             f"of {numbers['demo_questions']} (final number = sum).")
 
 
-def rewrite(readme: str, numbers: dict) -> str:
-    """`readme` with the text between the markers replaced by `block(numbers)`."""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+def _replace_block(readme: str, begin: str, end: str, text: str) -> str:
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
-        raise SystemExit(f"{README}: no block between {BEGIN} and {END}")
-    return pattern.sub(lambda _: f"{BEGIN}\n{block(numbers)}\n{END}", readme)
+        raise SystemExit(f"{README}: no block between {begin} and {end}")
+    return pattern.sub(lambda _: f"{begin}\n{text}\n{end}", readme)
+
+
+def rewrite(readme: str, numbers: dict) -> str:
+    """`readme` with the text between the demo markers replaced by `block(numbers)`."""
+    return _replace_block(readme, BEGIN, END, block(numbers))
+
+
+def bench_block(finetune: dict, serve: dict) -> str:
+    """The README's sentences about the benchmarks, from the fine-tuning and serving results."""
+    if str(REPO) not in sys.path:  # run as a script: bench/ is importable from the repository root
+        sys.path.insert(0, str(REPO))
+    from bench.finetune_report import readme_sentences as finetune_sentences
+    from bench.serve_report import readme_sentences as serve_sentences
+
+    return f"{finetune_sentences(finetune)}\n\n{serve_sentences(serve)}"
+
+
+def rewrite_bench(readme: str, finetune: dict, serve: dict) -> str:
+    """`readme` with the text between the benchmark markers replaced by `bench_block(finetune, serve)`."""
+    return _replace_block(readme, BENCH_BEGIN, BENCH_END, bench_block(finetune, serve))
+
+
+def rewrite_bench_block() -> None:
+    """Rewrite the README's benchmark block from the committed results files."""
+    finetune, serve = (json.loads(path.read_text()) for path in BENCH_RESULTS)
+    README.write_text(rewrite_bench(README.read_text(), finetune, serve))
+    print(f"rewrote the benchmark numbers in {README.relative_to(REPO)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recorded {args.from_run} in {RESULTS.relative_to(REPO)}")
     README.write_text(rewrite(README.read_text(), json.loads(RESULTS.read_text())))
     print(f"rewrote the demo numbers in {README.relative_to(REPO)}")
+    rewrite_bench_block()
     return 0
 
 

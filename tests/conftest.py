@@ -213,6 +213,17 @@ def lora_run(ray_cluster, tmp_path_factory) -> dict:
             "adapter": Path(summary["artifact"])}
 
 
+@pytest.fixture(scope="session")
+def react_run(ray_cluster, tmp_path_factory) -> dict:
+    """The bundled ReAct recipe (LoRA on the calculator traces, 2 workers, DDP): the adapter the test server serves as
+    `tiny:react`, so the agent tests compare the base with a model fine-tuned on the traces."""
+    out = tmp_path_factory.mktemp("react") / "run"
+    result = run_llmc("finetune", "workloads/configs/tiny-react.yaml", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"out": out, "summary": summary, "adapter": Path(summary["artifact"])}
+
+
 def _registered_checkpoint(snapshot: Path) -> bool:
     try:
         return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
@@ -243,12 +254,13 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, lora_run):
-    """`llmc serve` of the tiny model with `lora_run`'s adapter as `tiny:arith` on the session's cluster, an API key
-    from the environment, the adapter store a local S3 endpoint started by the driver (one vLLM engine start, about
-    a minute on 2 cores, for every test that talks to a served model)."""
+def server(ray_cluster, lora_run, react_run):
+    """`llmc serve` of the tiny model with `lora_run`'s adapter as `tiny:arith` and `react_run`'s as `tiny:react` on
+    the session's cluster, an API key from the environment, the adapter store a local S3 endpoint started by the
+    driver (one vLLM engine start, about a minute on 2 cores, for every test that talks to a served model)."""
     key = "llmc-test-" + secrets.token_hex(12)
     process = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={lora_run['adapter']}",
+                                                    f"adapters.paths.react={react_run['adapter']}",
                                                     "autoscaling.upscale_delay_s=2",
                                                     f"server.cors_origins=[{ALLOWED_ORIGIN}]"],
                            env={**os.environ, "LLMC_API_KEYS": key})

@@ -76,9 +76,8 @@ def test_dpo_from_the_sft_adapter_raises_the_held_out_margin(lora_run, tmp_path)
 
 
 SCHEMA_ERRORS = {  # override -> (field named, what the message says)
-    "method=ppo": ("method", "ppo is not built yet"),
-    "method=grpo": ("method", "grpo is not built yet"),
-    "method=sft": ("method", "allowed: reward, dpo"),
+    "method=ppo": ("data", "data.format: ppo samples answers to prompts"),
+    "method=sft": ("method", "'reward', 'dpo', 'ppo' or 'grpo'"),
     "data.path=no/such.jsonl": ("data.path", "file not found"),
     "train.learning_rate=-1": ("train.learning_rate", "greater than 0"),
     "dpo.beta=0": ("dpo.beta", "greater than 0"),
@@ -96,12 +95,12 @@ def test_bad_align_recipe_is_refused_naming_the_field():
 
 
 def test_bad_align_recipe_exits_2_before_any_work(tmp_path):
-    """Through the CLI: a method not built yet, and a data file whose rows lack a key: exit 2 naming the field,
-    no Ray started, no run directory."""
+    """Through the CLI: a method that does not fit the data, and a data file whose rows lack a key: exit 2 naming
+    the field, no Ray started, no run directory."""
     broken = tmp_path / "pairs.jsonl"
     broken.write_text(json.dumps({"prompt": "1 + 1", "chosen": "2"}) + "\n")
     out = tmp_path / "run"
-    for override, field, said in (("method=ppo", "method", "not built yet"),
+    for override, field, said in (("method=grpo", "data", "data.format: grpo samples answers to prompts"),
                                   (f"data.path={broken}", "data.path", "row 1: no rejected")):
         result = run_llmc("align", str(CONFIGS / "tiny-dpo.yaml"), "--output-dir", str(out), "--set", override,
                           timeout=120)

@@ -82,6 +82,8 @@ def test_deepspeed_config_follows_the_recipe():
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["train_batch_size"] == recipe.train.micro_batch_size * 4 * 2
     assert config["optimizer"]["params"]["lr"] == recipe.train.learning_rate
+    assert config["optimizer"]["params"]["torch_adam"] is False  # offloaded: DeepSpeedCPUAdam, not torch's AdamW
+    assert deepspeed_config(load_recipe(TINY), world_size=2)["optimizer"]["params"]["torch_adam"] is True
     plan = finetune_plan(load_recipe(TINY, ["deepspeed.enabled=false"]))
     assert plan["backend"] == "ddp" and plan["deepspeed_config"] is None
     assert isinstance(load_recipe(TINY), FinetuneRecipe)

@@ -121,3 +121,30 @@ def test_qlora_4bit_zero3_lowers_the_loss_and_stops_early(ray_cluster, tmp_path)
     assert summary["best_step"] in (5, 10) and summary["best_metric"] == "eval_loss"
     assert summary["final_eval_loss"] < 0.9 * summary["initial_eval_loss"], summary
     assert (Path(summary["artifact"]) / "adapter_model.safetensors").exists()
+
+
+def test_workers_train_on_the_data_the_driver_tokenized_once(ray_cluster, tmp_path):
+    """`prepare` reads and tokenizes the data (and the eval generation prompts) on the driver; the workers get that
+    copy from the object store. Shown by removing the files before the Ray Train run starts: it still trains."""
+    import shutil
+
+    import ray
+
+    from workloads import finetune as ft
+    from workloads.config import load_recipe
+
+    for name in ("arithmetic_train.jsonl", "arithmetic_test.jsonl"):
+        shutil.copy(REPO / "workloads" / "bundled" / name, tmp_path / name)
+    recipe = load_recipe(CONFIGS / "tiny-lora.yaml", [
+        f"data.path={tmp_path / 'arithmetic_train.jsonl'}", f"data.eval_path={tmp_path / 'arithmetic_test.jsonl'}",
+        "scaling.num_workers=1", "deepspeed.enabled=false", "train.max_steps=2", "train.eval_every=2",
+        "eval.generate=true", "eval.generate_samples=4", "eval.max_new_tokens=4"], kind="finetune")
+    prepared = ft.prepare(recipe)
+    train_ex, eval_ex, cases = prepared.data
+    assert len(train_ex) > 0 and len(eval_ex) > 0 and len(cases) >= 4 and prepared.total_steps == 2
+    for name in ("arithmetic_train.jsonl", "arithmetic_test.jsonl"):
+        (tmp_path / name).unlink()
+    ray.init(ignore_reinit_error=True, log_to_driver=False)  # the session's cluster (RAY_ADDRESS)
+    result = ft.fit(recipe, tmp_path / "run", prepared)
+    state = json.loads((result.checkpoint_dir / ft.TRAINER_STATE).read_text())
+    assert state["step"] == 2 and state["history"][-1]["eval_exact_match"] is not None, state["history"]

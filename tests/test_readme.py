@@ -10,3 +10,11 @@ from scripts.readme_numbers import README, RESULTS, rewrite
 def test_the_readme_demo_numbers_are_the_recorded_results():
     readme = README.read_text()
     assert rewrite(readme, json.loads(RESULTS.read_text())) == readme, "run: python scripts/readme_numbers.py"
+
+
+def test_the_readme_bench_numbers_are_the_committed_results():
+    from scripts.readme_numbers import BENCH_RESULTS, rewrite_bench
+
+    finetune, serve = (json.loads(path.read_text()) for path in BENCH_RESULTS)
+    readme = README.read_text()
+    assert rewrite_bench(readme, finetune, serve) == readme, "run: python scripts/readme_numbers.py"

@@ -96,13 +96,11 @@ def test_the_worker_batching_and_the_driver_agree_on_an_epoch():
 
 
 def test_the_driver_resolves_epochs_from_the_tokenized_data_before_ray(tiny_model_dir, capsys):
-    from workloads.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    assert finetune._total_steps(load_recipe(TINY, EPOCHS), tokenizer) == 250  # 2 x (4000 / 2 workers / 16)
+    prepared = finetune.prepare(load_recipe(TINY, EPOCHS))  # the data every worker trains on, tokenized once
+    assert prepared.total_steps == 250 and len(prepared.data[0]) == 4000  # 2 x (4000 / 2 workers / 16)
     assert "[llmc] schedule: 250 optimizer steps (2 epoch(s) x 125 steps; global batch 32)" in capsys.readouterr().out
     with pytest.raises(RecipeError, match="field 'train.num_epochs': 20 training examples cannot fill one"):
-        finetune._total_steps(load_recipe(TINY, [*EPOCHS, "data.max_samples=20"]), tokenizer)
+        finetune.prepare(load_recipe(TINY, [*EPOCHS, "data.max_samples=20"]))
 
 
 def test_warmup_ratio_works_off_the_resolved_step_count():

@@ -235,7 +235,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         _cmd_finetune,
     ),
     "align": (
-        "reward model or DPO from preference pairs (TRL on Ray Train workers); PPO and GRPO are not built yet",
+        "reward model or DPO from preference pairs (TRL on Ray Train workers), or PPO / GRPO on a policy's samples",
         finetune_arguments,
         _cmd_align,
     ),

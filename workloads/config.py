@@ -146,15 +146,15 @@ class _DatasetSource(StrictModel):
 
     @field_validator("path", "eval_path")
     @classmethod
-    def _file_exists(cls, value: str | None) -> str | None:
-        if value is not None and resolve_path(value) is None:
+    def _file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not _paths_checked(info) and resolve_path(value) is None:
             raise ValueError(f"file not found (looked in {Path.cwd()} and {REPO_ROOT})")
         return value
 
     @field_validator("data_files")
     @classmethod
-    def _files_match(cls, value: list[str] | None) -> list[str] | None:
-        missing = [pattern for pattern in value or [] if not resolve_files(pattern)]
+    def _files_match(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        missing = [pattern for pattern in value or [] if not _paths_checked(info) and not resolve_files(pattern)]
         if missing:
             raise ValueError(f"no file matches {missing} (looked in {Path.cwd()} and {REPO_ROOT})")
         return value
@@ -257,7 +257,8 @@ class DataConfig(_DatasetSource):
         """Every dataset, format filled in, with the field that names it in errors: `data` or `data.datasets.I`."""
         if self.datasets is None:
             fields = set(_DatasetSource.model_fields)
-            return [("data", DatasetConfig(**{k: v for k, v in self.__dict__.items() if k in fields}))]
+            own = {k: v for k, v in self.__dict__.items() if k in fields}  # validated with this config already
+            return [("data", DatasetConfig.model_validate(own, context=PATHS_CHECKED))]
         return [(f"data.datasets.{i}", d if d.format else d.model_copy(update={"format": self.format}))
                 for i, d in enumerate(self.datasets)]
 
@@ -274,6 +275,13 @@ def resolve_files(pattern: str) -> list[Path]:
 
 
 _FALLBACKS_SAID: set[str] = set()
+# Validation context of a recipe the driver already checked and whose data it read (a train worker's copy): its data
+# paths are not looked up again, since on another node of a cluster they need not exist.
+PATHS_CHECKED = {"paths_checked": True}
+
+
+def _paths_checked(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("paths_checked"))
 
 
 def resolve_path(value: str) -> Path | None:
@@ -641,6 +649,10 @@ class EngineConfig(StrictModel):
     seed: int = Field(0, description="Engine sampling seed.")
 
 
+# Resources Ray defines itself: a recipe asks for them through their own fields, never `resources.custom`.
+_BUILT_IN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
 class ServeResourcesConfig(StrictModel):
     """Resources of each engine worker (one per tensor x pipeline rank) of one replica."""
 
@@ -651,6 +663,23 @@ class ServeResourcesConfig(StrictModel):
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="How one replica's workers are placed; STRICT_PACK keeps TP on one node."
     )
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine worker asks for, e.g. {serve_pool: 1}: replicas go only to "
+                    "nodes started with them (`ray start --resources='{\"serve_pool\": 4}'`).",
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        built_in = [name for name in value if name in _BUILT_IN_RESOURCES or name.startswith("accelerator_type:")]
+        if built_in:
+            raise ValueError(f"{built_in} have fields of their own (cpus_per_worker, gpus_per_worker, "
+                             "accelerator_type): custom names only the resources a node is started with")
+        bad = {name: amount for name, amount in value.items() if not name.strip() or not amount > 0}
+        if bad:
+            raise ValueError(f"each custom resource needs a name and an amount above 0, got {bad}")
+        return value
 
 
 class AutoscalingConfig(StrictModel):

@@ -109,12 +109,13 @@ def generation_score(model, tokenizer, cases: list[GenerationCase], cfg: EvalCon
 class Evaluator:
     """One evaluation as the recipe asks: eval loss and perplexity and, with eval.generate, eval_exact_match."""
 
-    def __init__(self, recipe: FinetuneRecipe, tokenizer, batches: list[dict[str, torch.Tensor]], rank: int,
-                 world_size: int, device: torch.device):
+    def __init__(self, recipe: FinetuneRecipe, tokenizer, batches: list[dict[str, torch.Tensor]],
+                 cases: list[GenerationCase], rank: int, world_size: int, device: torch.device):
+        """`cases`: the eval set's `generation_cases`, with eval.generate (made once, on the driver)."""
         self.cfg, self.tokenizer, self.batches = recipe.eval, tokenizer, batches
         self.rank, self.world_size, self.device = rank, world_size, device
         self.batch_size = recipe.train.micro_batch_size
-        self.cases = generation_cases(recipe, tokenizer) if recipe.eval.generate and batches else []
+        self.cases = cases if recipe.eval.generate and batches else []
 
     def __call__(self, strategy: Strategy) -> dict[str, float | None]:
         if not self.batches:

@@ -14,17 +14,18 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from cluster import train as cluster_train
-from workloads import reporting, schedule, tracking
-from workloads.config import FinetuneRecipe, RecipeError
+from workloads import multinode, reporting, schedule, tracking
+from workloads.config import PATHS_CHECKED, FinetuneRecipe, RecipeError
 from workloads.data import build_datasets, collate, count_tokens
 from workloads.data_check import check_data, describe
-from workloads.evaluation import EarlyStopping, Evaluator
+from workloads.evaluation import EarlyStopping, Evaluator, GenerationCase, generation_cases
 from workloads.models import attach_lora, load_model, load_tokenizer, merge_adapter, resolve_model_path
 from workloads.plan import train_worker_resources
 from workloads.strategy import Strategy, weights_dtype
@@ -135,20 +136,20 @@ def _all_sum(values: list[float]) -> list[float]:
 
 def train_worker(config: dict) -> None:
     """One Ray Train worker: setup, train loop, checkpoints. Rank 0 prints, keeps the history, logs to trackers."""
-    recipe = FinetuneRecipe.model_validate(config["recipe"])
+    recipe = FinetuneRecipe.model_validate(config["recipe"], context=PATHS_CHECKED)  # its data came with `config`
     train = recipe.train
     rank, local_rank, world_size = cluster_train.world()
     torch.set_num_threads(recipe.scaling.cpus_per_worker)
     torch.manual_seed(train.seed)
     device = torch.device(f"cuda:{local_rank}") if recipe.scaling.use_gpu else torch.device("cpu")
 
-    # Setup: tokenizer and data before the model, so a data error costs no model load.
+    # Setup: the data the driver tokenized once for every worker (`prepare`), then the model.
     tokenizer = load_tokenizer(config["model_path"], recipe.model.revision, recipe.model.chat_template)
-    train_ex, eval_ex = build_datasets(recipe.data, tokenizer, train.seed)
+    train_ex, eval_ex, cases = config["data"]
     batches = StepBatches(train_ex, recipe, rank, world_size, tokenizer.pad_token_id)
     evals = eval_batches(eval_ex, recipe, rank, world_size, tokenizer.pad_token_id)
     total = schedule.total_steps(train, batches.steps_per_epoch)  # the run's length: max_steps or num_epochs
-    evaluate = Evaluator(recipe, tokenizer, evals, rank, world_size, device)
+    evaluate = Evaluator(recipe, tokenizer, evals, cases, rank, world_size, device)
     strategy = Strategy(_setup_model(recipe, config["model_path"], device), recipe, world_size, device, total)
     state = _restore(strategy, config.get("resume_from"), config.get("fit_id"))
     state.update(total_steps=total, steps_per_epoch=batches.steps_per_epoch)
@@ -222,31 +223,48 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     _refuse_to_replace(run_dir, recipe, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporting.save_recipe(recipe, run_dir)
-    model_path, total_steps = prepare(recipe)
+    prepared = prepare(recipe)
     print(f"[llmc] {connect(address)}", flush=True)
     storage = storage_of(recipe, run_dir)
+    multinode.check_training(recipe.run.storage_path, storage, prepared.model_path)
     resume_from, resume = _resume_plan(recipe, storage, run_dir)
     if not recipe.run.resume_from:
         tracking.reset(recipe.tracking, run_dir)
     print(f"[llmc] run {recipe.run.name}: dashboard {cluster_train.run_url() or '(none)'}", flush=True)
     started = time.perf_counter()
     with _say_where_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
-            reporting.TrainProgress(total_steps) as progress:
-        result = fit(recipe, run_dir, model_path, resume_from=resume_from, resume=resume, on_report=progress.update)
+            reporting.TrainProgress(prepared.total_steps) as progress:
+        result = fit(recipe, run_dir, prepared, resume_from=resume_from, resume=resume, on_report=progress.update)
     wall = time.perf_counter() - started
     if result.checkpoint_dir is None:
         raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
-    return write_outputs(recipe, run_dir, model_path, result, wall)
+    return write_outputs(recipe, run_dir, prepared.model_path, result, wall)
 
 
-def prepare(recipe: FinetuneRecipe) -> tuple[str, int]:
-    """The base model's path and the run's step count, after the data checks: bad data fails here, in seconds,
-    naming file, line and field, not in every worker after Ray starts."""
+@dataclass(frozen=True)
+class Prepared:
+    """What the driver makes once, before Ray: the base model's path, the run's length, and the data every worker
+    trains on (tokenized train and eval examples, eval generation cases), or its copy in the object store."""
+
+    model_path: str
+    total_steps: int
+    data: tuple[list[dict], list[dict], list[GenerationCase]] | cluster_train.Shared
+
+    def shared(self) -> Prepared:
+        """The same, its data put in the object store once: for several runs (search trials) that share it."""
+        return replace(self, data=cluster_train.share(self.data))
+
+
+def prepare(recipe: FinetuneRecipe) -> Prepared:
+    """Check the data, then tokenize it once for all workers: bad data fails here, in seconds, naming file, line
+    and field, not in every worker after Ray starts."""
     model_path = resolve_model_path(recipe.model)
     print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
     tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
     print(f"[llmc] {describe(check_data(recipe.data, tokenizer))}", flush=True)
-    return model_path, _total_steps(recipe, tokenizer)
+    train_ex, eval_ex = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    cases = generation_cases(recipe, tokenizer) if recipe.eval.generate and eval_ex else []
+    return Prepared(model_path, _total_steps(recipe, len(train_ex)), (train_ex, eval_ex, cases))
 
 
 def storage_of(recipe: FinetuneRecipe, run_dir: Path) -> str:
@@ -254,7 +272,7 @@ def storage_of(recipe: FinetuneRecipe, run_dir: Path) -> str:
     return recipe.run.storage_path or str(run_dir / "checkpoints")
 
 
-def fit(recipe: FinetuneRecipe, run_dir: Path, model_path: str, *, resume_from: str | None = None,
+def fit(recipe: FinetuneRecipe, run_dir: Path, prepared: Prepared, *, resume_from: str | None = None,
         resume: bool = False, on_report: Callable[[dict], None] | None = None,
         callbacks: Sequence = ()) -> cluster_train.FitResult:
     """The recipe's Ray Train run (`train_worker` on its workers), as `llmc finetune` and each hyperparameter-search
@@ -262,7 +280,7 @@ def fit(recipe: FinetuneRecipe, run_dir: Path, model_path: str, *, resume_from: 
     storage = storage_of(recipe, run_dir)
     return cluster_train.fit(
         train_worker,
-        {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "resume_from": resume_from,
+        {"recipe": recipe.model_dump(mode="json"), "model_path": prepared.model_path, "resume_from": resume_from,
          "fit_id": uuid.uuid4().hex, "tracking_dir": str(tracking.tracking_dir(recipe.tracking, run_dir))},
         name=recipe.run.name,
         resume=resume,
@@ -274,19 +292,19 @@ def fit(recipe: FinetuneRecipe, run_dir: Path, model_path: str, *, resume_from: 
         local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None,
         on_report=on_report,
         callbacks=callbacks,
+        shared={"data": prepared.data},
     )
 
 
-def _total_steps(recipe: FinetuneRecipe, tokenizer) -> int:
-    """The run's optimizer steps, as the workers resolve them; num_epochs needs the tokenized data (seconds)."""
+def _total_steps(recipe: FinetuneRecipe, examples: int) -> int:
+    """The run's optimizer steps, as the workers resolve them: `max_steps`, or `num_epochs` over `examples`."""
     train, workers = recipe.train, recipe.scaling.num_workers
     if train.max_steps is not None:
         return train.max_steps
-    examples, _ = build_datasets(recipe.data, tokenizer, train.seed)
-    per_epoch = schedule.steps_per_epoch(len(examples), train.micro_batch_size, train.gradient_accumulation_steps,
+    per_epoch = schedule.steps_per_epoch(examples, train.micro_batch_size, train.gradient_accumulation_steps,
                                          workers)
     if per_epoch == 0:
-        raise RecipeError(f"field 'train.num_epochs': {len(examples)} training examples cannot fill one optimizer "
+        raise RecipeError(f"field 'train.num_epochs': {examples} training examples cannot fill one optimizer "
                           f"step of {workers} workers x micro_batch_size {train.micro_batch_size} x "
                           f"gradient_accumulation_steps {train.gradient_accumulation_steps}")
     print(f"[llmc] {schedule.describe(train, per_epoch, workers)}", flush=True)

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from workloads import reporting
 from workloads.config import (
     EVAL_METRIC_MODES,
+    PATHS_CHECKED,
     RECIPES,
     FinetuneRecipe,
     RecipeError,
@@ -34,6 +35,7 @@ from workloads.config import (
 
 if TYPE_CHECKING:  # cluster.tune imports Ray: the driver imports it when it runs a search
     from cluster.tune import TrialOutcome
+    from workloads.finetune import Prepared
 
 RESOURCE = "step"  # ASHA's time attribute: the optimizer step every train report carries
 # Space field -> (recipe section, field) of the fine-tuning recipe it sets.
@@ -181,15 +183,15 @@ def _per_trial(base: FinetuneRecipe, driver_cpus: float) -> dict[str, float]:
     return held
 
 
-def hparam_trial(config: dict[str, Any], report, *, model_path: str, out: str, metric: str) -> None:
+def hparam_trial(config: dict[str, Any], report, *, prepared: Prepared, out: str, metric: str) -> None:
     """One Tune trial: its fine-tuning recipe's Ray Train run, as `llmc finetune` starts it; every evaluation goes to
     Tune from the run itself (with the path of the checkpoint it came with), so ASHA may stop the trial at any."""
     from cluster.tune import train_reporter
     from workloads import finetune
 
     del report  # the Train run's reports reach Tune through `train_reporter`, from its controller
-    recipe = FinetuneRecipe.model_validate(config["trial"]["recipe"])
-    finetune.fit(recipe, Path(out) / "trials" / recipe.run.name, model_path, callbacks=[train_reporter(metric)])
+    recipe = FinetuneRecipe.model_validate(config["trial"]["recipe"], context=PATHS_CHECKED)
+    finetune.fit(recipe, Path(out) / "trials" / recipe.run.name, prepared, callbacks=[train_reporter(metric)])
 
 
 def run(recipe: HparamSearchRecipe, output_dir: str | Path | None = None, address: str | None = None,
@@ -207,9 +209,10 @@ def run(recipe: HparamSearchRecipe, output_dir: str | Path | None = None, addres
         shutil.rmtree(out / stale, ignore_errors=True)
     reporting.save_recipe(recipe, out)
     trials, base = recipe.trials(), recipe.base()
-    model_path, base_steps = finetune.prepare(base)  # model and data are every trial's: checked once, here
-    lengths = {t.name: t.recipe.train.max_steps or base_steps for t in trials}
+    prepared = finetune.prepare(base)  # model and data are every trial's: checked and tokenized once, here
+    lengths = {t.name: t.recipe.train.max_steps or prepared.total_steps for t in trials}
     where = connect(address)
+    prepared = prepared.shared()  # in the object store once: every trial's workers read that copy
     per_trial = _per_trial(base, recipe.search.driver_cpus)
     concurrent = recipe.search.max_concurrent_trials or trials_that_fit(per_trial)
     asha = recipe.search.scheduler == "asha"
@@ -222,7 +225,7 @@ def run(recipe: HparamSearchRecipe, output_dir: str | Path | None = None, addres
         print(f"[llmc] {len(trials)} trials of {recipe.finetune} ({held} each), {concurrent} at a time; {stopping}",
               flush=True)
     outcomes = run_search(
-        functools.partial(hparam_trial, model_path=model_path, out=str(out), metric=recipe.metric),
+        functools.partial(hparam_trial, prepared=prepared, out=str(out), metric=recipe.metric),
         grid({"trial": [{"name": t.name, "label": t.label, "hparams": t.hparams, "total_steps": lengths[t.name],
                          "recipe": t.recipe.model_dump(mode="json")} for t in trials]}),
         name=recipe.name, storage_path=str(out / "tune"), metric=recipe.metric, mode=recipe.mode,
@@ -245,8 +248,9 @@ def run(recipe: HparamSearchRecipe, output_dir: str | Path | None = None, addres
     reporting.save_recipe(best_recipe, out / "best")
     storage = experiment_path(finetune.storage_of(best_recipe, out / "trials" / best["trial"]), best["trial"])
     checkpoint = local_checkpoint(last[CHECKPOINT_PATH], out / "best" / "final_checkpoint")
-    run_summary = finetune.write_outputs(best_recipe, out / "best", model_path, FitResult(checkpoint, {}, storage),
-                                         float(last.get("time_total_s", 0.0)), show=False)
+    run_summary = finetune.write_outputs(best_recipe, out / "best", prepared.model_path,
+                                         FitResult(checkpoint, {}, storage), float(last.get("time_total_s", 0.0)),
+                                         show=False)
     summary = {"best_trial": best["trial"], "best_config": best["config"], f"best_{recipe.metric}": best[recipe.metric],
                "best_artifact": run_summary["artifact"], "best_run_dir": str(out / "best"), "metric": recipe.metric,
                "mode": recipe.mode, "num_trials": len(rows), "finished": len(finished),

@@ -56,18 +56,23 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 class LocalS3:
-    """An S3-compatible endpoint (moto) on 127.0.0.1, in a thread of this process: `with LocalS3() as s3:`."""
+    """An S3-compatible endpoint (moto) in a thread of this process: `with LocalS3() as s3:`.
 
-    def __init__(self, port: int | None = None):
-        self.port = port or free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+    It listens on 127.0.0.1 unless `host` names another address of this machine (one that other nodes of a
+    cluster reach, as the two-node tests need); it takes any credentials, so it never listens on all interfaces.
+    """
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1"):
+        self.host = host
+        self.port = port or free_port(host)
+        self.endpoint_url = f"http://{host}:{self.port}"
         self.endpoint = S3Endpoint(self.endpoint_url, local=True)
         self._server = None
 
     def __enter__(self) -> LocalS3:
         from moto.server import ThreadedMotoServer
 
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
         self._server.start()
         return self
 
@@ -118,8 +123,8 @@ def _ensure_bucket(client, bucket: str) -> None:
         client.create_bucket(Bucket=bucket)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` (an address of this machine) that nothing listens on right now."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -29,8 +29,9 @@ def deepspeed_config(recipe: FinetuneRecipe, world_size: int) -> dict:
             "weight_decay": train.weight_decay,
             "betas": list(train.adam_betas),
             "eps": train.adam_eps,
-            # torch's AdamW needs no compiled kernel; offload switches DeepSpeed to its CPU Adam.
-            "torch_adam": True,
+            # torch's AdamW needs no compiled kernel. With the optimizer offloaded its step runs on the host, where
+            # DeepSpeedCPUAdam (compiled with ninja on first use) is the fast one: DeepSpeed reads torch_adam first.
+            "torch_adam": not ds.offload_optimizer,
         },
     } if train.optimizer == "adamw" else None
     return {
@@ -116,8 +117,9 @@ def serve_engine_env(recipe: ServeRecipe) -> dict[str, str]:
 
 
 def serve_bundle_per_worker(recipe: ServeRecipe) -> dict:
+    """What each engine worker of a replica holds: CPUs, GPUs and the recipe's custom resources."""
     r = recipe.resources
-    return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {}), **r.custom}
 
 
 def serve_deployment_config(recipe: ServeRecipe) -> dict:

@@ -1,9 +1,10 @@
 """`llmc serve RECIPE [--port P]`: an OpenAI-compatible endpoint for a model and its LoRA adapters.
 
-The driver checks everything it can before touching Ray (recipe, keys, adapters), uploads the
-adapters to the recipe's object store (starting a local S3 endpoint on 127.0.0.1 when the store is
-the default local one), deploys through `cluster.serve`, prints the URL and serves until Ctrl-C or SIGTERM,
-then deletes the app. API keys stay in this process: the cluster only receives their hashes.
+The driver checks everything it can before touching Ray (recipe, keys, adapters), and once connected that
+the cluster's nodes reach the adapter store (`workloads.multinode`); it uploads the adapters to the recipe's
+object store (starting a local S3 endpoint on 127.0.0.1 when the store is the default local one), deploys
+through `cluster.serve`, prints the URL and serves until Ctrl-C or SIGTERM, then deletes the app. API keys
+stay in this process: the cluster only receives their hashes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from workloads.config import LOOPBACK_HOSTS, REPO_ROOT, RecipeError, ServeRecipe, resolve_path
+from workloads.multinode import check_serving, is_loopback, loopback_adapter_store
 from workloads.objectstore import LocalS3, S3Endpoint, ensure_prefix, free_port, upload_adapter
 from workloads.plan import (
     SERVE_INGRESS_CPUS,
@@ -56,11 +58,12 @@ def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None
                           "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
     target = address or os.environ.get("RAY_ADDRESS")
     host = urlparse(target if "://" in target else f"ray://{target}").hostname if target else None
-    if recipe.adapters.enabled and recipe.adapters.endpoint_url == "local" and host and host not in LOOPBACK_HOSTS:
+    loopback_store = loopback_adapter_store(recipe.adapters)
+    if loopback_store and host and not is_loopback(host) and host != "auto":
         raise RecipeError(
-            f"field 'adapters.endpoint_url': 'local' runs the adapter store on this machine's loopback, which "
-            f"replicas on other nodes of the cluster at {target} cannot reach: set adapters.endpoint_url to an "
-            "S3 endpoint every node reaches (null for AWS S3) and adapters.store_uri to a bucket there"
+            f"field 'adapters.endpoint_url': {loopback_store}, which replicas on other nodes of the cluster at "
+            f"{target} cannot reach: set adapters.endpoint_url to an S3 endpoint every node reaches (null for AWS "
+            "S3) and adapters.store_uri to a bucket there"
         )
     if s.host not in LOOPBACK_HOSTS and not keys and not s.allow_unauthenticated:
         env = f" or ${s.api_key_env}" if s.api_key_env else ""
@@ -141,12 +144,14 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
     keys = api_keys(recipe)
     adapters = check_before_start(recipe, keys, address)
     from cluster import runtime
-    from cluster import serve as cluster_serve
     from workloads.models import resolve_model_path
 
     model_source = resolve_model_path(recipe.model)
+    print(f"[llmc] {runtime.connect(address)}", flush=True)
+    check_serving(recipe.adapters, model_source)  # before any upload or deployment
+    from cluster import serve as cluster_serve
+
     with adapter_store(recipe, adapters) as (store, env):
-        print(f"[llmc] {runtime.connect(address)}", flush=True)
         spec = build_spec(recipe, model_source, store, env, keys, port)
         print(f"[llmc] deploying {spec.model_id} (engine start takes a minute on CPU) ...", flush=True)
         try:

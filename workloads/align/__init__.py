@@ -1,7 +1,8 @@
-"""Alignment from preference pairs, TRL inside Ray Train workers: reward models and DPO (`llmc align`).
+"""Alignment (`llmc align`): reward models and DPO from preference pairs (TRL inside Ray Train workers), and PPO
+and GRPO from prompts (workloads.align.rl: one RL loop, two advantage estimators, one process for now).
 
-`load_reward_model(path).score(texts)` turns a trained reward model into the scoring function PPO and GRPO
-(planned, not built yet) will use as their reward. Imported lazily: the CLI registers the recipe without torch.
+`load_reward_model(path).score(texts)` turns a trained reward model into a scoring function, which PPO and GRPO
+recipes use as a reward term (workloads.align.rewards). Imported lazily: the CLI registers the recipe without torch.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from workloads.align.recipe import PreferenceDataConfig
+from workloads.align.recipe import AlignDataConfig
 from workloads.config import RecipeError
 from workloads.data_sources import read_path
 
@@ -52,21 +52,27 @@ def read_pairs(path: str, field: str) -> list[dict]:
     return [{key: row[key] for key in KEYS if key in row} for row in rows]
 
 
-def split_pairs(cfg: PreferenceDataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+def split_pairs(cfg: AlignDataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Training and held-out pairs: `eval_path`, else a seeded `eval_fraction` of `path`; `max_samples` caps
     the training pairs."""
-    pairs = read_pairs(cfg.path, "data.path")
+    return hold_out(cfg, seed, read_pairs, "pairs")
+
+
+def hold_out(cfg: AlignDataConfig, seed: int, read, what: str) -> tuple[list, list]:
+    """Training and held-out rows as `read(path, field)` gives them: `eval_path`'s rows, else a seeded
+    `eval_fraction` of `path`'s; `max_samples` caps the training rows (pairs here, prompts for ppo and grpo)."""
+    rows = read(cfg.path, "data.path")
     if cfg.eval_path is not None:
-        train, held_out = pairs, read_pairs(cfg.eval_path, "data.eval_path")
+        train, held_out = rows, read(cfg.eval_path, "data.eval_path")
     else:
-        order = list(range(len(pairs)))
+        order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(pairs) * cfg.eval_fraction))
-        held_out = [pairs[i] for i in order[:n_eval]]
-        train = [pairs[i] for i in sorted(order[n_eval:])]
+        n_eval = max(1, round(len(rows) * cfg.eval_fraction))
+        held_out = [rows[i] for i in order[:n_eval]]
+        train = [rows[i] for i in sorted(order[n_eval:])]
     if cfg.max_samples:
         train = train[: cfg.max_samples]
     if not train:
-        raise RecipeError(f"field 'data.eval_fraction': holding out {cfg.eval_fraction} of {len(pairs)} pairs leaves "
+        raise RecipeError(f"field 'data.eval_fraction': holding out {cfg.eval_fraction} of {len(rows)} {what} leaves "
                           "none to train on")
     return train, held_out

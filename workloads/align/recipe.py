@@ -1,17 +1,18 @@
 """The alignment recipe (`kind: align`, `llmc align`): one schema for every method, registered beside finetune.
 
-`method` picks what is trained from preference pairs: `reward` (a reward model, TRL's RewardTrainer) or `dpo`
-(a policy, TRL's DPOTrainer). `ppo` and `grpo` are named so a recipe can say what it wants, and refused at
-validation: they are not built yet.
+`method` picks what is trained: from preference pairs, `reward` (a reward model, TRL's RewardTrainer) or `dpo` (a
+policy, TRL's DPOTrainer); from prompts with reference answers, `ppo` or `grpo` (a policy trained on its own sampled
+completions, scored by the recipe's `rewards`; workloads.align.rl, one process for now).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from workloads.align.rewards import import_function, resolve_function, term_name
 from workloads.config import (
     RECIPES,
     DeepSpeedConfig,
@@ -23,25 +24,33 @@ from workloads.config import (
     resolve_path,
 )
 
-BUILT_METHODS = ("reward", "dpo")
-PLANNED_METHODS = ("ppo", "grpo")  # issue 12: one RL loop for both, not built yet
+PAIR_METHODS = ("reward", "dpo")  # trained from preference pairs, TRL inside Ray Train workers
+RL_METHODS = ("ppo", "grpo")  # trained on the policy's own completions (workloads.align.rl)
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}  # transformers' names
 
 
-class PreferenceDataConfig(StrictModel):
-    """Preference pairs in TRL's format: `chosen` and `rejected` (strings, or lists of chat messages), with an
-    optional shared `prompt`; JSON, JSONL, Parquet or CSV, read like finetune data."""
+class AlignDataConfig(StrictModel):
+    """JSON, JSONL, Parquet or CSV rows, read like finetune data. `format: preference` (reward, dpo): pairs in TRL's
+    format, `chosen` and `rejected` (strings, or lists of chat messages) with an optional shared `prompt`. A chat
+    format (ppo, grpo): prompts, each row's last assistant turn its reference answer."""
 
-    path: str = Field(..., description="Training pairs, relative to the working dir or the repository.")
+    path: str = Field(..., description="Training rows, relative to the working dir or the repository.")
+    format: Literal["preference", "alpaca", "messages", "sharegpt"] = Field(
+        "preference", description="preference: chosen/rejected pairs (reward, dpo); alpaca (instruction/input/output), "
+        "messages or sharegpt: prompts with a reference answer (ppo, grpo)."
+    )
     eval_path: str | None = Field(
-        None, description="Held-out pairs (the reported accuracy and margins); null: `eval_fraction` of `path`."
+        None, description="Held-out rows (the reported accuracy, margins or rewards); null: `eval_fraction` of `path`."
     )
     eval_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of `path` held out when there is no eval_path (seeded by train.seed)."
     )
-    max_samples: int | None = Field(None, ge=1, description="Use only the first N training pairs.")
+    max_samples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
     max_length: int = Field(
-        256, ge=8, description="Most tokens of prompt plus answer; TRL drops longer pairs (reward) or truncates (dpo)."
+        256, ge=8, description="Most tokens of prompt plus answer: TRL drops longer pairs (reward) or truncates (dpo); "
+        "ppo and grpo leave out prompts longer than this minus rl.max_new_tokens."
     )
+    system_prompt: str | None = Field(None, description="ppo, grpo: a system turn put before every prompt.")
 
     @field_validator("path", "eval_path")
     @classmethod
@@ -58,8 +67,10 @@ class AlignTrainConfig(StrictModel):
         "lora", description="What is trained: every weight, or a LoRA adapter (`lora`; a reward model's head is "
         "trained in full beside it)."
     )
-    max_steps: int = Field(..., ge=1, description="Optimizer steps.")
-    micro_batch_size: int = Field(8, ge=1, description="Pairs per worker per forward.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps (reward, dpo; ppo and grpo run rl.iterations instead)."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Pairs (reward, dpo) or completions (ppo, grpo) per forward.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -69,10 +80,10 @@ class AlignTrainConfig(StrictModel):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0)
-    eval_every: int = Field(20, ge=1, description="Steps between held-out evaluations (also before the first "
-                                                  "step and after the last).")
-    log_every: int = Field(5, ge=1, description="Steps between progress reports to the driver (metrics.csv gets "
-                                                "every step).")
+    eval_every: int = Field(20, ge=1, description="Steps (ppo, grpo: iterations) between held-out evaluations (also "
+                                                  "before the first and after the last).")
+    log_every: int = Field(5, ge=1, description="Steps (ppo, grpo: iterations) between progress reports (metrics.csv "
+                                                "gets every one).")
     seed: int = 0
     gradient_checkpointing: bool = False
 
@@ -83,6 +94,14 @@ class RewardOptions(StrictModel):
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="Pull mean rewards toward 0 (TRL's center_rewards_coefficient); null: off."
     )
+
+
+def _adapter_dir(value: str | None) -> str | None:
+    """A PEFT adapter directory (one with adapter_config.json), or None."""
+    found = resolve_path(value) if value is not None else None
+    if value is not None and (found is None or not (found / "adapter_config.json").is_file()):
+        raise ValueError(f"{value!r} is not a PEFT adapter directory (no adapter_config.json)")
+    return value
 
 
 class DpoOptions(StrictModel):
@@ -98,44 +117,160 @@ class DpoOptions(StrictModel):
 
     @field_validator("adapter")
     @classmethod
-    def _adapter_dir(cls, value: str | None) -> str | None:
-        found = resolve_path(value) if value is not None else None
-        if value is not None and (found is None or not (found / "adapter_config.json").is_file()):
-            raise ValueError(f"{value!r} is not a PEFT adapter directory (no adapter_config.json)")
+    def _adapter(cls, value: str | None) -> str | None:
+        return _adapter_dir(value)
+
+
+class RewardTerm(StrictModel):
+    """One term of the reward: a function (built-in or `module:function`) or a trained reward model, weighted.
+
+    A function is called as `fn(prompt, completion, reference, **args) -> float` (workloads.align.rewards); it is
+    imported and its signature checked when the recipe is validated.
+    """
+
+    function: str | None = Field(
+        None, description="exact_answer (final number equals the reference's), format (an `Answer:` line), "
+        "length_penalty (args: limit, in characters), or module:function on the Python path."
+    )
+    model: str | None = Field(
+        None, description="A reward model saved by `method: reward` (<run dir>/model, or <run dir>/adapter with LoRA): "
+        "it scores prompt plus completion."
+    )
+    weight: float = Field(1.0, description="Multiplies the term's score in the summed reward (negative: a penalty).")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardTerm:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("a reward term names exactly one of function or model")
+        if self.model is not None:
+            found = resolve_path(self.model)
+            if found is None or not any((found / name).is_file() for name in ("config.json", "adapter_config.json")):
+                raise ValueError(f"model {self.model!r} is not a saved reward model (no config.json or "
+                                 "adapter_config.json)")
+            if self.args:
+                raise ValueError("args are for a function; a reward model takes none")
+        else:
+            resolve_function(str(self.function), self.args)  # its signature, with the args given
+        return self
+
+    @field_validator("function")
+    @classmethod
+    def _imports(cls, value: str | None) -> str | None:
+        if value is not None:
+            import_function(value)  # a missing module or function fails here, naming this field
         return value
+
+
+class KlOptions(StrictModel):
+    """The pull toward the reference policy (the starting policy): how KL is estimated, where it is charged, and
+    whether its coefficient adapts."""
+
+    coef: float = Field(0.05, ge=0.0, description="KL coefficient (beta), the starting value when `target` is set.")
+    target: float | None = Field(
+        None, gt=0.0, description="Adaptive control (Ziegler et al.): steer the mean per-sequence KL toward this; "
+        "null: the coefficient stays fixed."
+    )
+    horizon: int = Field(10000, ge=1, description="Adaptive control: samples over which the coefficient may move by "
+                                                  "20% of the KL error.")
+    estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimate: k1 log-ratio (in the reward, as Ziegler et al. and OpenRLHF), "
+        "k3 (q/p - 1 - log q/p, never negative: the GRPO paper's loss term)."
+    )
+    penalty: Literal["reward", "loss"] = Field(
+        "reward", description="reward: subtract coef x KL from each token's reward (from the sequence's reward "
+        "under grpo); loss: add coef x the mean token KL to the loss."
+    )
+
+
+class RlOptions(StrictModel):
+    """PPO and GRPO (method: ppo | grpo): iterations of rollout (k completions per prompt), scoring, advantages and
+    several minibatch epochs of clipped policy updates. Optimizer settings are in `train`."""
+
+    adapter: str | None = Field(
+        None, description="A PEFT adapter of model.name to start from (e.g. an SFT run's <run dir>/adapter), with its "
+        "own LoRA shape (the lora block is then unused); a frozen copy of it is the reference. null: a fresh LoRA "
+        "(`lora`), whose reference is the base with the adapter disabled."
+    )
+    iterations: int = Field(20, ge=1, description="Rollout-and-update iterations.")
+    prompts_per_iteration: int = Field(16, ge=1, description="Training prompts sampled per iteration.")
+    group_size: int = Field(4, ge=1, description="Completions sampled per prompt (grpo: at least 2, the group its "
+                                                 "advantages are normalized in).")
+    max_new_tokens: int = Field(32, ge=1, description="Most tokens per completion (a longer one is cut there).")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature of rollouts (log-probs are "
+                                                                 "taken at the same temperature).")
+    epochs: int = Field(2, ge=1, description="Passes over each rollout batch, in minibatches of train.micro_batch_size "
+                                             "x train.gradient_accumulation_steps completions.")
+    clip_range: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip of the probability ratio (1 +- this).")
+    entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus: subtracts coef x mean token entropy from the "
+                                                         "loss.")
+    kl: KlOptions = Field(default_factory=KlOptions)
+    scale_rewards: bool = Field(True, description="grpo: divide advantages by the group's reward std (false: Dr. "
+                                                  "GRPO's unscaled advantages).")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="ppo: discount of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="ppo: GAE lambda (bias-variance trade-off).")
+    value_clip_range: float = Field(0.2, gt=0.0, description="ppo: clip of the value update around the rollout's "
+                                                             "values.")
+    critic_learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="ppo: AdamW learning rate of the critic (a "
+                                        "small value head on the policy's last hidden states, detached).")
+    eval_prompts: int = Field(64, ge=0, description="Held-out prompts answered greedily and scored before the first "
+                                                    "iteration, every train.eval_every and after the last (0: none).")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str | None) -> str | None:
+        return _adapter_dir(value)
 
 
 class AlignRecipe(StrictModel):
     kind: Literal["align"] = "align"
-    method: Literal["reward", "dpo"] = Field(
-        ..., description="reward: a reward model from preference pairs; dpo: a policy trained on them directly. "
-        f"Planned, not built yet: {', '.join(PLANNED_METHODS)}."
+    method: Literal["reward", "dpo", "ppo", "grpo"] = Field(
+        ..., description="From preference pairs: reward (a reward model), dpo (a policy trained on them directly). "
+        "From prompts: ppo, grpo (a policy trained on its own completions, scored by `rewards`)."
     )
     model: ModelConfig
-    data: PreferenceDataConfig
+    data: AlignDataConfig
     train: AlignTrainConfig
     reward: RewardOptions = Field(default_factory=RewardOptions)
     dpo: DpoOptions = Field(default_factory=DpoOptions)
+    rl: RlOptions = Field(default_factory=RlOptions)
+    rewards: list[RewardTerm] = Field(
+        default_factory=list, description="ppo, grpo: the reward, summed over these weighted terms (at least one)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = Field(
         default_factory=lambda: DeepSpeedConfig(enabled=False),
         description="DeepSpeed through transformers' Trainer; off (DDP) by default: on CPU, ZeRO costs more than it "
-        "saves at tiny sizes.",
+        "saves at tiny sizes. ppo, grpo: not used yet (one process).",
     )
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
-    @field_validator("method", mode="before")
-    @classmethod
-    def _built(cls, value: object) -> object:
-        if value in PLANNED_METHODS:
-            raise ValueError(f"{value} is not built yet (planned: {', '.join(PLANNED_METHODS)}); allowed now: "
-                             f"{', '.join(BUILT_METHODS)}")
-        if value not in BUILT_METHODS:
-            raise ValueError(f"allowed: {', '.join(BUILT_METHODS)} ({', '.join(PLANNED_METHODS)}: not built yet)")
-        return value
-
     # Rules across fields sit on the later field, so an error names the block at fault.
+
+    @field_validator("data")
+    @classmethod
+    def _data_fits_method(cls, data: AlignDataConfig, info: ValidationInfo) -> AlignDataConfig:
+        method = info.data.get("method")
+        if method in PAIR_METHODS and data.format != "preference":
+            raise ValueError(f"data.format: {method} trains on preference pairs: format preference")
+        if method in RL_METHODS and data.format == "preference":
+            raise ValueError(f"data.format: {method} samples answers to prompts: a chat format with a reference answer "
+                             "(alpaca, messages or sharegpt)")
+        return data
+
+    @field_validator("train")
+    @classmethod
+    def _length_fits_method(cls, train: AlignTrainConfig, info: ValidationInfo) -> AlignTrainConfig:
+        method = info.data.get("method")
+        if method in PAIR_METHODS and train.max_steps is None:
+            raise ValueError(f"train.max_steps: {method} needs the number of optimizer steps")
+        if method in RL_METHODS and train.max_steps is not None:
+            raise ValueError(f"train.max_steps: {method} runs rl.iterations (each several optimizer steps); leave "
+                             "train.max_steps out")
+        if method in RL_METHODS and train.gradient_checkpointing:
+            raise ValueError(f"train.gradient_checkpointing: not supported by {method} yet")
+        return train
 
     @field_validator("dpo")
     @classmethod
@@ -144,6 +279,33 @@ class AlignRecipe(StrictModel):
         if dpo.adapter is not None and (info.data.get("method") != "dpo" or getattr(train, "method", None) != "lora"):
             raise ValueError("dpo.adapter continues a LoRA policy: it needs method: dpo and train.method: lora")
         return dpo
+
+    @field_validator("rl")
+    @classmethod
+    def _rl_fits_method(cls, rl: RlOptions, info: ValidationInfo) -> RlOptions:
+        method, train = info.data.get("method"), info.data.get("train")
+        if rl.adapter is not None and (method not in RL_METHODS or getattr(train, "method", None) != "lora"):
+            raise ValueError("rl.adapter continues a LoRA policy: it needs method: ppo or grpo and train.method: lora")
+        max_length = getattr(info.data.get("data"), "max_length", None)
+        if method in RL_METHODS and max_length is not None and rl.max_new_tokens >= max_length:
+            raise ValueError(f"rl.max_new_tokens ({rl.max_new_tokens}) leaves no room for a prompt within "
+                             f"data.max_length ({max_length})")
+        if method == "grpo" and rl.group_size < 2:
+            raise ValueError("rl.group_size: grpo normalizes rewards within each prompt's group: at least 2")
+        return rl
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_fit_method(cls, rewards: list[RewardTerm], info: ValidationInfo) -> list[RewardTerm]:
+        method = info.data.get("method")
+        if method in RL_METHODS and not rewards:
+            raise ValueError(f"{method} needs at least one reward term (e.g. [{{function: exact_answer}}])")
+        if method in PAIR_METHODS and rewards:
+            raise ValueError(f"{method} learns from preference pairs: rewards are for ppo and grpo")
+        names = [term_name(term) for term in rewards]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"each term once: {', '.join(twice)} appears twice")
+        return rewards
 
     @field_validator("scaling")
     @classmethod
@@ -158,10 +320,11 @@ class AlignRecipe(StrictModel):
         if run.resume_from is not None:
             raise ValueError("run.resume_from: align runs do not resume yet (a failed worker group restarts the run "
                              "from its first step, up to run.max_failures times)")
-        lora_policy = info.data.get("method") == "dpo" and getattr(info.data.get("train"), "method", None) == "lora"
+        lora_policy = (info.data.get("method") in ("dpo", *RL_METHODS)
+                       and getattr(info.data.get("train"), "method", None) == "lora")
         if run.merge_adapter and not lora_policy:
-            raise ValueError("run.merge_adapter merges a LoRA policy into its base: it needs method: dpo and "
-                             "train.method: lora")
+            raise ValueError("run.merge_adapter merges a LoRA policy into its base: it needs method: dpo, ppo or grpo "
+                             "and train.method: lora")
         return run
 
 

@@ -1,5 +1,6 @@
 """`llmc align RECIPE`: the driver. Validate and read the pairs, connect, run the workers on Ray Train, then write
-the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory.
+the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory. PPO and GRPO run in this
+process for now (workloads.align.rl), with the same outputs.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import time
 from pathlib import Path
 
 from cluster import train as cluster_train
-from workloads import reporting
+from workloads import multinode, reporting
 from workloads.align.preference import split_pairs
-from workloads.align.recipe import AlignRecipe
+from workloads.align.recipe import RL_METHODS, AlignRecipe
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
 from workloads.config import RecipeError
 from workloads.finetune import worker_scaling
@@ -34,6 +35,10 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
     if found and not overwrite:
         raise RecipeError(f"field 'run.output_dir': {run_dir} already holds a run ({', '.join(found)}): pass "
                           "--overwrite to replace it")
+    if recipe.method in RL_METHODS:  # one process, no Ray yet (issue 12: vLLM rollouts and Ray placement to come)
+        from workloads.align import rl
+
+        return rl.run(recipe, run_dir)
     train, held_out = split_pairs(recipe.data, recipe.train.seed)  # bad pairs fail here, naming field and row
     model_path = resolve_model_path(recipe.model)
     load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)  # a missing model fails here
@@ -43,6 +48,7 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
           f"{len(held_out)} held out", flush=True)
     print(f"[llmc] {connect(address)}", flush=True)
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
+    multinode.check_training(recipe.run.storage_path, storage, model_path)
     started = time.perf_counter()
     with reporting.TrainProgress(recipe.train.max_steps, description=recipe.method) as progress:
         result = cluster_train.fit(

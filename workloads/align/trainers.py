@@ -19,13 +19,12 @@ from transformers import TrainerCallback
 
 from cluster import train as cluster_train
 from workloads.align.preference import split_pairs
-from workloads.align.recipe import AlignRecipe
+from workloads.align.recipe import SCHEDULERS, AlignRecipe
 from workloads.models import load_model, load_tokenizer, peft_lora_config
 from workloads.plan import deepspeed_config
 
 STATE = "align_state.json"  # beside the exported model in the final checkpoint: history and evaluations
 MODEL_DIR = "model"
-_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 def metric_name(key: str) -> str:
@@ -65,7 +64,7 @@ def training_args(recipe: AlignRecipe, out_dir: str, world_size: int) -> dict:
         per_device_eval_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta1=t.adam_betas[0],
         adam_beta2=t.adam_betas[1], adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm,
-        warmup_steps=t.warmup_steps, lr_scheduler_type=_SCHEDULERS[t.lr_scheduler], seed=t.seed,
+        warmup_steps=t.warmup_steps, lr_scheduler_type=SCHEDULERS[t.lr_scheduler], seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing, max_length=recipe.data.max_length,
         logging_steps=1, eval_strategy="steps", eval_steps=t.eval_every, eval_on_start=True, save_strategy="no",
         report_to=[], disable_tqdm=True, use_cpu=not recipe.scaling.use_gpu,

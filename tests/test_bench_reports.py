@@ -1,0 +1,154 @@
+"""The benchmarks' reports are computed from their results files: labels, cadence timing, the Reading (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import finetune_report, serve_report
+from bench.finetune_bench import cadence_timing, shipped_cadence
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def _layout(name: str, deepspeed: bool, stage: int, workers: int, cpus: int, shipped: list[str]) -> dict:
+    return {"name": name, "deepspeed": deepspeed, "stage": stage, "workers": workers, "cpus_per_worker": cpus,
+            "shipped_by": shipped}
+
+
+def _run(layout: dict, median: float, plain: float, cadence: float | None = None) -> dict:
+    entry = {"layout": layout, "steady": {"median_s": median, "min_s": median, "max_s": median, "n": 6},
+             "ratio_vs_neighbour_plain": median / plain, "ratio_vs_plain": median / plain, "startup_seconds": 20.0,
+             "tokens_per_second_steady": 512 / median, "plain_neighbours_s": [plain, plain], "profile_median": {}}
+    if cadence is not None:
+        entry["cadence"] = {"window": [3, 22], "seconds_per_step": cadence, "steps_mean_s": median,
+                            "cadence_seconds_per_period": (cadence - median) * 20,
+                            "ratio_vs_neighbour_plain": cadence / plain}
+    return entry
+
+
+def _variant(name: str, label: str, median: float, plain: float, profile: dict, **changes) -> dict:
+    variant = {"name": name, "label": label, "overrides": [], "ds_config": {}, "cpus_per_worker": 1, **changes}
+    return {**_run(_layout("ds2-2x1", True, 2, 2, 1, ["tiny-lora.yaml"]), median, plain), "variant": variant,
+            "optimizer": "AdamW", "profile_median": profile}
+
+
+def synthetic_results() -> dict:
+    """A new-format results file: real DDP, the shipped layout with cadence timing, two ZeRO-2 variants."""
+    plain = 2.0
+    slow = {"fwd": 0.9, "bwd": 1.8, "step": 0.8, "optimizer_step": 0.5, "optimizer_allgather": 0.2,
+            "optimizer_gradients": 0.05, "collectives_s": 0.9, "step_s": 3.6}
+    fast = {**slow, "step": 0.35, "optimizer_step": 0.05, "step_s": 3.1}
+    return {
+        "machine": {"cpus": 2, "python": "3.11", "load_average_at_start": 1.0, "load_average_at_end": 1.0},
+        "settings": {"global_batch": 8, "seq_len": 64, "steps": 23, "variant_steps": 8, "plain_steps": 6, "warmup": 2,
+                     "method_steps": 30, "cadence": {"log_every": 5, "eval_every": 20, "checkpoint_every": 20,
+                                                     "period": 20, "recipe": "workloads/configs/tiny-lora.yaml"},
+                     "models": {"85M": {"num_layers": 12, "hidden_size": 768}}, "only": None},
+        "started": "then", "finished": "later", "ray_init_seconds": 3.0, "memory": [], "memory_ratios": [],
+        "plain": {"median_s": plain, "run_medians_s": [plain] * 3, "forward_backward_median_s": 1.5,
+                  "optimizer_median_s": 0.5, "tokens_per_second": 256.0, "runs": []},
+        "layouts": {
+            "ray-1x2": _run(_layout("ray-1x2", False, 0, 1, 2, []), 2.2, plain, cadence=2.5),
+            "ddp-2x1": _run(_layout("ddp-2x1", False, 0, 2, 1, []), 2.6, plain, cadence=2.9),
+            "ds2-2x1": _run(_layout("ds2-2x1", True, 2, 2, 1, ["tiny-lora.yaml", "tiny-qlora.yaml"]), 3.8, plain,
+                            cadence=4.4),
+        },
+        "variants": {"layout": {}, "runs": {
+            "ds2-2x1-torch-adamw": _variant("ds2-2x1-torch-adamw", "torch AdamW, as shipped", 3.6, plain, slow),
+            "ds2-2x1-cpuadam-offload": _variant("ds2-2x1-cpuadam-offload", "DeepSpeedCPUAdam", 3.1, plain, fast,
+                                                overrides=["deepspeed.offload_optimizer=true"]),
+        }},
+        "methods": {"runs": {}},
+        "winner": "ray-1x2",
+    }
+
+
+def test_layout_labels_say_what_runs_and_what_ships():
+    assert finetune_report.layout_label(_layout("a", False, 0, 1, 2, [])) == \
+        "Ray Train, 1 worker x 2 CPU, no DDP wrapper"
+    assert finetune_report.layout_label(_layout("b", False, 0, 2, 1, [])) == "DDP, 2 workers x 1 CPU"
+    shipped = _layout("c", True, 2, 2, 1, ["tiny-lora.yaml"])
+    assert finetune_report.layout_label(shipped) == \
+        "DeepSpeed ZeRO-2, 2 workers x 1 CPU (shipped layout: tiny-lora.yaml)"
+    assert finetune_report.layout_label(shipped, shipped=False) == "DeepSpeed ZeRO-2, 2 workers x 1 CPU"
+
+
+def test_shipped_layouts_come_from_the_recipes():
+    shipped = finetune_report.shipped_layouts()
+    assert "tiny-lora.yaml" in shipped[(True, 2, 2, 1)]
+    assert "tiny-full.yaml" in shipped[(True, 3, 2, 1)]
+
+
+def test_cadence_timing_covers_one_whole_period():
+    period, warmup = shipped_cadence()["period"], 2
+    steps = [1.0] * (warmup + period + 1)
+    finished, at = [], 0.0
+    for step in range(1, len(steps) + 1):
+        at += 1.0 + (5.0 if step % period == 0 else 0.0)  # a checkpoint's 5 s lands before the next step ends
+        finished.append([step, at])
+    timing = cadence_timing({"step_seconds": steps, "step_finished_at": finished}, warmup, period)
+    assert timing["window"] == [warmup + 1, warmup + period]
+    assert abs(timing["cadence_seconds_per_period"] - 5.0) < 1e-9
+    assert abs(timing["seconds_per_step"] - (period + 5.0) / period) < 1e-9
+    assert cadence_timing({"step_seconds": steps, "step_finished_at": []}, warmup, period) is None
+
+
+def test_reading_of_a_new_results_file(tmp_path):
+    results = synthetic_results()
+    notes = finetune_report.auto_notes(results)
+    assert "Real DDP (DDP, 2 workers x 1 CPU) steps at 1.18x the one-worker run" in notes
+    assert "with the shipped cadence 2.50 s/step, 1.25x (6.0 s of every 20 steps" in notes
+    assert "DeepSpeedCPUAdam (AdamW stepped): 3.10 s/step, 1.55x the plain loop, -0.50 s/step" in notes
+    assert "ZeRO's optimizer step 0.50 s -> 0.05 s" in notes
+    # 3.1 s less 0.9 s of collectives is 2.2 s: within the 2.5 s budget, so communication is named
+    assert "The 1.25x target (2.50 s/step beside a 2.00 s plain step) is out of reach" in notes
+    assert "within the budget: communication (0.90 s) is what misses the target" in notes
+    finetune_report.write_markdown(results, notes, tmp_path / "finetune.md")
+    text = (tmp_path / "finetune.md").read_text()
+    assert "| DeepSpeed ZeRO-2, 2 workers x 1 CPU (shipped layout: tiny-lora.yaml, tiny-qlora.yaml) | 3.80 |" in text
+    readme = finetune_report.readme_sentences(results)
+    assert "Real DDP (DDP, 2 workers x 1 CPU) steps at 1.30x" in readme
+    assert "2.20x with the shipped report/eval/checkpoint cadence included" in readme
+    assert "Not in that run" not in readme
+
+
+def test_reading_when_compute_alone_misses_the_target():
+    results = synthetic_results()
+    profile = results["variants"]["runs"]["ds2-2x1-cpuadam-offload"]["profile_median"]
+    profile["collectives_s"] = 0.2  # 3.1 - 0.2 - 0.05 = 2.85 s of compute: above the 2.5 s budget
+    notes = finetune_report.auto_notes(results)
+    assert "neither faster communication nor a faster optimizer reaches the target" in notes
+
+
+def test_reading_of_the_committed_results_names_what_it_lacks():
+    results = json.loads((RESULTS / "finetune.json").read_text())
+    notes = finetune_report.auto_notes(results)
+    assert "DDP, 1 worker" not in notes
+    readme = finetune_report.readme_sentences(results)
+    if not (results.get("variants") or {}).get("runs"):
+        assert "ZeRO-2 optimizer and thread variants: not measured in this run." in notes
+        assert "Not in that run" in readme
+
+
+def _side(tokens_per_s: float) -> dict:
+    return {"requests": 8, "output_tokens": 512, "wall_s": 1.0, "tokens_per_s": tokens_per_s, "p50_s": 0.5,
+            "p99_s": 0.9}
+
+
+def test_serve_reading_compares_ours_stock_and_the_engine(tmp_path):
+    run = {"model": "tiny", "shape": {"parameters": 500_000},
+           "endpoint": {"1": _side(300.0), "32": _side(1000.0)}, "stock_app": {"1": _side(320.0), "32": _side(1250.0)},
+           "inprocess_vllm": {"1": _side(500.0), "32": _side(8000.0)}, "sequential_generate": _side(900.0)}
+    results = {"meta": {"machine": "x86_64, 2 cores", "new_tokens_per_request": 64,
+                        "requests_per_level": {"1": 16, "32": 128}, "note": "shared cores",
+                        "targets_at_32": {"vs_sequential_generate": 10, "vs_inprocess_vllm": 0.7}}, "runs": [run]}
+    notes = serve_report.notes(results)
+    assert "keeps 0.80x the stock app's throughput; the stock app itself reaches 0.16x the engine" in notes
+    assert "in-process `vllm.LLM.generate` 8000" in notes
+    assert "llmc / stock by concurrency: 0.94 at 1, 0.80 at 32" in notes
+    serve_report.write_markdown(results, tmp_path / "serve.md")
+    assert "| tiny (0.5M) | 32 | 1000.0 (0.5 / 0.9) | 1250.0 (0.5 / 0.9) |" in (tmp_path / "serve.md").read_text()
+    assert "0.80x the stock Ray Serve LLM app" in serve_report.readme_sentences(results)
+    del run["stock_app"]
+    assert "The stock Ray Serve LLM app: not measured in this run." in serve_report.notes(results)

@@ -1,0 +1,199 @@
+"""The PPO/GRPO loop (workloads.align.rl) on the tiny model: rollouts, the reference, one iteration's outputs, and
+(slow) both estimators raising the held-out exact-answer reward from a weak SFT adapter through `llmc align`.
+
+The start is a 5-step LoRA SFT adapter trained here in-process (about 2 s): about half of the held-out sums right,
+so there is room to improve. The session's `lora_run` adapter needs a whole Ray session first and is trained to
+near the task's ceiling, where RL has nothing left to show.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, read_metrics_csv, run_llmc
+from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
+from workloads.config import load_recipe
+
+CONFIGS = REPO / "workloads/configs"
+SFT_STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def weak_sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter after 5 SFT steps (batch 16, lr 3e-3) on the bundled task: ~50% of held-out sums right."""
+    from workloads.config import LoraConfig
+    from workloads.data import collate, load_records, to_messages, tokenize_chat
+    from workloads.models import attach_lora, load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = attach_lora(model, LoraConfig(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"]))
+    examples = [tokenize_chat(to_messages(r, "alpaca"), tokenizer, 64)
+                for r in load_records(str(REPO / "workloads/bundled/arithmetic_train.jsonl"))]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    rng = random.Random(0)
+    for _ in range(SFT_STEPS):
+        model(**collate(rng.sample(examples, 16), tokenizer.pad_token_id)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def _trainer(method: str, model_dir: Path, *overrides: str):
+    from workloads.align.prompts import split_prompts
+    from workloads.align.rl import RLTrainer
+
+    recipe = load_recipe(CONFIGS / f"tiny-{method}.yaml", list(overrides), kind="align")
+    train, held_out = split_prompts(recipe.data, recipe.train.seed)
+    return RLTrainer(recipe, str(model_dir), train, held_out)
+
+
+def test_rollouts_group_completions_and_mask_after_the_stop_token(tiny_model_dir):
+    from workloads.align.rollout import stop_token_ids, token_outputs
+
+    trainer = _trainer("grpo", tiny_model_dir, "rl.prompts_per_iteration=3", "rl.eval_prompts=0")
+    prompts = trainer._next_prompts()
+    rollout = trainer.sampler.sample(trainer.policy.model, [ids for _, ids in prompts], group_size=4)
+    assert rollout.input_ids.shape[0] == 12 and len(rollout.completions) == 12
+    width = max(len(ids) for _, ids in prompts)
+    assert rollout.prompt_width == width and rollout.response_mask.shape[1] <= trainer.rl.max_new_tokens
+    stops = stop_token_ids(trainer.policy.model, trainer.tokenizer)
+    response = rollout.input_ids[:, width:]
+    for row, mask in zip(response, rollout.response_mask, strict=True):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # one run of real tokens, then padding
+        assert not any(int(t) in stops for t in row[: n - 1])  # only the last real token may be a stop token
+        assert (row[n:] == trainer.tokenizer.pad_token_id).all()
+    # Each prompt's 4 completions are consecutive rows and share its (left-padded) prompt.
+    assert (rollout.input_ids[:4, :width] == rollout.input_ids[0, :width]).all()
+    # Greedy answers are the argmax under the same forward that training uses.
+    greedy = trainer.sampler.sample(trainer.policy.model, [ids for _, ids in prompts], 1, greedy=True)
+    with torch.no_grad():
+        out = trainer.policy.model(input_ids=greedy.input_ids, attention_mask=greedy.attention_mask,
+                                   position_ids=greedy.position_ids)
+    chosen = out.logits[:, width - 1 : -1].argmax(-1)
+    assert ((chosen == greedy.input_ids[:, width:]) | (greedy.response_mask == 0)).all()
+    logprobs = token_outputs(trainer.policy.model, greedy, temperature=1.0).logprobs
+    assert (logprobs <= 0).all() and logprobs.shape == greedy.response_mask.shape
+
+
+def test_a_continued_adapter_keeps_its_start_as_the_frozen_reference(tiny_model_dir, weak_sft_adapter, tmp_path):
+    """One GRPO iteration moves the policy; the reference still computes as the start adapter did, and the saved
+    adapter is a plain PEFT adapter of the base with the start adapter's tensors (new values), no reference copy."""
+    from safetensors.torch import load_file
+
+    from workloads.align.rollout import token_outputs
+
+    trainer = _trainer("grpo", tiny_model_dir, f"rl.adapter={weak_sft_adapter}", "rl.prompts_per_iteration=4",
+                       "rl.eval_prompts=0", "train.learning_rate=1e-2")
+    prompts = trainer._next_prompts()
+    rollout = trainer.sampler.sample(trainer.policy.model, [ids for _, ids in prompts], group_size=2)
+    with torch.no_grad():
+        start = token_outputs(trainer.policy.model, rollout, 1.0).logprobs
+    for _ in range(2):
+        row = trainer.iteration()
+    assert {"mean_reward", "reward_exact_answer", "kl", "entropy", "policy_loss", "generation_s", "scoring_s",
+            "training_s"} <= row.keys()
+    with torch.no_grad():
+        moved = token_outputs(trainer.policy.model, rollout, 1.0).logprobs
+        with trainer.policy.reference() as reference:
+            ref = token_outputs(reference, rollout, 1.0).logprobs
+    mask = rollout.response_mask.bool()
+    assert torch.allclose(ref[mask], start[mask], atol=1e-5)
+    assert not torch.allclose(moved[mask], start[mask], atol=1e-3)
+    assert all(p.requires_grad for p in trainer.policy.parameters()) and trainer.policy.parameters()
+    assert not any("reference" in name for name, p in trainer.policy.model.named_parameters() if p.requires_grad)
+
+    saved = trainer.save(tmp_path)
+    assert saved == tmp_path / "adapter" and not (saved / "reference").exists()
+    tuned = load_file(saved / "adapter_model.safetensors")
+    first = load_file(weak_sft_adapter / "adapter_model.safetensors")
+    assert tuned.keys() == first.keys() and any(not tuned[k].equal(first[k]) for k in tuned)
+    assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_a_fresh_lora_policy_is_referenced_to_its_base(tiny_model_dir):
+    from workloads.align.rollout import token_outputs
+    from workloads.models import load_model
+
+    trainer = _trainer("ppo", tiny_model_dir, "rl.prompts_per_iteration=2", "rl.eval_prompts=0",
+                       "train.learning_rate=1e-2")
+    prompts = trainer._next_prompts()
+    rollout = trainer.sampler.sample(trainer.policy.model, [ids for _, ids in prompts], group_size=2)
+    trainer.iteration()  # PPO: the critic trains too
+    base = load_model(str(tiny_model_dir))
+    with torch.no_grad(), trainer.policy.reference() as reference:
+        assert torch.allclose(token_outputs(reference, rollout, 1.0).logprobs,
+                              token_outputs(base, rollout, 1.0).logprobs, atol=1e-5)
+
+
+def test_one_iteration_writes_the_run_outputs(tiny_model_dir, tmp_path):
+    from workloads.align import rl
+
+    recipe = load_recipe(CONFIGS / "tiny-ppo.yaml", ["rl.iterations=2", "rl.prompts_per_iteration=4",
+                                                     "rl.group_size=2", "rl.eval_prompts=8", "train.eval_every=1"],
+                         kind="align")
+    summary = rl.run(recipe, tmp_path)
+    assert summary["method"] == "ppo" and summary["iterations"] == 2 and summary["held_out_prompts"] == 8
+    for key in ("initial_mean_reward", "final_mean_reward", "final_kl", "total_generation_s", "total_training_s"):
+        assert isinstance(summary[key], float), key
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    rows = read_metrics_csv(tmp_path)
+    assert [r["iteration"] for r in rows] == ["0", "1", "2"] and all(r["eval_reward"] for r in rows)
+    assert all(r["value_loss"] and r["generation_s"] and r["scoring_s"] and r["training_s"] for r in rows[1:])
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "recipe.yaml").exists()
+    assert (tmp_path / "adapter/adapter_model.safetensors").exists() and (tmp_path / "value_head.safetensors").exists()
+
+
+def align(method: str, adapter: Path, out: Path, *overrides: str) -> dict:
+    """`llmc align tiny-<method>.yaml` from `adapter`, in a subprocess (one torch thread); returns the run's summary."""
+    sets = [arg for o in (f"rl.adapter={adapter}", *overrides) for arg in ("--set", o)]
+    result = run_llmc("align", str(CONFIGS / f"tiny-{method}.yaml"), "--output-dir", str(out), *sets, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "Ray" not in result.stdout.replace("no Ray yet", "")  # one process: no cluster started
+    return json.loads((out / "summary.json").read_text())
+
+
+def _rollouts_rose(rows: list[dict]) -> bool:
+    """The last 5 iterations' rollouts (320 completions) scored higher on average than the first 5: one
+    iteration's mean alone moves by 0.1-0.3 from one to the next (measured: first 5 -> last 5 rose 0.09 to 0.25)."""
+    first, last = ([float(r["mean_reward"]) for r in part] for part in (rows[:5], rows[-5:]))
+    return sum(last) / len(last) > sum(first) / len(first)
+
+
+# Held-out greedy exact-answer reward (200 prompts) after 20 iterations of the shipped recipes from this start,
+# seeds 0/1/2, measured by hand: GRPO 0.68 / 0.695 / 0.68, PPO 0.68 / 0.71 / 0.655 (start 0.515 for both). The
+# spread across seeds is under 0.06; the rise, 0.14 to 0.2, is asserted at 0.08.
+MIN_RISE = 0.08
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_held_out_reward(weak_sft_adapter, tmp_path):
+    summary = align("grpo", weak_sft_adapter, tmp_path / "grpo")
+    assert summary["method"] == "grpo" and summary["start_adapter"] == str(weak_sft_adapter)
+    assert 0.3 < summary["initial_mean_reward"] < 0.65, summary  # room to improve
+    assert summary["final_mean_reward"] > summary["initial_mean_reward"] + MIN_RISE, summary
+    rows = read_metrics_csv(tmp_path / "grpo")
+    assert len(rows) == summary["iterations"] + 1 and _rollouts_rose(rows[1:]), rows
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_held_out_reward_with_kl_bounded(weak_sft_adapter, tmp_path):
+    summary = align("ppo", weak_sft_adapter, tmp_path / "ppo")
+    assert summary["method"] == "ppo" and 0.3 < summary["initial_mean_reward"] < 0.65, summary
+    assert summary["final_mean_reward"] > summary["initial_mean_reward"] + MIN_RISE, summary
+    rows = read_metrics_csv(tmp_path / "ppo")[1:]
+    assert _rollouts_rose(rows), rows
+    kls = [float(r["kl"]) for r in rows]
+    assert kls[0] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference's own
+    assert max(kls) < 10.0 and summary["final_kl"] < 6.0, kls  # nats per completion, target 2
+    # Above its target, the adaptive controller raised the coefficient.
+    assert summary["final_kl_coef"] > float(rows[0]["kl_coef"]), summary
