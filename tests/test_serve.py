@@ -137,7 +137,7 @@ def test_cross_origin_access_only_for_the_recipes_origins_preflight_before_the_k
 
 
 def test_models_lists_the_base_model_and_the_adapter_by_name(server):
-    assert {m.id for m in server.client().models.list().data} == {"tiny", "tiny:arith"}
+    assert {m.id for m in server.client().models.list().data} == {"tiny", "tiny:arith", "tiny:react"}
 
 
 def test_completion_and_chat_answer_with_usage(server):
