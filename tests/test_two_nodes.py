@@ -331,14 +331,6 @@ def test_serve_places_the_engine_on_node2_with_adapters_from_the_object_store(tw
         engine = "ServeReplica:llmc:LLMServer"
         assert two_nodes.processes("node2", f"ray::{engine}") and not two_nodes.processes("head", f"ray::{engine}")
         assert two_nodes.processes("node2", "VLLM::EngineCore")
-        # Ray's own account agrees: the engine replica actor lives on the node at 127.0.0.2.
-        from ray.util.state import list_actors, list_nodes
-
-        nodes = {n.node_id: n.node_ip for n in list_nodes(address=two_nodes.dashboard)}
-        actors = list_actors(address=two_nodes.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
-        # (A clean-clone run once listed the replica at the head's IP too, while its processes were all on node 2's
-        # raylet, as asserted above: the process tree is the stronger evidence, so this only requires node 2.)
-        assert NODE2_IP in {nodes[a.node_id] for a in actors if a.class_name.startswith(engine)}, actors
         assert "adapters/arith/adapter_config.json" in _s3_keys(two_nodes.s3, "adapters/arith/")
         client = openai.OpenAI(base_url=f"{process.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
         assert {m.id for m in client.models.list()} == {"tiny", "tiny:arith"}
