@@ -398,6 +398,8 @@ def test_llmc_chat_streams_from_the_endpoint_with_the_key_from_the_environment(s
 def test_api_key_never_appears_in_logs(server, ray_cluster):
     assert any("[llmc] auth: bearer key required" in line for line in server.lines)
     assert not any(server.key in line for line in server.lines)
+    chatter = [line for line in server.lines if line.startswith("INFO") or "Deployment Options" in line]
+    assert not chatter, chatter[:5]  # Serve's own INFO lines go to its log files unless --verbose
     leaked = []
     for path in Path(ray_cluster.temp_dir).rglob("*"):
         if path.is_file() and path.suffix in (".log", ".out", ".err", ".txt", ".json"):

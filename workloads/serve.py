@@ -144,12 +144,12 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
     keys = api_keys(recipe)
     adapters = check_before_start(recipe, keys, address)
     from cluster import runtime
+    from cluster import serve as cluster_serve  # before connecting: importing Serve resets its loggers' levels
     from workloads.models import resolve_model_path
 
     model_source = resolve_model_path(recipe.model)
     print(f"[llmc] {runtime.connect(address)}", flush=True)
     check_serving(recipe.adapters, model_source)  # before any upload or deployment
-    from cluster import serve as cluster_serve
 
     with adapter_store(recipe, adapters) as (store, env):
         spec = build_spec(recipe, model_source, store, env, keys, port)
