@@ -93,3 +93,20 @@ def run_entrypoint(command: Callable[[], int], verbose: bool = False) -> int:
     finally:
         if "cluster.runtime" in sys.modules:  # Ray was used: disconnect, and stop an embedded Ray entirely
             sys.modules["cluster.runtime"].shutdown()
+
+
+def recipe_job(argv: list[str] | None, *, prog: str, description: str, kind: str, run: Callable[..., object]) -> int:
+    """`python -m MODULE RECIPE [--set K=V] [--output-dir DIR] [--overwrite] [--address A]`: load the recipe of
+    `kind`, then `run(recipe, output_dir=, address=, overwrite=)` as an entry point (the jobs `llmc submit` starts)."""
+    from workloads.config import load_recipe
+
+    parser = argparse.ArgumentParser(prog=prog, description=description, parents=[output_options()])
+    finetune_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        recipe = load_recipe(args.recipe, args.overrides, kind=kind)
+        run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+        return 0
+
+    return run_entrypoint(command, verbose=getattr(args, "verbose", False))

@@ -132,19 +132,7 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path, method: str)
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m workloads.align RECIPE [--set K=V] [--output-dir DIR] [--overwrite] [--address A]`: a job."""
-    import argparse
+    from workloads.entrypoint import recipe_job
 
-    from workloads.config import load_recipe
-    from workloads.entrypoint import finetune_arguments, output_options, run_entrypoint
-
-    parser = argparse.ArgumentParser(prog="python -m workloads.align", description=__doc__.splitlines()[0],
-                                     parents=[output_options()])
-    finetune_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        recipe = load_recipe(args.recipe, args.overrides, kind="align")
-        run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
-        return 0
-
-    return run_entrypoint(command, verbose=getattr(args, "verbose", False))
+    return recipe_job(argv, prog="python -m workloads.align", description=__doc__.splitlines()[0], kind="align",
+                      run=run)
