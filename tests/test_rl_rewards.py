@@ -112,7 +112,7 @@ RL_SCHEMA_ERRORS = {  # override -> (field named, what the message says)
     "train.max_steps=10": ("train", "train.max_steps: grpo runs rl.iterations"),
     "data.format=preference": ("data", "data.format: grpo samples answers to prompts"),
     "train.gradient_checkpointing=true": ("train", "not supported by grpo yet"),
-    "run.resume_from=latest": ("run", "align runs do not resume yet"),
+    "run.storage_path=s3://bucket/runs": ("run", "grpo writes its checkpoints to a local directory"),
 }
 
 

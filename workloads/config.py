@@ -484,6 +484,9 @@ class TrackingConfig(StrictModel):
         return value
 
 
+RESUME_LATEST = "latest"  # run.resume_from: continue this run's newest checkpoint
+
+
 class RunConfig(StrictModel):
     name: str = Field("run", pattern=_NAME, description="Run directory name.")
     output_dir: str = Field("runs", description="Parent of the run directory (summary, plots, model).")

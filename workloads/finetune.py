@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from cluster import train as cluster_train
 from workloads import multinode, reporting, schedule, tracking
-from workloads.config import PATHS_CHECKED, FinetuneRecipe, RecipeError
+from workloads.config import PATHS_CHECKED, RESUME_LATEST, FinetuneRecipe, RecipeError, RunConfig
 from workloads.data import build_datasets, collate, count_tokens
 from workloads.data_check import check_data, describe
 from workloads.evaluation import EarlyStopping, Evaluator, GenerationCase, generation_cases
@@ -31,7 +31,6 @@ from workloads.plan import train_worker_resources
 from workloads.strategy import Strategy, weights_dtype
 
 TRAINER_STATE = "trainer_state.json"
-RESUME_LATEST = "latest"  # run.resume_from: continue this run's newest checkpoint
 # With eval.keep_best, reported with every checkpoint: k on the k-th new best, else 0. Ray Train keeps the highest.
 BEST_RANK = "best_rank"
 
@@ -220,7 +219,7 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     from cluster.runtime import connect
 
     run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
-    _refuse_to_replace(run_dir, recipe, overwrite)
+    refuse_to_replace(run_dir, recipe.run, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporting.save_recipe(recipe, run_dir)
     prepared = prepare(recipe)
@@ -322,12 +321,13 @@ def worker_scaling(recipe: FinetuneRecipe) -> cluster_train.WorkerScaling:
 _RUN_OUTPUTS = ("adapter", "model", "merged", "checkpoints", "summary.json")
 
 
-def _refuse_to_replace(run_dir: Path, recipe: FinetuneRecipe, overwrite: bool) -> None:
-    """A new run replaces its directory's model and checkpoints: never silently."""
+def refuse_to_replace(run_dir: Path, run: RunConfig, overwrite: bool, resumable: bool = True) -> None:
+    """A new run replaces its directory's model and checkpoints: never silently (fine-tuning's and align's runs)."""
     found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
-    if found and not overwrite and not recipe.run.resume_from:
+    if found and not overwrite and not run.resume_from:
         raise RecipeError(f"field 'run.output_dir': {run_dir} already holds a run ({', '.join(found)}): pass "
-                          "--overwrite to replace it, or --set run.resume_from=latest to continue it")
+                          "--overwrite to replace it" + (", or --set run.resume_from=latest to continue it"
+                                                          if resumable else ""))
 
 
 @contextlib.contextmanager

@@ -84,6 +84,10 @@ class AlignTrainConfig(StrictModel):
                                                   "before the first and after the last).")
     log_every: int = Field(5, ge=1, description="Steps (ppo, grpo: iterations) between progress reports (metrics.csv "
                                                 "gets every one).")
+    checkpoint_every: int = Field(5, ge=1, description="ppo, grpo: iterations between checkpoints (also after the "
+                                                       "last), which run.resume_from continues; reward and dpo "
+                                                       "write one, at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="ppo, grpo: newest checkpoints kept.")
     seed: int = 0
     gradient_checkpointing: bool = False
 
@@ -317,10 +321,13 @@ class AlignRecipe(StrictModel):
     @field_validator("run")
     @classmethod
     def _run_options(cls, run: RunConfig, info: ValidationInfo) -> RunConfig:
-        if run.resume_from is not None:
-            raise ValueError("run.resume_from: align runs do not resume yet (a failed worker group restarts the run "
-                             "from its first step, up to run.max_failures times)")
-        lora_policy = (info.data.get("method") in ("dpo", *RL_METHODS)
+        method = info.data.get("method")
+        if run.resume_from is not None and method not in RL_METHODS:
+            raise ValueError(f"run.resume_from: {method} runs do not resume yet (a failed worker group restarts the "
+                             "run from its first step, up to run.max_failures times)")
+        if method in RL_METHODS and run.storage_path is not None and "://" in run.storage_path:
+            raise ValueError(f"run.storage_path: {method} writes its checkpoints to a local directory (no URI yet)")
+        lora_policy = (method in ("dpo", *RL_METHODS)
                        and getattr(info.data.get("train"), "method", None) == "lora")
         if run.merge_adapter and not lora_policy:
             raise ValueError("run.merge_adapter merges a LoRA policy into its base: it needs method: dpo, ppo or grpo "

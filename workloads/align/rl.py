@@ -7,15 +7,23 @@ over per-token rewards, whitened), then `rl.epochs` passes of clipped policy upd
 reference is charged in the reward or the loss, with a fixed or adaptive coefficient. Held-out prompts are answered
 greedily and scored before the first iteration, every `train.eval_every` and after the last.
 
-Plain PyTorch, no Ray: rollouts come from `model.generate` here; vLLM engines, Ray placement, checkpoints and
-resume are issue 12's parts still to come, and will drive this same `RLTrainer`.
+Every `train.checkpoint_every` iterations (and after the last) a checkpoint goes to `<run dir>/checkpoints/<run.name>/
+checkpoint_<iteration>` (written beside it, then renamed into place; the newest `train.keep_checkpoints` kept): the
+trained weights, the critic, optimizer, schedule, KL coefficient, prompt order, RNG states and the metrics rows so far.
+`run.resume_from: latest | DIR` continues from the next iteration as if never stopped.
+
+Plain PyTorch, no Ray: rollouts come from `model.generate` here; vLLM engines and Ray placement are issue 12's parts
+still to come, and will drive this same `RLTrainer`.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +46,14 @@ from workloads.align.prompts import Prompt, split_prompts
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
 from workloads.align.rewards import build_reward
 from workloads.align.rollout import GenerateSampler, Rollout, token_outputs
-from workloads.config import RecipeError
+from workloads.config import RESUME_LATEST, RecipeError
 from workloads.models import load_tokenizer, merge_adapter
+from workloads.strategy import verify_manifest, write_manifest
 
 PHASES = ("generation_s", "scoring_s", "logprobs_s", "training_s")  # seconds of each phase, per iteration
+CHECKPOINT = "checkpoint_"  # + the iteration: one checkpoint directory
+TRAINER_STATE = "trainer_state.json"  # in a checkpoint: iteration, metrics rows, KL coefficient, restarts
+TENSORS = "trainer.pt"  # in a checkpoint: trained weights, critic, optimizer, schedule, RNG states, prompt order
 
 
 @dataclass
@@ -214,7 +226,7 @@ class RLTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    # -- evaluation and saving ----------------------------------------------------------------------------------
+    # -- evaluation, saving, checkpoints ------------------------------------------------------------------------
 
     def evaluate(self) -> float | None:
         """Mean reward of the greedy answers to the held-out prompts; None when there are none."""
@@ -234,12 +246,48 @@ class RLTrainer:
             save_file(self.critic.state_dict(), str(run_dir / "value_head.safetensors"))
         return artifact
 
+    def save_checkpoint(self, directory: Path, state: dict) -> None:
+        """Everything `load_checkpoint` continues from, into `directory`: `state` (iteration, rows, restarts) and the
+        KL coefficient as JSON, tensors and RNG states in `trainer.pt`, under a SHA-256 manifest (as fine-tuning's)."""
+        weights = {n: p.detach().cpu() for n, p in self.policy.model.named_parameters() if p.requires_grad}
+        torch.save({"weights": weights, "critic": self.critic.state_dict() if self.critic is not None else None,
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "prompt_rng": self._rng.getstate(),
+                    "prompt_order": self._order}, directory / TENSORS)
+        fits = {"method": self.recipe.method, "train_method": self.recipe.train.method}  # what resume_source checks
+        (directory / TRAINER_STATE).write_text(json.dumps({**state, **fits, "kl_coef": self.kl.value}))
+        write_manifest(directory, rank=0)
 
-def train(trainer: RLTrainer, log=print) -> list[dict]:
+    def load_checkpoint(self, directory: Path) -> dict:
+        """Back to the moment `save_checkpoint` wrote `directory` (its files checked against their manifest first);
+        returns the state saved with it."""
+        verify_manifest(directory)
+        saved = torch.load(directory / TENSORS, map_location="cpu", weights_only=True)
+        trained = {n for n, p in self.policy.model.named_parameters() if p.requires_grad}
+        if trained != saved["weights"].keys():
+            raise RecipeError(f"field 'run.resume_from': {directory} holds other trained tensors than this recipe's "
+                              f"policy ({len(saved['weights'])}, not {len(trained)}: another lora.target_modules?)")
+        self.policy.model.load_state_dict(saved["weights"], strict=False)
+        if self.critic is not None:
+            self.critic.load_state_dict(saved["critic"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        self._rng.setstate(saved["prompt_rng"])
+        self._order = list(saved["prompt_order"])
+        state = json.loads((directory / TRAINER_STATE).read_text())
+        self.kl.value = state["kl_coef"]
+        return state
+
+
+def train(trainer: RLTrainer, log=print, rows: list[dict] | None = None,
+          checkpoint: Callable[[list[dict]], object] | None = None) -> list[dict]:
     """Every iteration's metrics row; held-out rewards (`eval_reward`) before the first, every eval_every, after
-    the last (the row of iteration 0 holds only the first evaluation)."""
-    recipe, rows = trainer.recipe, [{"iteration": 0, "eval_reward": trainer.evaluate()}]
-    for number in range(1, recipe.rl.iterations + 1):
+    the last (the row of iteration 0 holds only the first evaluation). `rows`: a resumed run's so far, continued
+    from the next iteration; `checkpoint(rows)` every train.checkpoint_every iterations and after the last."""
+    recipe = trainer.recipe
+    rows = rows or [{"iteration": 0, "eval_reward": trainer.evaluate()}]
+    for number in range(rows[-1]["iteration"] + 1, recipe.rl.iterations + 1):
         started = time.perf_counter()
         row = {"iteration": number, **trainer.iteration()}
         if number % recipe.train.eval_every == 0 or number == recipe.rl.iterations:
@@ -249,6 +297,8 @@ def train(trainer: RLTrainer, log=print) -> list[dict]:
             log(f"[llmc] {recipe.method} {number}/{recipe.rl.iterations}: reward {row['mean_reward']:.3f}, "
                 f"kl {row['kl']:.4f}, entropy {row['entropy']:.3f}, {rows[-1]['iteration_s']:.1f} s"
                 + (f", held-out {row['eval_reward']:.3f}" if row.get("eval_reward") is not None else ""))
+        if checkpoint is not None and (number % recipe.train.checkpoint_every == 0 or number == recipe.rl.iterations):
+            checkpoint(rows)
     return rows
 
 
@@ -257,6 +307,8 @@ def run(recipe: AlignRecipe, run_dir: Path) -> dict:
     from workloads.models import resolve_model_path
 
     train_prompts, held_out = split_prompts(recipe.data, recipe.train.seed)  # bad rows fail here, naming them
+    checkpoints = checkpoint_dir(recipe, run_dir)
+    source = resume_source(recipe, checkpoints)  # a checkpoint that is missing or does not fit fails here
     model_path = resolve_model_path(recipe.model)
     torch.set_num_threads(recipe.scaling.cpus_per_worker)  # the loop runs as one worker for now
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +317,20 @@ def run(recipe: AlignRecipe, run_dir: Path) -> dict:
     trainer = RLTrainer(recipe, model_path, train_prompts, held_out)
     print(f"[llmc] {recipe.method} on {recipe.model.name} ({model_path}): {len(trainer.train_prompts)} training "
           f"prompts, {len(trainer.held_out)} held out; one process (no Ray yet)", flush=True)
-    rows = train(trainer, log=lambda line: print(line, flush=True))
+    rows, restarts = None, []
+    if source is not None:
+        state = trainer.load_checkpoint(source)
+        rows, restarts = state["rows"], [*state["restarts"], {"from_iteration": state["iteration"],
+                                                              "via": "resume_from"}]
+        print(f"[llmc] resumed from {source}: iteration {state['iteration']}", flush=True)
+    if recipe.run.resume_from != RESUME_LATEST:  # a new run: an earlier one's checkpoints are not its own
+        clear_checkpoints(checkpoints, spare=source)
+
+    def checkpoint(rows: list[dict]) -> Path:
+        state = {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": restarts}
+        return write_checkpoint(trainer, state, checkpoints, recipe.train.keep_checkpoints)
+
+    rows = train(trainer, log=lambda line: print(line, flush=True), rows=rows, checkpoint=checkpoint)
     artifact = trainer.save(run_dir)
     merged = None
     if recipe.run.merge_adapter:
@@ -273,12 +338,71 @@ def run(recipe: AlignRecipe, run_dir: Path) -> dict:
     summary = summarize(recipe, rows, len(trainer.train_prompts), len(trainer.held_out))
     summary |= {"model": recipe.model.name, "base_model_path": model_path, "train_method": recipe.train.method,
                 "start_adapter": recipe.rl.adapter, "wall_seconds": time.perf_counter() - started,
-                "artifact": str(artifact), "merged": merged}
+                "artifact": str(artifact), "merged": merged, "restarts": restarts,
+                "checkpoint": str((list_checkpoints(checkpoints) or [source])[-1])}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporting.write_csv(rows, run_dir / "metrics.csv")
     plot_curves(rows, run_dir / "curves.png", recipe.method)
     reporting.print_summary(f"{recipe.method} summary", summary, run_dir)
     return summary
+
+
+def checkpoint_dir(recipe: AlignRecipe, run_dir: Path) -> Path:
+    """Where the run's checkpoints go, as fine-tuning's: `run.storage_path` (else `<run dir>/checkpoints`)/run.name."""
+    return Path(recipe.run.storage_path or run_dir / "checkpoints").resolve() / recipe.run.name
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in `directory`, oldest first (one being written is a hidden temporary directory)."""
+    found = directory.glob(f"{CHECKPOINT}*") if directory.is_dir() else []
+    return sorted((p for p in found if (p / TRAINER_STATE).is_file()), key=lambda p: int(p.name[len(CHECKPOINT):]))
+
+
+def resume_source(recipe: AlignRecipe, directory: Path) -> Path | None:
+    """The checkpoint `run.resume_from` names (`latest`: the newest in `directory`), checked to fit the recipe;
+    None when the run starts fresh."""
+    wanted = recipe.run.resume_from
+    if wanted is None:
+        return None
+    if wanted == RESUME_LATEST:
+        found = list_checkpoints(directory)
+        if not found:
+            raise RecipeError(f"field 'run.resume_from': no checkpoint of run {recipe.run.name!r} to resume in "
+                              f"{directory}")
+        source = found[-1]
+    else:
+        source = Path(wanted).expanduser().resolve()
+        if not (source / TRAINER_STATE).is_file():
+            raise RecipeError(f"field 'run.resume_from': {wanted} is not a ppo or grpo checkpoint (no {TRAINER_STATE})")
+    state = json.loads((source / TRAINER_STATE).read_text())
+    if (state["method"], state["train_method"]) != (recipe.method, recipe.train.method):
+        raise RecipeError(f"field 'run.resume_from': {source} is a checkpoint of {state['method']} "
+                          f"({state['train_method']}); this recipe runs {recipe.method} ({recipe.train.method})")
+    if state["iteration"] > recipe.rl.iterations:
+        raise RecipeError(f"field 'rl.iterations': {source} is at iteration {state['iteration']}, past "
+                          f"rl.iterations ({recipe.rl.iterations})")
+    return source
+
+
+def write_checkpoint(trainer: RLTrainer, state: dict, directory: Path, keep: int) -> Path:
+    """A checkpoint of iteration `state["iteration"]`, written into a temporary directory beside it and renamed into
+    place, so a run killed meanwhile leaves none half-written; then only the newest `keep` stay."""
+    final = directory / f"{CHECKPOINT}{state['iteration']:06d}"
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=directory))
+    trainer.save_checkpoint(partial, state)
+    shutil.rmtree(final, ignore_errors=True)  # a replaced run's, of the same iteration
+    partial.rename(final)
+    for stale in [*directory.glob(f".{CHECKPOINT}*"), *list_checkpoints(directory)[:-keep]]:
+        shutil.rmtree(stale)  # older checkpoints, and what a killed run left half-written
+    return final
+
+
+def clear_checkpoints(directory: Path, spare: Path | None = None) -> None:
+    """A new run's start: an earlier run's checkpoints go (but `spare`, the one it resumes from, if among them)."""
+    for path in directory.glob(f"*{CHECKPOINT}*") if directory.is_dir() else []:
+        if spare is None or path.resolve() != spare.resolve():
+            shutil.rmtree(path)
 
 
 def summarize(recipe: AlignRecipe, rows: list[dict], train_prompts: int, held_out: int) -> dict:

@@ -15,11 +15,9 @@ from workloads import multinode, reporting
 from workloads.align.preference import split_pairs
 from workloads.align.recipe import RL_METHODS, AlignRecipe
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
-from workloads.config import RecipeError
-from workloads.finetune import worker_scaling
+from workloads.finetune import refuse_to_replace, worker_scaling
 from workloads.models import load_tokenizer, merge_adapter, resolve_model_path
 
-_OUTPUTS = ("adapter", "model", "merged", "summary.json")
 # What each method's curves show beside the loss: (train metric, held-out metric, axis label).
 _CURVES = {"reward": ("accuracy", "eval_accuracy", "pairwise accuracy"),
            "dpo": ("rewards_margins", "eval_rewards_margins", "chosen - rejected reward margin")}
@@ -31,10 +29,7 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
     from cluster.runtime import connect
 
     run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
-    found = [name for name in _OUTPUTS if (run_dir / name).exists()]
-    if found and not overwrite:
-        raise RecipeError(f"field 'run.output_dir': {run_dir} already holds a run ({', '.join(found)}): pass "
-                          "--overwrite to replace it")
+    refuse_to_replace(run_dir, recipe.run, overwrite, resumable=recipe.method in RL_METHODS)
     if recipe.method in RL_METHODS:  # one process, no Ray yet (issue 12: vLLM rollouts and Ray placement to come)
         from workloads.align import rl
 
