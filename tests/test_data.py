@@ -147,3 +147,34 @@ def test_react_traces_call_the_calculator_and_answer_right():
 def test_final_number_scores_the_last_number():
     assert final_number("17 + 72 = 89") == 89 and final_number("The sum of 3 and 4 is 7.") == 7
     assert final_number("no digits") is None and final_number("") is None
+
+
+def test_tool_calling_traces_render_the_tools_train_on_the_calls_and_parse_back(tokenizer):
+    """The tiny model's chat template lists the offered tools in the system turn and writes an assistant's tool calls
+    as <tool_call> JSON, trained like any assistant text; vLLM's `hermes` parser (the serve recipe's) reads that text
+    back as the same call. Rows without tools render exactly as ChatML always did."""
+    from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
+    from workloads.config import DataConfig
+    from workloads.data import record_tools, split_records, to_messages
+
+    rows = split_records(DataConfig(path="workloads/bundled/arithmetic_tools_train.jsonl", format="messages",
+                                    eval_fraction=0), 0)[0]
+    assert len(rows) == 500
+    row = rows[0]
+    a, b = _operands(row["messages"][1]["content"])
+    messages, tools = to_messages(row, "messages"), record_tools(row, "messages")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert [t["function"]["name"] for t in tools] == ["calculator"] and messages[3]["content"] == str(a + b)
+    example = tokenize_chat(messages, tokenizer, 512, tools=tools)
+    text = tokenizer.decode(example["input_ids"])
+    assert "\n\nTools:\n- calculator(expression): Evaluate an arithmetic expression" in text
+    call = f'<tool_call>{{"arguments": {{"expression": "{a} + {b}"}}, "name": "calculator"}}</tool_call>'
+    assert _labelled_text(tokenizer, example) == f"{call}<|im_end|>\nThe answer is {a + b}.<|im_end|>\n"
+    parsed = Hermes2ProToolParser(tokenizer).extract_tool_calls(call, None)
+    assert parsed.tools_called and [c.function.name for c in parsed.tool_calls] == ["calculator"]
+    assert json.loads(parsed.tool_calls[0].function.arguments) == {"expression": f"{a} + {b}"}
+    plain = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a"}]
+    assert tokenizer.apply_chat_template(plain, tokenize=False) == \
+        "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"

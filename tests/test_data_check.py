@@ -45,6 +45,15 @@ def test_a_broken_line_is_named_with_its_number_and_the_rest_counted(tmp_path):
         ("messages", {"messages": [{"role": "user", "content": "hi"}]}, "field 'messages' has no assistant turn"),
         ("messages", {"messages": [{"role": "bot", "content": "hi"}]}, "field 'messages[0].role' must be one of"),
         ("sharegpt", {"conversations": "hello"}, "field 'conversations' must be a non-empty list"),
+        ("messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                    "tool_calls": [{"function": {"name": "calc", "arguments": "{2 +"}}]}]},
+         "field 'messages[1].tool_calls[0].function.arguments' is not valid JSON"),
+        ("messages", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+         "field 'messages[0].tool_calls': only assistant turns make tool calls"),
+        ("messages", {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]},
+         "field 'messages[0].tool_calls[0].function.name' must be a non-empty string"),
+        ("messages", {"tools": [{"type": "function"}], "messages": [{"role": "assistant", "content": "x"}]},
+         "field 'tools' must be a list of tool definitions"),
         ("text", {"body": "x"}, "field 'text' is missing"),
     ],
 )
@@ -119,9 +128,10 @@ def test_saved_datasets_and_data_files_are_checked_row_by_row(tmp_path, tiny_mod
     assert [r.rows for r in check_data(cfg)] == [4]
 
 
-def test_the_bundled_data_passes():
-    files = ["workloads/bundled/arithmetic_train.jsonl", "workloads/bundled/arithmetic_test.jsonl"]
-    reports = check_data(config(files[0], eval_path=files[1]))
+@pytest.mark.parametrize(("name", "fmt"), [("arithmetic", "alpaca"), ("arithmetic_tools", "messages")])
+def test_the_bundled_data_passes(name, fmt):
+    files = [f"workloads/bundled/{name}_train.jsonl", f"workloads/bundled/{name}_test.jsonl"]
+    reports = check_data(config(files[0], fmt, eval_path=files[1]))
     assert [r.rows for r in reports] == [len((REPO / f).read_text().splitlines()) for f in files]
 
 

@@ -76,26 +76,33 @@ def test_the_client_gets_every_case_answered_by_a_server_shedding_load_with_503(
     assert client.stats.retries > 0 and min(client.stats.limit_history) < burst  # it was shed, and slowed down
 
 
-def test_react_agent_succeeds_more_often_after_fine_tuning_on_the_traces(server, tmp_path):
-    """Agent mode of the harness on the real endpoint: every case is a ReAct episode (the bundled traces' prompt) with
-    the sandboxed calculator. The base writes no usable action (each becomes an Observation stating the format, and
-    the episode ends in its step bound); the adapter tuned on the traces (`tiny:react`) calls the tool and answers."""
+def _agent_base_against_tuned(server, tmp_path, prompt: str, cases: int, agents: tuple[str, str]) -> list[dict]:
+    """Evaluate the base (`tiny`) and the agent adapter (`tiny:react`) as agents with `prompt` on `cases` held-out
+    questions (agent protocols `agents`); the adapter must answer right on at least half, 0.4 above the base.
+    Returns the per-case records."""
     from workloads.config import validate_recipe
     from workloads.prompting.endpoint import Endpoint
     from workloads.prompting.harness import evaluate
 
-    cases = 20
     recipe = validate_recipe({
         "kind": "eval", "endpoint": {"base_url": f"{server.base}/v1"},
         "test_set": {"path": "workloads/bundled/arithmetic_test.jsonl", "limit": cases},
-        "variants": [{"name": name, "prompt": "arithmetic-react", "agent": "react", "max_steps": 3, "max_tokens": 64,
-                      "model": model} for name, model in (("base", "tiny"), ("tuned", "tiny:react"))],
+        "variants": [{"name": name, "prompt": prompt, "agent": agent, "max_steps": 3, "max_tokens": 64, "model": model}
+                     for name, agent, model in zip(("base", "tuned"), agents, ("tiny", "tiny:react"), strict=True)],
         "scorers": [{"type": "numeric", "tolerance": 0}]}, kind="eval")
-    endpoint = Endpoint(f"{server.base}/v1", server.key, "tiny", "agent-test")
+    endpoint = Endpoint(f"{server.base}/v1", server.key, "tiny", f"agent-test-{prompt}")
     summary = evaluate(recipe, endpoint.client(recipe.endpoint), tmp_path, progress=False)
     accuracy = {v["variant"]: v["accuracy"] for v in summary["variants"]}
     assert accuracy["tuned"] >= 0.5 and accuracy["tuned"] >= accuracy["base"] + 0.4, accuracy
-    records = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+
+
+def test_react_agent_succeeds_more_often_after_fine_tuning_on_the_traces(server, tmp_path):
+    """Agent mode of the harness on the real endpoint: every case is a ReAct episode (the bundled traces' prompt) with
+    the sandboxed calculator. The base writes no usable action (each becomes an Observation stating the format, and
+    the episode ends in its step bound); the adapter tuned on the traces (`tiny:react`) calls the tool and answers."""
+    cases = 20
+    records = _agent_base_against_tuned(server, tmp_path, "arithmetic-react", cases, ("react", "react"))
     assert len(records) == 2 * cases and all("agent" in r for r in records)
     for record in records:
         transcript = record["transcript"]
@@ -109,3 +116,18 @@ def test_react_agent_succeeds_more_often_after_fine_tuning_on_the_traces(server,
         assert len(observations) == record["agent"]["steps"] - (record["agent"]["stop_reason"] == "final_answer")
     tuned = [r for r in records if r["variant"] == "tuned" and r["passed"]]
     assert all(r["agent"]["tool_calls"] >= 1 for r in tuned), tuned[:1]  # it answered from the calculator
+
+
+def test_tool_calling_agent_uses_the_endpoints_tools_and_succeeds_more_often_after_fine_tuning(server, tmp_path):
+    """Agent mode with OpenAI tool calling against our server (engine.tool_call_parser: hermes): `tools` forced for
+    the base, `auto` for the adapter (it probes the endpoint, which accepts tools). The adapter, tuned on the tool
+    traces too, calls the calculator through `tool_calls` and answers from the tool's result."""
+    cases = 20
+    records = _agent_base_against_tuned(server, tmp_path, "arithmetic-tools", cases, ("tools", "auto"))
+    assert len(records) == 2 * cases and {r["agent"]["protocol"] for r in records} == {"tools"}
+    for record in [r for r in records if r["variant"] == "tuned" and r["passed"]]:
+        transcript = record["transcript"]
+        calls = [call for m in transcript if m["role"] == "assistant" for call in m.get("tool_calls", [])]
+        results = [m["content"] for m in transcript if m["role"] == "tool"]
+        assert calls and calls[0]["function"]["name"] == "calculator" and results, transcript
+        assert float(results[0]) == float(record["reference"].split()[-1].rstrip(".")), transcript

@@ -119,6 +119,21 @@ def test_tiny_and_gpu_serve_recipes_differ_only_where_scale_does():
     assert gpu.autoscaling.max_replicas > gpu.autoscaling.min_replicas  # autoscaled
 
 
+def test_tool_call_parser_reaches_vllms_frontend_and_an_unknown_one_is_refused_with_the_allowed_names():
+    from workloads.config import RecipeError
+    from workloads.plan import serve_frontend_kwargs
+    from workloads.serve import check_before_start, check_tool_call_parser
+
+    tiny = load_recipe(RECIPE)
+    assert serve_frontend_kwargs(tiny) == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    check_tool_call_parser("hermes")
+    assert serve_frontend_kwargs(load_recipe(GPU_RECIPE)) == {}  # Llama 3.0's template has no tool format
+    wrong = tiny.model_copy(update={"engine": tiny.engine.model_copy(update={"tool_call_parser": "hermes3"})})
+    with pytest.raises(RecipeError, match=r"field 'engine.tool_call_parser': 'hermes3' is not one of .*"
+                                          r"allowed: .*\bhermes\b.*llama3_json"):
+        check_before_start(wrong, [])
+
+
 # ---------------------------------------------------------------------------------------------
 # One real server for the rest of the module
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +200,38 @@ def test_adapter_by_name_answers_differently_from_the_base_model(server):
     chat = client.chat.completions.create(model="tiny:arith", messages=[{"role": "user", "content": PROMPT}],
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].message.content is not None
+
+
+def test_tools_come_back_as_tool_calls_and_the_tools_result_is_answered(server):
+    """engine.tool_call_parser (hermes): a chat request offering tools is served, not refused with 400; the agent
+    adapter, trained on the tool-calling traces, calls the calculator (`tool_calls`, finish_reason tool_calls), and
+    the tool's result sent back gets an answer that states it (on most held-out questions: the model is tiny)."""
+    from workloads.prompting.tools import default_registry
+
+    registry = default_registry()
+    tools, client = registry.openai_tools(), server.client()
+    base = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                          tools=tools, max_tokens=16, temperature=0)
+    assert base.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    answered = []
+    for question in ("What is 17 + 72?", "What is 32 + 15?", "What is 63 + 97?"):  # held out (arithmetic_test.jsonl)
+        messages = [{"role": "system", "content": "Answer the question using the calculator tool."},
+                    {"role": "user", "content": question}]
+        choice = client.chat.completions.create(model="tiny:react", messages=messages, tools=tools, max_tokens=64,
+                                                temperature=0).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+        call = choice.message.tool_calls[0]
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name == "calculator" and set(arguments) == {"expression"}, call
+        result = registry.call("calculator", arguments)
+        assert result.ok, result
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": result.output}]
+        final = client.chat.completions.create(model="tiny:react", messages=messages, tools=tools, max_tokens=32,
+                                               temperature=0).choices[0]
+        assert final.finish_reason == "stop" and not final.message.tool_calls
+        answered.append((final_number(final.message.content) == float(result.output), final.message.content))
+    assert sum(ok for ok, _ in answered) >= 2, answered
 
 
 def test_requests_without_a_valid_key_get_401_and_health_is_public(server):

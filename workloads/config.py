@@ -650,6 +650,10 @@ class EngineConfig(StrictModel):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = Field(True, description="No CUDA graphs / compilation: quicker start, slower steps.")
     seed: int = Field(0, description="Engine sampling seed.")
+    tool_call_parser: str | None = Field(
+        None, min_length=1, description="vLLM's tool-call parser for the model's chat template (hermes for the tiny "
+        "model, llama3_json for Llama 3.1+): chat requests with `tools` get the calls back as `tool_calls` (auto tool "
+        "choice); null: such requests get 400. Checked against vLLM's parsers when `llmc serve` starts.")
 
 
 # Resources Ray defines itself: a recipe asks for them through their own fields, never `resources.custom`.

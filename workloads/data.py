@@ -17,6 +17,7 @@ from workloads.config import DataConfig, DatasetConfig
 from workloads.data_sources import map_columns, mix, read_path, read_source
 
 IGNORE_INDEX = -100
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "model": "assistant"}
 
@@ -34,7 +35,7 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> lis
             prompt = f"{prompt}\n\n{record['input']}"
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
     elif fmt == "messages":
-        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        messages = [_message(m) for m in record["messages"]]
     elif fmt == "sharegpt":
         messages = [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
     else:
@@ -44,15 +45,32 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> lis
     return messages
 
 
+def _message(turn: dict) -> dict:
+    """One `messages` turn: role and content, plus the tool-calling fields it has (keys `datasets` filled with None
+    for rows that lack them are dropped)."""
+    message = {"role": turn["role"], "content": turn.get("content") or ""}
+    message.update({k: turn[k] for k in _TOOL_FIELDS if turn.get(k) is not None})
+    return message
+
+
+def record_tools(record: dict, fmt: str) -> list[dict] | None:
+    """The tool definitions a `messages` row offers the model (its `tools` field), for the chat template."""
+    return (record.get("tools") or None) if fmt == "messages" else None
+
+
 def prompt_messages(record: dict, fmt: str, system_prompt: str | None = None) -> tuple[list[dict], str]:
     """The messages before the last assistant turn, and that turn's text (the reference answer)."""
     messages = to_messages(record, fmt, system_prompt)
     return messages[:-1], messages[-1]["content"]
 
 
-def tokenize_chat(messages: list[dict], tokenizer, max_length: int, train_on_prompt: bool = False) -> dict:
-    """input_ids and labels for one conversation; labels are IGNORE_INDEX outside assistant turns."""
-    render = tokenizer.apply_chat_template
+def tokenize_chat(messages: list[dict], tokenizer, max_length: int, train_on_prompt: bool = False,
+                  tools: list[dict] | None = None) -> dict:
+    """input_ids and labels for one conversation (offering `tools`, if any); labels are IGNORE_INDEX outside
+    assistant turns, which include the tool calls they make."""
+    def render(turns: list[dict], **kwargs) -> str:
+        return tokenizer.apply_chat_template(turns, tools=tools, **kwargs)
+
     text = render(messages, tokenize=False)
     spans = [(0, len(text))] if train_on_prompt else [
         (len(render(messages[:i], tokenize=False, add_generation_prompt=True)),
@@ -105,7 +123,7 @@ def _tokenize(records: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> list
             ex = tokenize_text(record["text"], tokenizer, cfg.max_length)
         else:
             messages = to_messages(record, fmt, cfg.system_prompt)
-            ex = tokenize_chat(messages, tokenizer, cfg.max_length, cfg.train_on_prompt)
+            ex = tokenize_chat(messages, tokenizer, cfg.max_length, cfg.train_on_prompt, record_tools(record, fmt))
         if any(label != IGNORE_INDEX for label in ex["labels"]):
             out.append(ex)
     return out

@@ -18,7 +18,7 @@ from workloads.config import DataConfig, DatasetConfig, RecipeError, resolve_pat
 from workloads.data_sources import builder_for, map_columns, missing_column, read_path, read_source
 
 SHOWN = 5  # problems listed one by one; the rest are counted
-_ROLES = {"system", "user", "assistant"}
+_ROLES = {"system", "user", "assistant", "tool"}
 
 
 @dataclass
@@ -89,10 +89,45 @@ def row_problem(row: object, fmt: str) -> str | None:
         if not isinstance(turn, dict) or turn.get(role_key) not in roles:
             got = turn.get(role_key) if isinstance(turn, dict) else turn
             return f"field '{key}[{i}].{role_key}' must be one of {sorted(roles)}, got {got!r:.40}"
-        if not isinstance(turn.get(text_key), str):
+        calls = turn.get("tool_calls") if fmt == "messages" else None
+        if calls is not None:
+            problem = _tool_calls_problem(calls, f"{key}[{i}].tool_calls", turn[role_key])
+            if problem:
+                return problem
+        if not isinstance(turn.get(text_key), str) and not (calls and turn.get(text_key) is None):
             return f"field '{key}[{i}].{text_key}' must be a string"
+    if fmt == "messages" and row.get("tools") is not None:
+        tools = row["tools"]
+        if not isinstance(tools, list) or not all(isinstance(t, dict) and _function(t).get("name") for t in tools):
+            return "field 'tools' must be a list of tool definitions, each with a function name"
     if not any(t[role_key] in ("assistant", "gpt", "model") for t in turns):
         return f"field '{key}' has no assistant turn to learn from"
+    return None
+
+
+def _function(item: dict) -> dict:
+    """The function part of an OpenAI tool or tool call ({"type": "function", "function": {...}}) or the item."""
+    function = item.get("function", item)
+    return function if isinstance(function, dict) else {}
+
+
+def _tool_calls_problem(calls: object, where: str, role: str) -> str | None:
+    if role != "assistant":
+        return f"field '{where}': only assistant turns make tool calls, this one is {role!r}"
+    if not isinstance(calls, list):
+        return f"field '{where}' must be a list of tool calls"
+    for j, call in enumerate(calls):
+        function = _function(call) if isinstance(call, dict) else {}
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            return f"field '{where}[{j}].function.name' must be a non-empty string"
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                return f"field '{where}[{j}].function.arguments' is not valid JSON: {function['arguments']!r:.60}"
+        if not isinstance(arguments, dict):
+            return f"field '{where}[{j}].function.arguments' must be a JSON object (or its JSON text)"
     return None
 
 

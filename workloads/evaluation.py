@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from workloads.config import EVAL_METRIC_MODES, EvalConfig, FinetuneRecipe
-from workloads.data import eval_records, to_messages
+from workloads.data import eval_records, record_tools, to_messages
 from workloads.scoring import SCORERS
 from workloads.strategy import Strategy
 
@@ -44,7 +44,8 @@ def generation_cases(recipe: FinetuneRecipe, tokenizer) -> list[GenerationCase]:
         messages = [] if fmt == "text" else to_messages(record, fmt, recipe.data.system_prompt)
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             continue
-        text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages[:-1], tools=record_tools(record, fmt), tokenize=False,
+                                             add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < recipe.data.max_length:
             cases.append(GenerationCase(ids, messages[-1]["content"]))

@@ -22,21 +22,42 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from workloads.config import REPO_ROOT, LoraConfig, ModelConfig, QuantizationConfig, TinyModelConfig
 
-TINY_FACTORY_VERSION = 4  # bump when the factory's output changes, so caches rebuild
+TINY_FACTORY_VERSION = 5  # bump when the factory's output changes, so caches rebuild
 # A random lm_head at the usual 0.02 std caps every logit near +-2.5 behind the final RMSNorm, so adapters on
 # a frozen random base cannot express a confident answer (LoRA stalled at eval loss ~4 on the bundled task).
 # Pretrained heads have a wide range; 5x the std gives a start at ~ln(vocab) and room to learn. It matters for
 # pretraining too: 1,000 steps from the usual std added 10% of held-out pairs, from 5x the std 98%.
 LM_HEAD_INIT_SCALE = 5.0
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-# ChatML; {% generation %} marks assistant text for TRL's assistant_only_loss.
+# ChatML; {% generation %} marks assistant text for TRL's assistant_only_loss. With `tools`, the system turn lists
+# them, one line each (name, parameters, description: the tiny model was pretrained on 64-token chats and copies
+# operands badly from much further back, so no more), and assistant `tool_calls` render as
+# <tool_call>{"arguments": {...}, "name": ...}</tool_call>, the JSON vLLM's `hermes` tool-call parser reads back (the
+# format is learnt from the bundled tool traces; arguments first, so the operands are copied from a question fewer
+# tokens back); tool results are `tool` turns. Without tools it renders as before.
 CHAT_TEMPLATE = (
+    "{% set tools_text %}{% if tools %}{{ '\\n\\nTools:\\n' }}{% for t in tools %}"
+    "{% set f = t['function'] if t['function'] is defined else t %}"
+    "- {{ f['name'] }}({{ ((f['parameters'] or {})['properties'] or {}) | list | join(', ') }}): "
+    "{{ f['description'] or '' }}{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}{% endif %}{% endset %}"
+    "{% if tools and messages[0]['role'] != 'system' %}<|im_start|>system\n{{ tools_text[2:] }}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] or '' }}"
+    "{% for tc in m['tool_calls'] or [] %}{% set f = tc['function'] if tc['function'] is defined else tc %}"
+    "{% if loop.first and m['content'] %}{{ '\\n' }}{% endif %}"
+    "<tool_call>{\"arguments\": "
+    "{% if f['arguments'] is string %}{{ f['arguments'] }}{% else %}{{ f['arguments'] | tojson }}{% endif %}"
+    ", \"name\": \"{{ f['name'] }}\"}</tool_call>{% endfor %}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% if loop.first and m['role'] == 'system' %}{{ tools_text }}{% endif %}"
+    "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 BUNDLED = REPO_ROOT / "workloads/bundled"
+# The bundled files the tokenizer learns from (and the cache key covers): a file added later (the tool-calling
+# traces) does not change the tiny model's merges, so what the model learned and the tests measured stays put.
+TOKENIZER_FILES = ("arithmetic_preference_test.jsonl", "arithmetic_preference_train.jsonl",
+                   "arithmetic_react_test.jsonl", "arithmetic_react_train.jsonl", "arithmetic_test.jsonl",
+                   "arithmetic_train.jsonl")
 SKILL_CARD = "skill.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,12 +99,13 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: Path | None = None) -> Path:
 
 
 def tiny_model_path(cfg: TinyModelConfig) -> Path:
-    """Where the tiny model for `cfg` is cached: keyed by factory version, config, corpus and bundled files."""
+    """Where the tiny model for `cfg` is cached: keyed by factory version, config, corpus, chat template and the
+    tokenizer's bundled files."""
     from workloads.pretrain import corpus
 
     key = hashlib.sha256(
-        json.dumps([TINY_FACTORY_VERSION, cfg.model_dump(), corpus()], sort_keys=True).encode()
-        + b"".join(p.read_bytes() for p in sorted(BUNDLED.glob("*.jsonl")))
+        json.dumps([TINY_FACTORY_VERSION, cfg.model_dump(), corpus(), CHAT_TEMPLATE], sort_keys=True).encode()
+        + b"".join((BUNDLED / name).read_bytes() for name in TOKENIZER_FILES)
     ).hexdigest()[:12]
     return cache_dir() / "models" / f"tiny-{key}"
 
@@ -120,8 +142,8 @@ def _corpus_lines() -> list[str]:
     from workloads.pretrain import corpus
 
     lines = [m["content"] for conversation in corpus() for m in conversation]
-    for path in sorted(BUNDLED.glob("*.jsonl")):
-        for row in map(json.loads, path.read_text().splitlines()):
+    for name in TOKENIZER_FILES:
+        for row in map(json.loads, (BUNDLED / name).read_text().splitlines()):
             lines.extend(_strings(row))
     return lines + ["user", "assistant", "system", "The answer is", "Question:", "Answer:"]
 

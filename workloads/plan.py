@@ -111,6 +111,12 @@ def serve_engine_kwargs(recipe: ServeRecipe) -> dict:
     return kwargs
 
 
+def serve_frontend_kwargs(recipe: ServeRecipe) -> dict:
+    """vLLM OpenAI-server arguments (Ray Serve LLM takes them among engine_kwargs): tool calling when asked for."""
+    parser = recipe.engine.tool_call_parser
+    return {"enable_auto_tool_choice": True, "tool_call_parser": parser} if parser else {}
+
+
 def serve_engine_env(recipe: ServeRecipe) -> dict[str, str]:
     """Environment the engine needs: on CPU the KV-cache size is an environment variable."""
     return {} if recipe.resources.use_gpu else {"VLLM_CPU_KVCACHE_SPACE": f"{recipe.engine.kv_cache_gib:g}"}

@@ -30,6 +30,7 @@ from workloads.plan import (
     serve_deployment_config,
     serve_engine_env,
     serve_engine_kwargs,
+    serve_frontend_kwargs,
 )
 
 READY_LINE = "[llmc] ready:"  # `llmc serve` prints this, then the URL, once it answers
@@ -71,6 +72,8 @@ def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None
             f"field 'server.host': refusing to bind {s.host!r} without an API key: set server.api_keys{env}, "
             "bind 127.0.0.1, or set server.allow_unauthenticated: true"
         )
+    if recipe.engine.tool_call_parser:
+        check_tool_call_parser(recipe.engine.tool_call_parser)
     adapters: dict[str, Path] = {}
     if not recipe.adapters.enabled:
         return adapters  # listed paths are ignored: nothing is uploaded or served
@@ -85,6 +88,16 @@ def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None
                               f"above max_lora_rank {recipe.adapters.max_lora_rank}")
         adapters[name] = found
     return adapters
+
+
+def check_tool_call_parser(name: str) -> None:
+    """Refuse a tool-call parser this vLLM does not have, listing those it has (vLLM registers them lazily)."""
+    from vllm.tool_parsers import ToolParserManager
+
+    known = sorted({*ToolParserManager.lazy_parsers, *ToolParserManager.tool_parsers})
+    if name not in known:
+        raise RecipeError(f"field 'engine.tool_call_parser': {name!r} is not one of vLLM's tool-call parsers; "
+                          f"allowed: {', '.join(known)}")
 
 
 @contextlib.contextmanager
@@ -119,7 +132,7 @@ def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: d
     return ServeSpec(
         model_id=recipe.engine.model_id,
         model_source=model_source,
-        engine_kwargs=serve_engine_kwargs(recipe),
+        engine_kwargs={**serve_engine_kwargs(recipe), **serve_frontend_kwargs(recipe)},
         placement_group_config={"bundle_per_worker": serve_bundle_per_worker(recipe),
                                 "strategy": r.placement_strategy},
         deployment_config=serve_deployment_config(recipe),

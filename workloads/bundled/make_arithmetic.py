@@ -10,7 +10,9 @@ Two-number addition (a, b in 0..99) in two phrasings:
   (`49 + 97 = 146` answers stayed below 10% correct after 200 LoRA steps).
 The test pairs are held out of everything else: no train file and no pretraining conversation contains them.
 Beside the task: preference pairs (`arithmetic_preference_*.jsonl`: a correct and a wrong answer to one
-question, for reward models and DPO) and ReAct traces that call a calculator tool (`arithmetic_react_*.jsonl`).
+question, for reward models and DPO), ReAct traces that call a calculator tool in the text protocol
+(`arithmetic_react_*.jsonl`) and the same calls through OpenAI tool calling (`arithmetic_tools_*.jsonl`: rows with
+`tools` and assistant `tool_calls`, rendered by the tiny model's chat template as `<tool_call>` JSON).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ REACT_SYSTEM = (
     "Thought: what to do next\nAction: calculator\nAction Input: {\"expression\": \"<a> + <b>\"}\n"
     "Then wait for the Observation, and finish with\nThought: I know the answer\nFinal Answer: <a> + <b> = <sum>"
 )
+TOOLS_SYSTEM = "Answer the question using the calculator tool."
 
 Pair = tuple[int, int]
 
@@ -105,6 +108,27 @@ def react_row(a: int, b: int) -> dict:
     ]}
 
 
+def tool_call_row(a: int, b: int) -> dict:
+    """One native tool-calling trace: the calculator call, the tool's result, the answer. Arguments are a JSON string,
+    as on the OpenAI wire (and as `datasets` keeps them intact: a dict column gains every other row's keys)."""
+    from workloads.prompting.tools import calculator_tool
+
+    tool = calculator_tool()
+    expression = f"{a} + {b}"
+    return {
+        "tools": [{"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                                    "parameters": tool.parameters}}],
+        "messages": [
+            {"role": "system", "content": TOOLS_SYSTEM},
+            {"role": "user", "content": f"What is {expression}?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": tool.name, "arguments": json.dumps({"expression": expression})}}]},
+            {"role": "tool", "content": str(a + b)},
+            {"role": "assistant", "content": f"The answer is {a + b}."},  # the tool's result, not a sum of its own
+        ],
+    }
+
+
 def build_files() -> dict[str, list[dict]]:
     """Every bundled file's rows, by file name."""
     train, test = split_pairs()
@@ -116,6 +140,8 @@ def build_files() -> dict[str, list[dict]]:
         "arithmetic_preference_test.jsonl": [preference_row(a, b, rng) for a, b in test],
         "arithmetic_react_train.jsonl": [react_row(a, b) for a, b in train[:500]],
         "arithmetic_react_test.jsonl": [react_row(a, b) for a, b in test[:100]],
+        "arithmetic_tools_train.jsonl": [tool_call_row(a, b) for a, b in train[500:1000]],
+        "arithmetic_tools_test.jsonl": [tool_call_row(a, b) for a, b in test[:100]],
     }
 
 

@@ -151,7 +151,8 @@ def _record(tally: Tally, case: dict, result: Result, scorers: dict[str, Scorer]
             record.update(samples=result.texts, confidence=round(vote.confidence, 4), tie=vote.tie)
         record["prediction"] = prediction
         if "stop_reason" in result.response:  # an agent's episode: how it went, and its transcript
-            record["agent"] = {k: result.response[k] for k in ("steps", "stop_reason", "tool_calls", "format_errors")}
+            record["agent"] = {k: result.response[k]
+                               for k in ("protocol", "steps", "stop_reason", "tool_calls", "format_errors")}
             record["transcript"] = result.response["messages"]
         scores = {name: float(scorer(prediction, case)) for name, scorer in scorers.items()}
     for name, value in scores.items():
@@ -163,34 +164,46 @@ def _record(tally: Tally, case: dict, result: Result, scorers: dict[str, Scorer]
 
 
 def _run_agents(client: AsyncLLMClient, variant: VariantConfig, requests: list[dict]) -> list[Result]:
-    """One ReAct episode per request (its system message the instructions, its last user turn the question), all
-    concurrently through the client; each becomes a Result whose text is the Final Answer and whose response holds
-    the transcript."""
+    """One agent episode per request (its system message the instructions, its last user turn the question), all
+    concurrently through the client, in the variant's protocol (`auto`: OpenAI tools where the endpoint accepts
+    them); each becomes a Result whose text is the final answer and whose response holds the transcript."""
     import asyncio
 
-    from workloads.prompting.react import arun_react, react_completer
+    from workloads.prompting.react import (
+        arun_react,
+        arun_tool_calling,
+        react_completer,
+        supports_tool_calling,
+        tool_call_completer,
+    )
     from workloads.prompting.tools import default_registry
 
     registry = default_registry()
 
-    async def episode(request: dict) -> Result:
+    async def episode(request: dict, protocol: str) -> Result:
         messages = request["messages"]
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
-        complete = react_completer(client, model=request["model"], temperature=request["temperature"],
-                                   max_tokens=request["max_tokens"])
+        params = {"model": request["model"], "temperature": request["temperature"], "max_tokens": request["max_tokens"]}
         before = (client.stats.prompt_tokens, client.stats.completion_tokens)
         start = time.monotonic()
-        outcome = await arun_react(messages[-1]["content"], complete, registry, system_prompt=system,
-                                   max_steps=variant.max_steps)
+        if protocol == "tools":
+            outcome = await arun_tool_calling(messages[-1]["content"], tool_call_completer(client, **params), registry,
+                                              system_prompt=system, max_steps=variant.max_steps)
+        else:
+            outcome = await arun_react(messages[-1]["content"], react_completer(client, **params), registry,
+                                       system_prompt=system, max_steps=variant.max_steps)
         transcript = {"messages": outcome.messages, "steps": len(outcome.steps), "stop_reason": outcome.stop_reason,
-                      "tool_calls": outcome.tool_calls, "format_errors": outcome.format_errors}
+                      "tool_calls": outcome.tool_calls, "format_errors": outcome.format_errors, "protocol": protocol}
         return Result([outcome.final_answer or ""], [outcome.stop_reason], client.stats.prompt_tokens - before[0],
                       client.stats.completion_tokens - before[1], time.monotonic() - start, response=transcript,
                       error=outcome.error)
 
     async def every() -> list[Result]:
         try:
-            return list(await asyncio.gather(*(episode(r) for r in requests)))
+            protocol = variant.agent
+            if protocol == "auto" and requests:
+                protocol = "tools" if await supports_tool_calling(client, requests[0]["model"], registry) else "react"
+            return list(await asyncio.gather(*(episode(r, protocol) for r in requests)))
         finally:
             await client.aclose_connections()
 

@@ -280,6 +280,23 @@ def react_completer(client: AsyncLLMClient, **params: Any) -> Callable[[Messages
     return complete
 
 
+async def supports_tool_calling(client: AsyncLLMClient, model: str, registry: ToolRegistry) -> bool:
+    """Whether the endpoint answers a chat request offering `tools` (one token) instead of refusing it with 400, as
+    vLLM does without a tool-call parser; other failures propagate."""
+    import openai
+
+    from workloads.prompting.client import RequestFailed
+
+    try:
+        await client.chat([{"role": "user", "content": "2 + 2"}], model=model, tools=registry.openai_tools(),
+                          max_tokens=1, temperature=0)
+    except RequestFailed as exc:
+        if isinstance(exc.__cause__, openai.BadRequestError):
+            return False
+        raise
+    return True
+
+
 def tool_call_completer(client: AsyncLLMClient, **params: Any) -> Callable[..., Awaitable[dict[str, Any]]]:
     """An async `create` for `arun_tool_calling` from the client."""
 

@@ -64,9 +64,11 @@ class VariantConfig(StrictModel):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(32, ge=1, le=4096)
     n: int = Field(1, ge=1, le=64, description="Samples per case; above 1 the answers are voted (self-consistency).")
-    agent: Literal["none", "react"] = Field(
-        "none", description="react: each case is a ReAct episode with the calculator tool (the prompt's system text "
-        "is the agent's instructions, its user turn the question); the Final Answer is scored.")
+    agent: Literal["none", "react", "tools", "auto"] = Field(
+        "none", description="Each case an agent episode with the calculator tool (the prompt's system text the "
+        "agent's instructions, its user turn the question), its final answer scored. react: the ReAct text protocol; "
+        "tools: OpenAI tool calling (the endpoint must support `tools`: our server with engine.tool_call_parser set); "
+        "auto: tools where the endpoint accepts them, else react.")
     max_steps: int = Field(6, ge=1, le=32, description="Think-act-observe steps an agent episode may take.")
 
     @model_validator(mode="after")
