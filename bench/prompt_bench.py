@@ -3,6 +3,9 @@
 1. Parallel evaluation: 8 prompt variants x 100 cases through our path (one Ray Tune trial per variant, each
    sending its cases through the async client) against the prompt-engineering guide's loop (one blocking
    `openai` request at a time, variant after variant), same endpoint, caching off: wall time and its ratio.
+   Beside them, the endpoint's own ceiling: the same 800 requests from one async client at concurrency 64 (no Tune):
+   no parallel path through this endpoint on this machine can beat it, so the parallel path's ratio is read
+   against it.
 2. Multi-fidelity: the same grid searched with ASHA (dev cases scored as the resource) and exhaustively (every
    variant on every dev case): the winners and the requests each sent.
 Writes bench/results/prompt.{json,md}. `python -m bench.prompt_bench`. Never asserts timings.
@@ -54,12 +57,29 @@ def sequential_guide_loop(base_url: str, key: str, variants: list[VariantConfig]
     return {"requests": requests, "wall_s": round(time.perf_counter() - start, 2)}
 
 
+def endpoint_ceiling(endpoint: Endpoint, variants: list[VariantConfig], cases: list[dict],
+                     concurrency: int = 64) -> dict:
+    """The same requests from one async client at `concurrency`, no Tune: what the endpoint itself sustains here."""
+    from workloads.prompting.client import AsyncLLMClient
+    from workloads.prompting.harness import _request
+    from workloads.prompting.recipe import TestSetConfig
+
+    library, test_set = load_library(), TestSetConfig(path="workloads/bundled/arithmetic_test.jsonl")
+    requests = [_request(library.get(v.prompt), v, case, test_set, "tiny") for v in variants for case in cases]
+    client = AsyncLLMClient(endpoint.base_url, model="tiny", api_key=endpoint.api_key, max_concurrency=concurrency,
+                            cache=False)
+    start = time.perf_counter()
+    results = client.run_all(requests)
+    return {"requests": len(results), "wall_s": round(time.perf_counter() - start, 2), "concurrency": concurrency,
+            "retries": client.stats.retries}
+
+
 def parallel_tune_path(endpoint: Endpoint, variants: list[VariantConfig], out: Path) -> dict:
     """One Ray Tune trial per variant (no early stopping), each through the async client: llmc search's path."""
     from workloads import search
 
     recipe = load_recipe(SEARCH_RECIPE, kind="prompt_search").model_copy(deep=True)
-    recipe.endpoint = EndpointConfig(base_url=endpoint.base_url, cache=False, max_concurrency=16)
+    recipe.endpoint = EndpointConfig(base_url=endpoint.base_url, cache=False, max_concurrency=8)  # 64 in all
     recipe.dev_set.limit, recipe.test_set.limit = CASES, 20
     recipe.search.scheduler, recipe.search.max_concurrent_trials = "none", len(variants)
     start = time.perf_counter()
@@ -105,13 +125,16 @@ def main() -> int:
             sequential = sequential_guide_loop(base_url, key, variants, cases)
             print("[bench] parallel (Tune trials + async client) ...", flush=True)
             parallel = parallel_tune_path(endpoint, variants, Path(tmp) / "parallel")
+            print("[bench] endpoint ceiling (one async client, no Tune) ...", flush=True)
+            ceiling = endpoint_ceiling(endpoint, variants, cases)
             print("[bench] ASHA against exhaustive search ...", flush=True)
             fidelity = multi_fidelity(endpoint, Path(tmp) / "fidelity")
     finally:
         server.stop()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "variants": len(variants),
-               "cases": CASES, "sequential": sequential, "parallel": parallel,
-               "speedup": round(sequential["wall_s"] / parallel["wall_s"], 2), "multi_fidelity": fidelity}
+               "cases": CASES, "sequential": sequential, "parallel": parallel, "ceiling": ceiling,
+               "speedup": round(sequential["wall_s"] / parallel["wall_s"], 2),
+               "ceiling_speedup": round(sequential["wall_s"] / ceiling["wall_s"], 2), "multi_fidelity": fidelity}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "prompt.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "prompt.md").write_text(render(results))
@@ -126,9 +149,14 @@ def render(r: dict) -> str:
     return (f"# Prompt-engineering benchmark ({r['machine']})\n\n"
             f"| path | requests | wall s |\n| --- | --- | --- |\n"
             f"| sequential guide loop | {r['sequential']['requests']} | {r['sequential']['wall_s']} |\n"
-            f"| Tune trials + async client | {r['parallel']['requests']} | {r['parallel']['wall_s']} |\n\n"
+            f"| Tune trials + async client | {r['parallel']['requests']} | {r['parallel']['wall_s']} |\n"
+            f"| endpoint ceiling: one async client at concurrency {r['ceiling']['concurrency']}, no Tune | "
+            f"{r['ceiling']['requests']} | {r['ceiling']['wall_s']} |\n\n"
             f"{r['variants']} variants x {r['cases']} cases: the parallel path is **{r['speedup']}x** the "
-            f"sequential loop.\n\n"
+            f"sequential loop (target 4x). The endpoint itself sustains {r['ceiling_speedup']}x the sequential loop "
+            f"on this machine ({r['machine']}), so the Tune path reaches "
+            f"{r['speedup'] / r['ceiling_speedup']:.0%} of what any client could get from it here"
+            f"{_ceiling_reading(r)}.\n\n"
             f"| search | winner | dev accuracy | requests | stopped early |\n| --- | --- | --- | --- | --- |\n"
             f"| ASHA | {f['asha']['winner']} | {f['asha']['dev_accuracy']} | {f['asha']['requests']} | "
             f"{f['asha']['stopped_early']} |\n"
@@ -136,6 +164,14 @@ def render(r: dict) -> str:
             f"{f['exhaustive']['requests']} | 0 |\n\n"
             f"Same winner: {'yes' if f['same_winner'] else 'no'}; ASHA sent {f['request_ratio']} of the exhaustive "
             f"search's requests.\n")
+
+
+def _ceiling_reading(r: dict) -> str:
+    if r["ceiling_speedup"] >= 4:
+        return ""
+    return ("; the 4x target is out of reach through this endpoint on this machine: each request spends its time in "
+            "HTTP, the Serve proxy and ingress and the client, which share the cores with the engine, while the "
+            "tiny model's decode (what batching speeds up) is a small part of it")
 
 
 if __name__ == "__main__":
