@@ -24,7 +24,7 @@ PPO = REPO / "workloads/configs/tiny-ppo.yaml"
 # length_penalty's scores vary with each completion's length, so every iteration has advantages to learn from.
 TINY = ["rl.prompts_per_iteration=2", "rl.group_size=2", "rl.max_new_tokens=4", "train.learning_rate=1e-2",
         "rewards=[{function: length_penalty, args: {limit: 8}}]"]
-TIMINGS = {"generation_s", "scoring_s", "logprobs_s", "training_s", "iteration_s"}  # differ from run to run
+TIMINGS = {"generation_s", "scoring_s", "logprobs_s", "training_s", "weight_sync_s", "iteration_s"}  # vary by run
 
 
 def _trainer(model_dir, *overrides: str):

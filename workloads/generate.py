@@ -47,14 +47,15 @@ def adapter_dir(recipe: ServeRecipe, name_or_path: str) -> Path:
     return found
 
 
-def engine(recipe: ServeRecipe):
-    """The in-process vLLM engine the recipe describes (same engine arguments as `llmc serve`)."""
+def engine(recipe: ServeRecipe, model_path: str | None = None):
+    """The in-process vLLM engine the recipe describes (same engine arguments as `llmc serve`); `model_path`: the
+    resolved `model.name`, when the caller has it."""
     from vllm import LLM
 
     from workloads.models import resolve_model_path
 
     os.environ.update(serve_engine_env(recipe))
-    return LLM(model=resolve_model_path(recipe.model), **serve_engine_kwargs(recipe))
+    return LLM(model=model_path or resolve_model_path(recipe.model), **serve_engine_kwargs(recipe))
 
 
 def run(recipe: ServeRecipe, input_path: Path, output_path: Path, adapter: str | None = None, llm=None) -> dict:

@@ -53,13 +53,14 @@ class Policy:
         """What the optimizer trains."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def save(self, out_dir: Path, tokenizer) -> Path:
-        """The trained adapter (only it, not the reference copy), or the whole model with its tokenizer."""
+    def save(self, out_dir: Path, tokenizer=None) -> Path:
+        """The trained adapter (only it, not the reference copy), or the whole model (with `tokenizer`, if given)."""
         if self.is_lora:
             self.model.save_pretrained(str(out_dir), selected_adapters=["default"])
         else:
             self.model.save_pretrained(str(out_dir))
-            tokenizer.save_pretrained(str(out_dir))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(out_dir))
         return out_dir
 
 

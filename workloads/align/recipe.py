@@ -187,6 +187,15 @@ class KlOptions(StrictModel):
     )
 
 
+class RolloutEngineConfig(StrictModel):
+    """The in-process vLLM engine of `rl.rollout: vllm`, its fields named as a serve recipe's `engine` block's; its
+    context is data.max_length, its seed train.seed, and it serves LoRA when the policy is a LoRA adapter."""
+
+    kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="CPU only: host RAM for the KV cache (GiB).")
+    max_num_seqs: int = Field(256, ge=1, le=4096, description="Most sequences batched together per engine step (a "
+                                                               "rollout's prompts x group_size at once, if it fits).")
+
+
 class RlOptions(StrictModel):
     """PPO and GRPO (method: ppo | grpo): iterations of rollout (k completions per prompt), scoring, advantages and
     several minibatch epochs of clipped policy updates. Optimizer settings are in `train`."""
@@ -200,6 +209,12 @@ class RlOptions(StrictModel):
     prompts_per_iteration: int = Field(16, ge=1, description="Training prompts sampled per iteration.")
     group_size: int = Field(4, ge=1, description="Completions sampled per prompt (grpo: at least 2, the group its "
                                                  "advantages are normalized in).")
+    rollout: Literal["generate", "vllm"] = Field(
+        "generate", description="What samples the completions (and the held-out greedy answers): generate, the "
+        "policy's own model.generate; vllm, an in-process vLLM engine (rl.engine), given the policy's weights after "
+        "every update (a LoRA adapter under a new LoRA id, full weights reloaded in place), timed as weight_sync_s."
+    )
+    engine: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig, description="rollout: vllm's engine.")
     max_new_tokens: int = Field(32, ge=1, description="Most tokens per completion (a longer one is cut there).")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature of rollouts (log-probs are "
                                                                  "taken at the same temperature).")
@@ -310,6 +325,18 @@ class AlignRecipe(StrictModel):
         if twice := sorted({name for name in names if names.count(name) > 1}):
             raise ValueError(f"each term once: {', '.join(twice)} appears twice")
         return rewards
+
+    @field_validator("lora")
+    @classmethod
+    def _engine_serves_the_lora(cls, lora: LoraConfig, info: ValidationInfo) -> LoraConfig:
+        rl, train = info.data.get("rl"), info.data.get("train")
+        fresh = (info.data.get("method") in RL_METHODS and getattr(train, "method", None) == "lora"
+                 and getattr(rl, "rollout", None) == "vllm" and rl.adapter is None)
+        unservable = [f"lora.{name}" for name in ("use_dora", "modules_to_save") if getattr(lora, name)]
+        if fresh and unservable:
+            raise ValueError(f"{' and '.join(unservable)}: vLLM cannot serve such an adapter to rl.rollout: vllm "
+                             "(use rl.rollout: generate)")
+        return lora
 
     @field_validator("scaling")
     @classmethod

@@ -3,21 +3,28 @@
 Each iteration: sample `rl.group_size` completions for each of `rl.prompts_per_iteration` training prompts, score
 them with the recipe's rewards, take the policy's and the reference's log-probs of every completion token (and,
 for PPO, the critic's values), turn scores into advantages (GRPO: normalized within each prompt's group; PPO: GAE
-over per-token rewards, whitened), then `rl.epochs` passes of clipped policy updates in minibatches. The KL to the
-reference is charged in the reward or the loss, with a fixed or adaptive coefficient. Held-out prompts are answered
-greedily and scored before the first iteration, every `train.eval_every` and after the last.
+over per-token rewards, whitened), then `rl.epochs` passes of clipped policy updates in minibatches, then the new
+weights go to the sampler. The KL to the reference is charged in the reward or the loss, with a fixed or adaptive
+coefficient. Held-out prompts are answered greedily and scored before the first iteration, every `train.eval_every`
+and after the last.
+
+Rollouts (and the held-out answers) come from `rl.rollout`: `generate`, the policy's own `model.generate`, or `vllm`,
+an in-process vLLM engine (workloads.align.vllm_rollout) given the policy's weights after every update and after a
+checkpoint is restored, the seconds of that sync in each iteration's `weight_sync_s`. The old log-probs the update is
+clipped against are always recomputed by the policy's own forward, so the engine's numerics never enter the loss.
 
 Every `train.checkpoint_every` iterations (and after the last) a checkpoint goes to `<run dir>/checkpoints/<run.name>/
 checkpoint_<iteration>` (written beside it, then renamed into place; the newest `train.keep_checkpoints` kept): the
 trained weights, the critic, optimizer, schedule, KL coefficient, prompt order, RNG states and the metrics rows so far.
 `run.resume_from: latest | DIR` continues from the next iteration as if never stopped.
 
-Plain PyTorch, no Ray: rollouts come from `model.generate` here; vLLM engines and Ray placement are issue 12's parts
-still to come, and will drive this same `RLTrainer`.
+Plain PyTorch, no Ray: one process (the engine in a child process of its own); Ray placement (Train workers, engines
+as actors) is issue 12's part still to come, and will drive this same `RLTrainer`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -50,10 +57,11 @@ from workloads.config import RESUME_LATEST, RecipeError
 from workloads.models import load_tokenizer, merge_adapter
 from workloads.strategy import verify_manifest, write_manifest
 
-PHASES = ("generation_s", "scoring_s", "logprobs_s", "training_s")  # seconds of each phase, per iteration
+PHASES = ("generation_s", "scoring_s", "logprobs_s", "training_s", "weight_sync_s")  # seconds of each, per iteration
 CHECKPOINT = "checkpoint_"  # + the iteration: one checkpoint directory
 TRAINER_STATE = "trainer_state.json"  # in a checkpoint: iteration, metrics rows, KL coefficient, restarts
 TENSORS = "trainer.pt"  # in a checkpoint: trained weights, critic, optimizer, schedule, RNG states, prompt order
+ROLLOUTS = {"generate": "model.generate", "vllm": "vLLM engine"}  # what samples, by rl.rollout
 
 
 @dataclass
@@ -76,7 +84,8 @@ class Experience:
 class RLTrainer:
     """setup (in __init__, in order), then `iteration()` as often as the recipe says, `evaluate()`, `save()`."""
 
-    def __init__(self, recipe: AlignRecipe, model_path: str, train: list[Prompt], held_out: list[Prompt]):
+    def __init__(self, recipe: AlignRecipe, model_path: str, train: list[Prompt], held_out: list[Prompt],
+                 work_dir: Path | None = None):
         self.recipe, self.rl, self.ppo = recipe, recipe.rl, recipe.method == "ppo"
         torch.manual_seed(recipe.train.seed)  # sampling uses torch's global generator
         self.tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
@@ -91,7 +100,7 @@ class RLTrainer:
         self.optimizer, self.scheduler = self._setup_optimizer()
         self.kl = (AdaptiveKLController(self.rl.kl.coef, self.rl.kl.target, self.rl.kl.horizon)
                    if self.rl.kl.target is not None else FixedKLController(self.rl.kl.coef))
-        self.sampler = GenerateSampler(self.tokenizer, self.rl.max_new_tokens, self.rl.temperature)
+        self.sampler = self._setup_sampler(model_path, work_dir)
         self._order: list[int] = []
         self._rng = random.Random(recipe.train.seed)
 
@@ -102,6 +111,16 @@ class RLTrainer:
                  for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return [(p, i) for p, i in zip(prompts, ids, strict=True) if len(i) <= room]
+
+    def _setup_sampler(self, model_path: str, work_dir: Path | None):
+        """`rl.rollout`'s sampler: the policy's own generate, or a vLLM engine holding the policy's weights (synced
+        through `<work_dir>/rollout_weights`, a temporary directory without one)."""
+        if self.rl.rollout == "generate":
+            return GenerateSampler(self.tokenizer, self.rl.max_new_tokens, self.rl.temperature)
+        from workloads.align.vllm_rollout import VLLMSampler
+
+        directory = work_dir / "rollout_weights" if work_dir else Path(tempfile.mkdtemp(prefix="llmc-rollout-"))
+        return VLLMSampler(self.recipe, model_path, self.tokenizer, self.policy, directory)
 
     def _setup_optimizer(self):
         """AdamW over the policy's trainable weights (and the critic's, at its own rate); the recipe's schedule over
@@ -137,11 +156,13 @@ class RLTrainer:
         measured = time.perf_counter()
         stats |= self._update(experience)
         self.kl.update(stats["kl"], len(scores))
+        trained = time.perf_counter()
+        self.sampler.sync(self.policy)  # the next rollout (and evaluation) samples from the updated policy
         return {"mean_reward": sum(scores) / len(scores),
                 **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}, **stats,
                 "response_tokens": rollout.response_mask.sum(1).float().mean().item(),
                 "generation_s": generated - clock, "scoring_s": scored - generated, "logprobs_s": measured - scored,
-                "training_s": time.perf_counter() - measured}
+                "training_s": trained - measured, "weight_sync_s": time.perf_counter() - trained}
 
     def _next_prompts(self) -> list[tuple[Prompt, list[int]]]:
         """The next `prompts_per_iteration` training prompts of a seeded shuffle, reshuffled once used up."""
@@ -259,8 +280,8 @@ class RLTrainer:
         write_manifest(directory, rank=0)
 
     def load_checkpoint(self, directory: Path) -> dict:
-        """Back to the moment `save_checkpoint` wrote `directory` (its files checked against their manifest first);
-        returns the state saved with it."""
+        """Back to the moment `save_checkpoint` wrote `directory` (its files checked against their manifest first), the
+        restored weights synced to the sampler before any rollout; returns the state saved with it."""
         verify_manifest(directory)
         saved = torch.load(directory / TENSORS, map_location="cpu", weights_only=True)
         trained = {n for n, p in self.policy.model.named_parameters() if p.requires_grad}
@@ -268,6 +289,7 @@ class RLTrainer:
             raise RecipeError(f"field 'run.resume_from': {directory} holds other trained tensors than this recipe's "
                               f"policy ({len(saved['weights'])}, not {len(trained)}: another lora.target_modules?)")
         self.policy.model.load_state_dict(saved["weights"], strict=False)
+        self.sampler.sync(self.policy)
         if self.critic is not None:
             self.critic.load_state_dict(saved["critic"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -314,23 +336,25 @@ def run(recipe: AlignRecipe, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     reporting.save_recipe(recipe, run_dir)
     started = time.perf_counter()
-    trainer = RLTrainer(recipe, model_path, train_prompts, held_out)
+    trainer = RLTrainer(recipe, model_path, train_prompts, held_out, work_dir=run_dir)
     print(f"[llmc] {recipe.method} on {recipe.model.name} ({model_path}): {len(trainer.train_prompts)} training "
-          f"prompts, {len(trainer.held_out)} held out; one process (no Ray yet)", flush=True)
+          f"prompts, {len(trainer.held_out)} held out, rollouts: {ROLLOUTS[recipe.rl.rollout]}; one process "
+          "(no Ray yet)", flush=True)
     rows, restarts = None, []
-    if source is not None:
-        state = trainer.load_checkpoint(source)
-        rows, restarts = state["rows"], [*state["restarts"], {"from_iteration": state["iteration"],
-                                                              "via": "resume_from"}]
-        print(f"[llmc] resumed from {source}: iteration {state['iteration']}", flush=True)
-    if recipe.run.resume_from != RESUME_LATEST:  # a new run: an earlier one's checkpoints are not its own
-        clear_checkpoints(checkpoints, spare=source)
+    with contextlib.closing(trainer.sampler):  # a vLLM engine stops when the loop is done, or fails
+        if source is not None:
+            state = trainer.load_checkpoint(source)
+            rows, restarts = state["rows"], [*state["restarts"], {"from_iteration": state["iteration"],
+                                                                  "via": "resume_from"}]
+            print(f"[llmc] resumed from {source}: iteration {state['iteration']}", flush=True)
+        if recipe.run.resume_from != RESUME_LATEST:  # a new run: an earlier one's checkpoints are not its own
+            clear_checkpoints(checkpoints, spare=source)
 
-    def checkpoint(rows: list[dict]) -> Path:
-        state = {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": restarts}
-        return write_checkpoint(trainer, state, checkpoints, recipe.train.keep_checkpoints)
+        def checkpoint(rows: list[dict]) -> Path:
+            state = {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": restarts}
+            return write_checkpoint(trainer, state, checkpoints, recipe.train.keep_checkpoints)
 
-    rows = train(trainer, log=lambda line: print(line, flush=True), rows=rows, checkpoint=checkpoint)
+        rows = train(trainer, log=lambda line: print(line, flush=True), rows=rows, checkpoint=checkpoint)
     artifact = trainer.save(run_dir)
     merged = None
     if recipe.run.merge_adapter:
@@ -418,7 +442,8 @@ def summarize(recipe: AlignRecipe, rows: list[dict], train_prompts: int, held_ou
             "first_rollout_reward": first_rollout, "last_rollout_reward": last_rollout,
             "iterations": len(iterations), "completions_per_iteration": recipe.rl.prompts_per_iteration
             * recipe.rl.group_size, "train_prompts": train_prompts, "held_out_prompts": held_out,
-            "rewards": [t.model_dump(exclude_defaults=True) for t in recipe.rewards], "rollouts": "model.generate",
+            "rewards": [t.model_dump(exclude_defaults=True) for t in recipe.rewards],
+            "rollouts": ROLLOUTS[recipe.rl.rollout],
             **{f"total_{phase}": sum(r[phase] for r in iterations) for phase in PHASES}}
 
 

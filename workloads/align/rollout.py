@@ -2,16 +2,21 @@
 
 A `Rollout` is one batch as training reads it: each prompt left-padded to a common width, its completion after it,
 right-padded, with a mask of the completion's real tokens (the stop token included). `GenerateSampler` samples with
-`model.generate` in this process; a vLLM engine sampler (issue 12, part 4) is to offer the same `sample`.
+`model.generate` in this process (`rl.rollout: generate`); `workloads.align.vllm_rollout.VLLMSampler` offers the same
+`sample`, `sync` and `close` from a vLLM engine (`rl.rollout: vllm`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from workloads.align.estimators import entropy as token_entropy
+
+if TYPE_CHECKING:
+    from workloads.align.policy import Policy
 
 
 @dataclass
@@ -71,22 +76,30 @@ class GenerateSampler:
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                              num_return_sequences=1 if greedy else group_size, pad_token_id=pad, **sampling)
         model.train(was_training)
-        repeats = 1 if greedy else group_size
-        return self._rollout(ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0),
-                             out[:, ids.shape[1]:], stop_token_ids(model, self.tokenizer))
+        return make_rollout(self.tokenizer, ids, mask, 1 if greedy else group_size, out[:, ids.shape[1]:],
+                            stop_token_ids(model, self.tokenizer))
 
-    def _rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generated: torch.Tensor,
-                 stops: set[int]) -> Rollout:
-        """Cut each completion after its first stop token; what follows becomes padding."""
-        is_stop = torch.isin(generated, torch.tensor(sorted(stops)))
-        after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop token
-        response_mask = (~after_stop).long()
-        generated = generated.masked_fill(after_stop, self.tokenizer.pad_token_id)
-        completions = [self.tokenizer.decode(row[(m > 0) & ~torch.isin(row, torch.tensor(sorted(stops)))],
-                                             skip_special_tokens=True)
-                       for row, m in zip(generated, response_mask, strict=True)]
-        return Rollout(torch.cat([prompt_ids, generated], 1), torch.cat([prompt_mask, response_mask], 1),
-                       response_mask, prompt_ids.shape[1], completions)
+    def sync(self, policy: Policy) -> None:
+        """Nothing to do: the next rollout samples from the policy itself."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def make_rollout(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int,
+                 generated: torch.Tensor, stops: set[int]) -> Rollout:
+    """A Rollout of left-padded prompts (each repeated for its `repeats` consecutive completions) and their right-padded
+    completions, each cut after its first stop token (what follows becomes padding)."""
+    is_stop = torch.isin(generated, torch.tensor(sorted(stops)))
+    after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop token
+    response_mask = (~after_stop).long()
+    generated = generated.masked_fill(after_stop, tokenizer.pad_token_id)
+    completions = [tokenizer.decode(row[(m > 0) & ~torch.isin(row, torch.tensor(sorted(stops)))],
+                                    skip_special_tokens=True)
+                   for row, m in zip(generated, response_mask, strict=True)]
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)
+    return Rollout(torch.cat([prompt_ids, generated], 1), torch.cat([prompt_mask, response_mask], 1),
+                   response_mask, prompt_ids.shape[1], completions)
 
 
 @dataclass

@@ -30,7 +30,7 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
 
     run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
     refuse_to_replace(run_dir, recipe.run, overwrite, resumable=recipe.method in RL_METHODS)
-    if recipe.method in RL_METHODS:  # one process, no Ray yet (issue 12: vLLM rollouts and Ray placement to come)
+    if recipe.method in RL_METHODS:  # one process (and its vLLM engine), no Ray yet (issue 12: Ray placement to come)
         from workloads.align import rl
 
         return rl.run(recipe, run_dir)

@@ -1,0 +1,204 @@
+"""Rollout benchmark: the vLLM engine against the policy's own `model.generate` on one batch, and the weight sync.
+
+On the shipped GRPO recipe (tiny-grpo.yaml) in one process, for its LoRA policy (a fresh adapter, or `--adapter
+DIR`) and for a fully trained policy (`train.method: full`, an engine of its own, no LoRA in it):
+  throughput   the same 64 training prompts (the bundled arithmetic ones, chat-rendered as the RL loop renders
+               them), group_size completions each, rl.max_new_tokens at most, sampled `--repeats` times by
+               GenerateSampler (`model.generate`, torch threads as the loop sets them) and by VLLMSampler (the
+               in-process engine, its one core as vLLM binds it): completion tokens per second of each, median over
+               repeats, and their ratio (target: 3x)
+  weight sync  `VLLMSampler.sync`: the LoRA adapter (save, drop the old LoRA id, load the new one), the full
+               weights (save, reload in place): median of `--syncs` syncs
+  iteration    one GRPO iteration's phases (generation, scoring, log-probs, training, weight sync) with each kind
+               of rollout, after one warm-up iteration: medians of `--iterations`
+Writes bench/results/rollout.{json,md,png}; `python -m bench.rollout_bench --render` rewrites the Markdown and the
+chart from the JSON. `python -m bench.rollout_bench [--adapter DIR] [--model small]` (small: serve_bench's ~85M
+Llama, built the same way, untrained). Never asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench.serve_bench import MODELS
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+RECIPE = REPO / "workloads/configs/tiny-grpo.yaml"
+PROMPTS = 64
+TARGET = 3.0  # vLLM rollout tokens/s over model.generate's, on the same batch
+ANCHORS = {"verl NCCL weight sync": 0.3, "TRL weight sync, 0.6B model": 0.18}  # seconds (DESIGN.md)
+POLICIES = {"lora": "LoRA adapter (the engine applies it per request)", "full": "full weights (no LoRA)"}
+PHASES = {"generation_s": "generation", "scoring_s": "scoring", "logprobs_s": "log-probs", "training_s": "training",
+          "weight_sync_s": "weight sync"}
+
+
+def trainer(overrides: list[str]):
+    """An RLTrainer of the shipped GRPO recipe with `overrides`, set up as `llmc align` sets it up."""
+    import torch
+
+    from workloads.align.prompts import split_prompts
+    from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
+    from workloads.align.rl import RLTrainer
+    from workloads.config import load_recipe
+    from workloads.models import resolve_model_path
+
+    recipe = load_recipe(RECIPE, overrides, kind="align")
+    torch.set_num_threads(recipe.scaling.cpus_per_worker)
+    train, held_out = split_prompts(recipe.data, recipe.train.seed)
+    return RLTrainer(recipe, resolve_model_path(recipe.model), train, held_out)
+
+
+def throughput(sampler, model, prompt_ids: list[list[int]], group_size: int, repeats: int) -> dict:
+    """Completion tokens (the stop token included) per second of `sampler` on the batch, after one warm-up call."""
+    sampler.sample(model, prompt_ids[:4], group_size)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rollout = sampler.sample(model, prompt_ids, group_size)
+        seconds = time.perf_counter() - start
+        runs.append({"tokens": int(rollout.response_mask.sum()), "seconds": round(seconds, 4)})
+    rates = [r["tokens"] / r["seconds"] for r in runs]
+    return {"runs": runs, "tokens_per_s": round(statistics.median(rates), 1)}
+
+
+def compare(trainer, prompt_ids: list[list[int]], repeats: int) -> dict:
+    """Both samplers on the trainer's policy and the same batch: tokens/s of each and the engine's ratio."""
+    from workloads.align.rollout import GenerateSampler
+
+    rl, model = trainer.rl, trainer.policy.model
+    generate = GenerateSampler(trainer.tokenizer, rl.max_new_tokens, rl.temperature)
+    sides = {"generate": throughput(generate, model, prompt_ids, rl.group_size, repeats),
+             "vllm": throughput(trainer.sampler, model, prompt_ids, rl.group_size, repeats)}
+    return {**sides, "ratio": round(sides["vllm"]["tokens_per_s"] / sides["generate"]["tokens_per_s"], 2)}
+
+
+def sync_seconds(trainer, syncs: int) -> dict:
+    """Seconds of `syncs` syncs of the trainer's policy into its engine."""
+    runs = []
+    for _ in range(syncs):
+        start = time.perf_counter()
+        trainer.sampler.sync(trainer.policy)
+        runs.append(round(time.perf_counter() - start, 4))
+    return {"runs_s": runs, "median_s": round(statistics.median(runs), 4)}
+
+
+def iteration_phases(trainer, iterations: int) -> dict:
+    """Median seconds of each phase over `iterations` GRPO iterations, after a warm-up one."""
+    trainer.iteration()
+    rows = [trainer.iteration() for _ in range(iterations)]
+    return {phase: round(statistics.median(r[phase] for r in rows), 4) for phase in PHASES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="the model's shape (serve_bench's)")
+    parser.add_argument("--adapter", help="a PEFT adapter of that model as the policy (default: a fresh LoRA)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rollouts of the batch per side")
+    parser.add_argument("--syncs", type=int, default=5, help="timed weight syncs per policy kind")
+    parser.add_argument("--iterations", type=int, default=3, help="timed GRPO iterations per rollout kind")
+    args = parser.parse_args(argv)
+    shape = [f"model.tiny.{key}={value}" for key, value in MODELS[args.model].items()]
+    policy = [*shape, *([f"rl.adapter={args.adapter}"] if args.adapter else [])]
+    load_before, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    print("[bench] LoRA policy: the vLLM engine starts ...", flush=True)
+    engine = trainer([*policy, "rl.rollout=vllm"])
+    rl = engine.rl
+    prompt_ids = [ids for _, ids in engine.train_prompts[:PROMPTS]]
+    try:
+        print(f"[bench] {len(prompt_ids)} prompts x {rl.group_size}: model.generate, then the engine", flush=True)
+        sides = {"lora": compare(engine, prompt_ids, args.repeats)}
+        print("[bench] LoRA weight sync, then GRPO iterations with each kind of rollout", flush=True)
+        sync = {"lora": sync_seconds(engine, args.syncs)}
+        phases = {"vllm": iteration_phases(engine, args.iterations)}
+    finally:
+        engine.sampler.close()
+    phases["generate"] = iteration_phases(trainer([*policy, "rl.rollout=generate"]), args.iterations)
+    print("[bench] fully trained policy: an engine of its own ...", flush=True)
+    full = trainer([*shape, "rl.rollout=vllm", "train.method=full"])
+    try:
+        sides["full"] = compare(full, prompt_ids, args.repeats)
+        sync["full"] = sync_seconds(full, args.syncs)
+    finally:
+        full.sampler.close()
+
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "started": started,
+        "settings": {"recipe": str(RECIPE.relative_to(REPO)), "model": args.model,
+                     "policy": args.adapter or "a fresh LoRA", "prompts": len(prompt_ids),
+                     "group_size": rl.group_size, "max_new_tokens": rl.max_new_tokens,
+                     "temperature": rl.temperature, "torch_threads": engine.recipe.scaling.cpus_per_worker,
+                     "engine_max_num_seqs": rl.engine.max_num_seqs, "repeats": args.repeats, "syncs": args.syncs,
+                     "iterations": args.iterations,
+                     "iteration_completions": rl.prompts_per_iteration * rl.group_size},
+        "throughput": {**sides, "target": TARGET},
+        "weight_sync": {**sync, "anchors_s": ANCHORS},
+        "iteration_phases_s": phases,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "rollout.json").write_text(json.dumps(results, indent=2))
+    write_report(results)
+    print(render(results))
+    return 0
+
+
+def render(r: dict) -> str:
+    """rollout.md, every figure from rollout.json."""
+    s, t, w = r["settings"], r["throughput"], r["weight_sync"]
+    rows = "".join(f"| {label} | {r['iteration_phases_s']['generate'][key]} | {r['iteration_phases_s']['vllm'][key]} "
+                   f"|\n" for key, label in PHASES.items())
+    anchors = "; ".join(f"{name} {seconds} s" for name, seconds in w["anchors_s"].items())
+    return (f"# Rollout benchmark ({r['machine']}, load average {r['load_average'][0]} -> {r['load_average'][1]})\n\n"
+            f"{s['prompts']} prompts x {s['group_size']} completions of at most {s['max_new_tokens']} tokens "
+            f"(temperature {s['temperature']}), {s['model']} model, policy: {s['policy']}; model.generate on "
+            f"{s['torch_threads']} torch thread(s), as the loop runs it. Median of {s['repeats']} rollouts.\n\n"
+            f"| policy | model.generate tokens/s | vLLM engine tokens/s | ratio |\n| --- | --- | --- | --- |\n"
+            + "".join(f"| {label} | {t[kind]['generate']['tokens_per_s']} | {t[kind]['vllm']['tokens_per_s']} | "
+                      f"{t[kind]['ratio']}x |\n" for kind, label in POLICIES.items())
+            + f"\nFor the shipped recipe's LoRA policy the engine samples **{t['lora']['ratio']}x** the tokens per "
+            f"second of model.generate (target {t['target']}x).\n\n"
+            f"Weight sync into the engine, median of {s['syncs']}: LoRA adapter {w['lora']['median_s']} s, full "
+            f"weights {w['full']['median_s']} s (anchors: {anchors}).\n\n"
+            f"One GRPO iteration of the LoRA policy ({s['iteration_completions']} completions), seconds per phase "
+            f"(median of {s['iterations']}, after a warm-up iteration):\n\n"
+            f"| phase | model.generate | vLLM engine |\n| --- | --- | --- |\n{rows}\n"
+            f"![phases](rollout.png)\n")
+
+
+def write_report(r: dict) -> None:
+    """rollout.md and rollout.png (one stacked bar of phases per kind of rollout) from the results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (RESULTS / "rollout.md").write_text(render(r))
+    kinds = {"generate": "model.generate", "vllm": "vLLM engine"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottoms = [0.0] * len(kinds)
+    for key, label in PHASES.items():
+        heights = [r["iteration_phases_s"][kind][key] for kind in kinds]
+        ax.bar(list(kinds.values()), heights, bottom=bottoms, label=label)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.set(ylabel="seconds per GRPO iteration", title="One GRPO iteration, by phase")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "rollout.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--render"]:
+        write_report(json.loads((RESULTS / "rollout.json").read_text()))
+        raise SystemExit(0)
+    raise SystemExit(main())
