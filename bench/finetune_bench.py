@@ -44,6 +44,7 @@ from typing import Any, TextIO
 
 from bench._instrument import instrumented_worker
 from bench.finetune_report import (
+    DISTURBED,
     auto_notes,
     layout_label,
     plot,
@@ -652,11 +653,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer_median_s": plain_median("optimizer_seconds"),
         "tokens_per_second": GLOBAL_BATCH * SEQ_LEN / plain_all if plain_all else None,
     }
-    for entry in [*layouts.values(), *variants.values()]:
-        if "error" not in entry:
-            _summarize(entry, plain_medians, plain_all, args.warmup, cadence["period"])
     results["layouts"] = layouts
     results["variants"] = {"layout": _with_shipped(SHIPPED, shipped), "runs": variants}
+    summarize_platform_runs(results)
     for entry in methods.values():
         if "error" not in entry:
             entry["steady"] = steady(entry["step_seconds"], args.warmup)
@@ -669,12 +668,28 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def summarize_platform_runs(results: dict[str, Any]) -> None:
+    """Every platform run's summary (`_summarize`) from the raw timings in `results`; rerunnable on a saved file."""
+    settings, plain = results["settings"], results["plain"]
+    for entry in [*results["layouts"].values(), *results["variants"]["runs"].values()]:
+        if "error" not in entry:
+            _summarize(entry, plain["run_medians_s"], plain["median_s"], settings["warmup"],
+                       settings["cadence"]["period"])
+
+
 def _summarize(entry: dict[str, Any], plain_medians: list[float], plain_all: float, warmup: int,
                period: int) -> None:
-    """A platform run's steady step, its ratios to the plain loop, its cadence timing and profile medians."""
-    neighbours = statistics.fmean(plain_medians[i] for i in entry["plain_neighbours"])
+    """A platform run's steady step, its ratios to the plain loop, its cadence timing and profile medians.
+
+    The neighbour baseline is the mean of the plain runs just before and after it, less any disturbed one (its
+    median over DISTURBED x the median plain run: something else took the cores meanwhile); with both disturbed,
+    the median over all plain steps."""
+    typical = statistics.median(plain_medians)
+    kept = [plain_medians[i] for i in entry["plain_neighbours"] if plain_medians[i] <= DISTURBED * typical]
+    neighbours = statistics.fmean(kept) if kept else plain_all
     entry["steady"] = steady(entry["step_seconds"], warmup)
     entry["plain_neighbours_s"] = [plain_medians[i] for i in entry["plain_neighbours"]]
+    entry["plain_neighbours_disturbed_s"] = [s for s in entry["plain_neighbours_s"] if s not in kept]
     entry["ratio_vs_neighbour_plain"] = entry["steady"]["median_s"] / neighbours
     entry["ratio_vs_plain"] = entry["steady"]["median_s"] / plain_all
     entry["tokens_per_second_steady"] = steady_tokens_per_second(entry, warmup)
@@ -730,7 +745,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-batch", type=int, default=GLOBAL_BATCH, help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--probe-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--resummarize", action="store_true", help="recompute every summary and ratio of "
+                        "bench/results/finetune.json from its raw timings (after a change to how they are summarized), "
+                        "then rewrite the Markdown, plot and README block; measures nothing")
     args = parser.parse_args(argv)
+    if args.resummarize:
+        results = json.loads((RESULTS / "finetune.json").read_text())
+        summarize_platform_runs(results)
+        results["winner"] = winner(results["layouts"])
+        return _write(results, RESULTS, readme=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.probe:
@@ -744,13 +767,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("RAY_ADDRESS", None)  # a shared cluster would measure someone else's load
     results = run_bench(args)
     partial = bool(args.only or args.quick)
-    folder = PARTIAL if partial else RESULTS
+    return _write(results, PARTIAL if partial else RESULTS, readme=not partial)
+
+
+def _write(results: dict[str, Any], folder: Path, readme: bool) -> int:
+    """Results JSON, Markdown, plot and printed tables into `folder`; the README's block too when `readme`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "finetune.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, auto_notes(results), folder / "finetune.md")
     plot(results, folder / "finetune.png")
     print_tables(results, folder)
-    if not partial:  # the README's benchmark block quotes these results: keep it in step
+    if readme:  # the README's benchmark block quotes these results: keep it in step
         from scripts.readme_numbers import rewrite_bench_block
 
         rewrite_bench_block()

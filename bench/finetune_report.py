@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 TARGET = 1.25  # the issue's bound on platform step time, in plain-loop steps
+DISTURBED = 1.5  # a plain-loop run this many times slower than the median plain run was disturbed
 
 
 def shipped_layouts() -> dict[tuple[bool, int, int, int], list[str]]:
@@ -268,6 +269,13 @@ backward and engine step.
 """
 
 
+def _disturbed_text(results: dict[str, Any]) -> str:
+    medians = results["plain"]["run_medians_s"]
+    typical = statistics.median(medians)
+    slow = [f"run {i + 1}, {m:.2f} s against {typical:.2f} s" for i, m in enumerate(medians) if m > DISTURBED * typical]
+    return "; ".join(slow) if slow else "none in this run"
+
+
 def write_markdown(results: dict[str, Any], notes: str, path: Path) -> None:
     machine, settings = results["machine"], results["settings"]
     overhead, variants, methods, memory, ratios = (markdown_table(h, r) for _, h, r in sections(results))
@@ -287,7 +295,8 @@ global batch {settings['global_batch']} x {settings['seq_len']} tokens, AdamW wi
 The plain loop (one process, `torch.set_num_threads(2)`, same batches as rank 0 of a 1-worker run) runs
 {settings['plain_steps']} steps before the first platform run and again after each one. Medians leave out the
 first {settings['warmup']} steps.
-"x plain (neighbours)" divides by the mean of the plain runs just before and after that run (drift-corrected);
+"x plain (neighbours)" divides by the mean of the plain runs just before and after that run (drift-corrected),
+leaving out a neighbour more than {DISTURBED}x slower than the median plain run (disturbed: {_disturbed_text(results)});
 "x plain (all)" by the median over all plain steps. "start-up+save" is wall time minus the steps: worker
 group start, data and model load, DeepSpeed init and the final checkpoint. One worker without DeepSpeed is
 not DDP: `workloads.strategy.Strategy` wraps the model in DDP only when there are several workers. Starting
