@@ -120,12 +120,15 @@ def test_tiny_and_gpu_serve_recipes_differ_only_where_scale_does():
 
 
 def test_tool_call_parser_reaches_vllms_frontend_and_an_unknown_one_is_refused_with_the_allowed_names():
+    from vllm.tool_parsers import ToolParserManager
+
     from workloads.config import RecipeError
     from workloads.plan import serve_frontend_kwargs
-    from workloads.serve import check_before_start, check_tool_call_parser
+    from workloads.serve import check_before_start, check_tool_call_parser, vllm_tool_parsers
 
     tiny = load_recipe(RECIPE)
     assert serve_frontend_kwargs(tiny) == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    assert vllm_tool_parsers() == sorted(ToolParserManager.lazy_parsers)  # read from vLLM's source, not imported
     check_tool_call_parser("hermes")
     assert serve_frontend_kwargs(load_recipe(GPU_RECIPE)) == {}  # Llama 3.0's template has no tool format
     wrong = tiny.model_copy(update={"engine": tiny.engine.model_copy(update={"tool_call_parser": "hermes3"})})

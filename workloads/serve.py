@@ -91,13 +91,32 @@ def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None
 
 
 def check_tool_call_parser(name: str) -> None:
-    """Refuse a tool-call parser this vLLM does not have, listing those it has (vLLM registers them lazily)."""
-    from vllm.tool_parsers import ToolParserManager
-
-    known = sorted({*ToolParserManager.lazy_parsers, *ToolParserManager.tool_parsers})
-    if name not in known:
+    """Refuse a tool-call parser this vLLM does not have, listing those it has (unchecked if the list is unreadable)."""
+    known = vllm_tool_parsers()
+    if known is not None and name not in known:
         raise RecipeError(f"field 'engine.tool_call_parser': {name!r} is not one of vLLM's tool-call parsers; "
                           f"allowed: {', '.join(known)}")
+
+
+def vllm_tool_parsers() -> list[str] | None:
+    """The tool-call parsers vLLM registers, read from its source rather than imported: importing vLLM here would
+    load thousands of modules and change this process's environment, which the embedded Ray it starts inherits."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "tool_parsers" / "__init__.py"
+    try:
+        tree = ast.parse(source.read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_TOOL_PARSERS_TO_REGISTER"
+                                                for t in node.targets) and isinstance(node.value, ast.Dict):
+            return sorted(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+    return None
 
 
 @contextlib.contextmanager
