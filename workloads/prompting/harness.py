@@ -163,10 +163,12 @@ def _record(tally: Tally, case: dict, result: Result, scorers: dict[str, Scorer]
     return record
 
 
-def _run_agents(client: AsyncLLMClient, variant: VariantConfig, requests: list[dict]) -> list[Result]:
+def _run_agents(client: AsyncLLMClient, variant: VariantConfig, requests: list[dict],
+                protocol: dict[str, str]) -> list[Result]:
     """One agent episode per request (its system message the instructions, its last user turn the question), all
     concurrently through the client, in the variant's protocol (`auto`: OpenAI tools where the endpoint accepts
-    them); each becomes a Result whose text is the final answer and whose response holds the transcript."""
+    them, probed once per variant and kept in `protocol`); each becomes a Result whose text is the final answer and
+    whose response holds the transcript."""
     import asyncio
 
     from workloads.prompting.react import (
@@ -200,10 +202,11 @@ def _run_agents(client: AsyncLLMClient, variant: VariantConfig, requests: list[d
 
     async def every() -> list[Result]:
         try:
-            protocol = variant.agent
-            if protocol == "auto" and requests:
-                protocol = "tools" if await supports_tool_calling(client, requests[0]["model"], registry) else "react"
-            return list(await asyncio.gather(*(episode(r, protocol) for r in requests)))
+            if "chosen" not in protocol:
+                auto = variant.agent == "auto" and requests
+                protocol["chosen"] = variant.agent if not auto else (
+                    "tools" if await supports_tool_calling(client, requests[0]["model"], registry) else "react")
+            return list(await asyncio.gather(*(episode(r, protocol["chosen"]) for r in requests)))
         finally:
             await client.aclose_connections()
 
@@ -215,12 +218,14 @@ def iter_variant(client: AsyncLLMClient, library: PromptLibrary, variant: Varian
     """Answer and score `cases` a chunk at a time: yields each chunk's records and the running tally."""
     template = library.get(variant.prompt)
     tally = Tally(variant.name, template.ref, variant.model or client.model or "")
+    protocol: dict[str, str] = {}  # an agent variant's protocol, chosen with its first chunk
     while True:
         chunk = [case for _, case in zip(range(recipe.chunk_size), cases, strict=False)]
         if not chunk:
             return
         requests = [_request(template, variant, case, recipe.test_set, client.model or "") for case in chunk]
-        results = client.run_all(requests) if variant.agent == "none" else _run_agents(client, variant, requests)
+        results = (client.run_all(requests) if variant.agent == "none"
+                   else _run_agents(client, variant, requests, protocol))
         records = [_record(tally, case, result, scorers, recipe.extraction, recipe.test_set, variant.n)
                    for case, result in zip(chunk, results, strict=True)]
         yield records, tally
