@@ -11,8 +11,9 @@ import ray
 import yaml
 
 from tests.conftest import REPO
+from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
 from workloads.config import load_recipe
-from workloads.plan import finetune_plan, serve_plan
+from workloads.plan import finetune_plan, rl_plan, serve_plan
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 GPU_RECIPES = sorted((REPO / "workloads/configs").glob("llama3-8b-*.yaml"))
@@ -91,6 +92,10 @@ def _gpu_bundles(recipe) -> tuple[str | None, list[dict], dict]:
     if recipe.kind == "finetune":
         plan = finetune_plan(recipe)
         return recipe.scaling.accelerator_type, plan["placement_bundles"], plan["total_resources"]
+    if recipe.kind == "align":  # the Train workers' bundles, then the rollout engines'
+        plan = rl_plan(recipe)
+        return (recipe.scaling.accelerator_type, plan["placement_bundles"] + plan["engine_bundles"],
+                plan["total_resources"])
     plan = serve_plan(recipe)
     return recipe.resources.accelerator_type, plan["placement_bundles_per_replica"], plan["resources_per_replica"]
 
@@ -109,7 +114,7 @@ def test_gpu_recipe_pins_a_gpu_type_the_cluster_offers(path: Path):
 
 @pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.name)
 def test_a_gpu_type_the_cluster_lacks_is_caught(path: Path):
-    field = "scaling" if load_recipe(path).kind == "finetune" else "resources"
+    field = "resources" if load_recipe(path).kind == "serve" else "scaling"
     _, bundles, _ = _gpu_bundles(load_recipe(path, [f"{field}.accelerator_type=H100"]))
     assert not _node_types_offering(bundles[0])
 
@@ -126,3 +131,53 @@ def test_train_plan_bundles_are_what_ray_train_asks_for(path: Path):
                           resources_per_worker=scaling.resources_per_worker,
                           accelerator_type=scaling.accelerator_type)._resources_per_worker_not_none
     assert finetune_plan(recipe)["placement_bundles"] == [asked] * recipe.scaling.num_workers
+
+
+PPO_GPU = REPO / "workloads/configs/llama3-8b-ppo.yaml"
+
+
+def test_gpu_ppo_places_policy_workers_and_tensor_parallel_engines_on_one_gpu_node():
+    """4 policy workers x 1 GPU (ZeRO-2) and 2 engines x 2 GPUs (tensor parallel): 8 GPUs, one p4d node's worth, so
+    weight syncs stay on the node; each engine's shards are consecutive bundles of the engines' placement group."""
+    recipe = load_recipe(PPO_GPU)
+    plan = rl_plan(recipe)
+    per_node, nodes = _gpu_capacity()
+    e = recipe.rl.engine
+    assert recipe.method == "ppo" and recipe.rl.rollout == "vllm" and recipe.scaling.use_gpu
+    assert len(plan["engine_bundles"]) == e.engines * e.tensor_parallel_size
+    assert all(b["GPU"] == 1 for b in plan["placement_bundles"] + plan["engine_bundles"])
+    assert plan["total_resources"]["GPU"] == recipe.scaling.num_workers + e.engines * e.tensor_parallel_size <= per_node
+    assert plan["total_resources"]["CPU"] <= max(t["resources"].get("CPU", 0)
+                                                 for t in CLUSTER["available_node_types"].values())
+    assert plan["prompts_per_worker"] * recipe.scaling.num_workers == recipe.rl.prompts_per_iteration
+    ds = plan["deepspeed_config"]
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2  # the RL loop runs ZeRO 0-2
+    assert ds["train_batch_size"] == recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps * 4
+    completions = recipe.rl.prompts_per_iteration // recipe.scaling.num_workers * recipe.rl.group_size
+    assert completions % (recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps) == 0
+
+
+def test_gpu_ppo_differs_from_its_tiny_twin_only_where_scale_does():
+    tiny = load_recipe(REPO / "workloads/configs/tiny-ppo.yaml").model_dump()
+    gpu = load_recipe(PPO_GPU).model_dump()
+    for key in ("method", "rewards"):
+        assert tiny[key] == gpu[key], key
+    assert tiny["train"]["method"] == gpu["train"]["method"] == "lora"
+    assert tiny["data"]["format"] == gpu["data"]["format"] and tiny["lora"] == gpu["lora"]
+    same = ("group_size", "epochs", "clip_range", "gamma", "lam", "value_clip_range", "temperature", "entropy_coef")
+    assert {k: tiny["rl"][k] for k in same} == {k: gpu["rl"][k] for k in same}
+    assert {k: v for k, v in tiny["rl"]["kl"].items() if k != "horizon"} == \
+        {k: v for k, v in gpu["rl"]["kl"].items() if k != "horizon"}  # the horizon scales with the batch
+    assert tiny["deepspeed"] == gpu["deepspeed"] == {**gpu["deepspeed"], "enabled": True, "stage": 2}
+    assert (tiny["rl"]["rollout"], gpu["rl"]["rollout"]) == ("generate", "vllm")  # the tiny one keeps the fallback
+
+
+def test_rl_recipes_refuse_what_the_loop_cannot_place():
+    from workloads.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"scaling\.num_workers.*divisor"):
+        load_recipe(PPO_GPU, ["scaling.num_workers=3"])
+    with pytest.raises(RecipeError, match=r"deepspeed\.stage.*stage 3 is not supported"):
+        load_recipe(PPO_GPU, ["deepspeed.stage=3"])
+    with pytest.raises(RecipeError, match=r"rl\.engine\.tensor_parallel_size.*GPUs"):
+        load_recipe(REPO / "workloads/configs/tiny-grpo.yaml", ["rl.engine.tensor_parallel_size=2"])

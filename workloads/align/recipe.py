@@ -188,9 +188,15 @@ class KlOptions(StrictModel):
 
 
 class RolloutEngineConfig(StrictModel):
-    """The in-process vLLM engine of `rl.rollout: vllm`, its fields named as a serve recipe's `engine` block's; its
-    context is data.max_length, its seed train.seed, and it serves LoRA when the policy is a LoRA adapter."""
+    """The vLLM engines of `rl.rollout: vllm`: Ray actors beside the Train workers (each worker samples from engine
+    `rank % engines`), their fields named as a serve recipe's `engine` block's; an engine's context is
+    data.max_length, its seed train.seed, and it serves LoRA when the policy is a LoRA adapter."""
 
+    engines: int = Field(1, ge=1, le=256, description="vLLM engine actors (each holds the whole policy).")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine shards over (scaling.use_gpu).")
+    cpus_per_engine: float = Field(1, gt=0, description="Logical CPUs per engine (per tensor-parallel shard on GPUs).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction for weights + KV "
+                                                                      "(lower it when an engine shares its GPU).")
     kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="CPU only: host RAM for the KV cache (GiB).")
     max_num_seqs: int = Field(256, ge=1, le=4096, description="Most sequences batched together per engine step (a "
                                                                "rollout's prompts x group_size at once, if it fits).")
@@ -259,8 +265,9 @@ class AlignRecipe(StrictModel):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = Field(
         default_factory=lambda: DeepSpeedConfig(enabled=False),
-        description="DeepSpeed through transformers' Trainer; off (DDP) by default: on CPU, ZeRO costs more than it "
-        "saves at tiny sizes. ppo, grpo: not used yet (one process).",
+        description="reward, dpo: DeepSpeed through transformers' Trainer. ppo, grpo: the policy's DeepSpeed engine on "
+        "each Train worker (ZeRO stage 0-2). Off (DDP) by default: on CPU, ZeRO costs more than it saves at tiny "
+        "sizes.",
     )
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -338,11 +345,27 @@ class AlignRecipe(StrictModel):
                              "(use rl.rollout: generate)")
         return lora
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _rl_zero_stage(cls, deepspeed: DeepSpeedConfig, info: ValidationInfo) -> DeepSpeedConfig:
+        if info.data.get("method") in RL_METHODS and deepspeed.enabled and deepspeed.stage == 3:
+            raise ValueError(f"deepspeed.stage: {info.data.get('method')} runs ZeRO stages 0, 1 or 2 (each worker "
+                             "holds the whole policy to sample and sync it); stage 3 is not supported yet")
+        return deepspeed
+
     @field_validator("scaling")
     @classmethod
     def _float16_on_gpu(cls, scaling: ScalingConfig, info: ValidationInfo) -> ScalingConfig:
         if getattr(info.data.get("model"), "dtype", None) == "float16" and not scaling.use_gpu:
             raise ValueError("model.dtype float16 needs GPUs (scaling.use_gpu: true); use float32 on CPU")
+        rl = info.data.get("rl")
+        if info.data.get("method") in RL_METHODS and rl is not None:
+            if rl.prompts_per_iteration % scaling.num_workers:
+                raise ValueError(f"scaling.num_workers: each worker takes an equal share of rl.prompts_per_iteration "
+                                 f"({rl.prompts_per_iteration}): a divisor of it")
+            if rl.engine.tensor_parallel_size > 1 and not scaling.use_gpu:
+                raise ValueError("rl.engine.tensor_parallel_size: shards an engine over GPUs (scaling.use_gpu: "
+                                 "true); on CPU it is 1")
         return scaling
 
     @field_validator("run")

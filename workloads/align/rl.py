@@ -18,16 +18,18 @@ checkpoint_<iteration>` (written beside it, then renamed into place; the newest 
 trained weights, the critic, optimizer, schedule, KL coefficient, prompt order, RNG states and the metrics rows so far.
 `run.resume_from: latest | DIR` continues from the next iteration as if never stopped.
 
-Plain PyTorch, no Ray: one process (the engine in a child process of its own); Ray placement (Train workers, engines
-as actors) is issue 12's part still to come, and will drive this same `RLTrainer`.
+Plain PyTorch, no Ray: the trainer runs in one process, or as each of several Ray Train workers
+(workloads.align.rl_run), which find each other through torch.distributed: each takes an equal share of every
+iteration's prompts and of the held-out ones, its gradients are averaged with the others' (by the policy's DeepSpeed
+engine with `deepspeed.enabled`, else by an all-reduce), and the metrics are means over all of them. PPO's critic is
+colocated: a head on each worker's policy, with its own optimizer, averaged the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from workloads import reporting
 from workloads.align.estimators import (
     AdaptiveKLController,
     FixedKLController,
@@ -49,12 +51,13 @@ from workloads.align.estimators import (
     value_loss,
 )
 from workloads.align.policy import Policy, ValueHead, load_policy
-from workloads.align.prompts import Prompt, split_prompts
+from workloads.align.prompts import Prompt
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
 from workloads.align.rewards import build_reward
 from workloads.align.rollout import GenerateSampler, Rollout, token_outputs
-from workloads.config import RESUME_LATEST, RecipeError
-from workloads.models import load_tokenizer, merge_adapter
+from workloads.config import RecipeError
+from workloads.models import load_tokenizer
+from workloads.plan import deepspeed_config
 from workloads.strategy import verify_manifest, write_manifest
 
 PHASES = ("generation_s", "scoring_s", "logprobs_s", "training_s", "weight_sync_s")  # seconds of each, per iteration
@@ -62,6 +65,44 @@ CHECKPOINT = "checkpoint_"  # + the iteration: one checkpoint directory
 TRAINER_STATE = "trainer_state.json"  # in a checkpoint: iteration, metrics rows, KL coefficient, restarts
 TENSORS = "trainer.pt"  # in a checkpoint: trained weights, critic, optimizer, schedule, RNG states, prompt order
 ROLLOUTS = {"generate": "model.generate", "vllm": "vLLM engine"}  # what samples, by rl.rollout
+DEEPSPEED_STATE = "deepspeed"  # in a checkpoint with deepspeed.enabled: the policy engine's own checkpoint
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) among the Train workers running the loop; (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def barrier() -> None:
+    """Wait for every worker (nothing to wait for in a single process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def sum_across(values: list[float]) -> list[float]:
+    """Element-wise sums of `values` over all workers."""
+    totals = torch.tensor(values, dtype=torch.float64)
+    if world()[1] > 1:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def mean_across(stats: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the workers (every worker holds an equal share of the batch)."""
+    keys = sorted(stats)
+    totals = sum_across([stats[k] for k in keys])
+    return {k: v / world()[1] for k, v in zip(keys, totals, strict=True)}
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Data parallelism without an engine: every worker's gradients replaced by their mean over all workers."""
+    size = world()[1]
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= size
 
 
 @dataclass
@@ -85,9 +126,13 @@ class RLTrainer:
     """setup (in __init__, in order), then `iteration()` as often as the recipe says, `evaluate()`, `save()`."""
 
     def __init__(self, recipe: AlignRecipe, model_path: str, train: list[Prompt], held_out: list[Prompt],
-                 work_dir: Path | None = None):
+                 work_dir: Path | None = None, engines: list | None = None, device: torch.device | None = None):
+        """`engines`: rl.rollout vllm's engines, shared by the workers (`cluster.actors.Remote` handles); without
+        them, the sampler starts one in this process. `device`: where the policy computes (default: CPU)."""
         self.recipe, self.rl, self.ppo = recipe, recipe.rl, recipe.method == "ppo"
-        torch.manual_seed(recipe.train.seed)  # sampling uses torch's global generator
+        self.rank, self.world = world()
+        self.device = device or torch.device("cpu")
+        torch.manual_seed(recipe.train.seed + self.rank)  # sampling uses torch's global generator
         self.tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
         self.train_prompts = self._fitting(train)
         self.held_out = self._fitting(held_out)[: self.rl.eval_prompts]
@@ -96,11 +141,13 @@ class RLTrainer:
                               f"rl.max_new_tokens ({self.rl.max_new_tokens}) tokens")
         self.reward = build_reward(recipe.rewards, dtype=recipe.model.dtype)
         self.policy: Policy = load_policy(recipe, model_path)
-        self.critic = ValueHead(self.policy.model.config.hidden_size) if self.ppo else None
+        self.policy.model.to(self.device)
+        self.critic = ValueHead(self.policy.model.config.hidden_size).to(self.device) if self.ppo else None
+        self.engine = None  # the policy's DeepSpeed engine, with deepspeed.enabled
         self.optimizer, self.scheduler = self._setup_optimizer()
         self.kl = (AdaptiveKLController(self.rl.kl.coef, self.rl.kl.target, self.rl.kl.horizon)
                    if self.rl.kl.target is not None else FixedKLController(self.rl.kl.coef))
-        self.sampler = self._setup_sampler(model_path, work_dir)
+        self.sampler = self._setup_sampler(model_path, work_dir, engines)
         self._order: list[int] = []
         self._rng = random.Random(recipe.train.seed)
 
@@ -112,29 +159,52 @@ class RLTrainer:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return [(p, i) for p, i in zip(prompts, ids, strict=True) if len(i) <= room]
 
-    def _setup_sampler(self, model_path: str, work_dir: Path | None):
-        """`rl.rollout`'s sampler: the policy's own generate, or a vLLM engine holding the policy's weights (synced
+    def _setup_sampler(self, model_path: str, work_dir: Path | None, engines: list | None):
+        """`rl.rollout`'s sampler: the policy's own generate, or vLLM engines holding the policy's weights (synced
         through `<work_dir>/rollout_weights`, a temporary directory without one)."""
         if self.rl.rollout == "generate":
             return GenerateSampler(self.tokenizer, self.rl.max_new_tokens, self.rl.temperature)
         from workloads.align.vllm_rollout import VLLMSampler
 
         directory = work_dir / "rollout_weights" if work_dir else Path(tempfile.mkdtemp(prefix="llmc-rollout-"))
-        return VLLMSampler(self.recipe, model_path, self.tokenizer, self.policy, directory)
+        own = engines[self.rank % len(engines)] if engines else None
+        return VLLMSampler(self.recipe, model_path, self.tokenizer, self.policy, directory, engine=own,
+                           engines=engines, leader=self.rank == 0, barrier=barrier)
 
     def _setup_optimizer(self):
-        """AdamW over the policy's trainable weights (and the critic's, at its own rate); the recipe's schedule over
-        every optimizer step of the run."""
+        """AdamW over the policy's trainable weights (and the critic's, at its own rate), the recipe's schedule over
+        every optimizer step of the run. With deepspeed.enabled the policy's optimizer is its DeepSpeed engine's (which
+        also averages its gradients over the workers), and the critic keeps a torch AdamW of its own."""
         from transformers import get_scheduler
 
         t = self.recipe.train
-        groups = [{"params": self.policy.parameters(), "lr": t.learning_rate}]
+        rows = self.rl.prompts_per_iteration // self.world * self.rl.group_size
+        steps = self.rl.iterations * self.rl.epochs * -(-rows // self.minibatch_size)
+
+        def schedule(optimizer):
+            return get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, t.warmup_steps, steps)
+
+        groups = [] if self.recipe.deepspeed.enabled else [{"params": self.policy.parameters(), "lr": t.learning_rate}]
         if self.critic is not None:
             groups.append({"params": list(self.critic.parameters()), "lr": self.rl.critic_learning_rate})
+        if self.recipe.deepspeed.enabled:
+            self.engine = self._deepspeed_engine(schedule)
+        if not groups:
+            return None, None
         optimizer = torch.optim.AdamW(groups, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
-        rows = self.rl.prompts_per_iteration * self.rl.group_size
-        steps = self.rl.iterations * self.rl.epochs * -(-rows // self.minibatch_size)
-        return optimizer, get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, t.warmup_steps, steps)
+        return optimizer, schedule(optimizer)
+
+    def _deepspeed_engine(self, schedule):
+        """The policy wrapped by DeepSpeed (ZeRO 0-2, the recipe's config). Gradient accumulation is the loop's: each
+        `backward` accumulates, each `step` is an optimizer step (managed_gradient_accumulation off)."""
+        if not self.recipe.scaling.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        config = {**deepspeed_config(self.recipe, self.world), "managed_gradient_accumulation": False}  # type: ignore[arg-type]
+        engine, _, _, _ = deepspeed.initialize(model=self.policy.model, model_parameters=self.policy.parameters(),
+                                               config=config, lr_scheduler=schedule)
+        return engine
 
     @property
     def minibatch_size(self) -> int:
@@ -143,8 +213,9 @@ class RLTrainer:
     # -- one iteration: rollout, scoring, log-probs, advantages, update -------------------------------------------
 
     def iteration(self) -> dict:
-        """One rollout batch and its updates; returns the iteration's metrics row (without its number)."""
-        prompts = self._next_prompts()
+        """One rollout batch and its updates; returns the iteration's metrics row (without its number): means over
+        all workers, the phase times this worker's."""
+        prompts = self._next_prompts()[self.rank :: self.world]  # this worker's share
         clock = time.perf_counter()
         rollout = self.sampler.sample(self.policy.model, [ids for _, ids in prompts], self.rl.group_size)
         generated = time.perf_counter()
@@ -152,20 +223,23 @@ class RLTrainer:
         scores, terms = self.reward.score([p.messages for p in group], rollout.completions,
                                           [p.reference for p in group])
         scored = time.perf_counter()
-        experience, stats = self._make_experience(rollout, torch.tensor(scores))
+        experience, stats = self._make_experience(rollout.to(self.device),
+                                                  torch.tensor(scores, device=self.device))
         measured = time.perf_counter()
         stats |= self._update(experience)
-        self.kl.update(stats["kl"], len(scores))
+        stats = mean_across({"mean_reward": sum(scores) / len(scores),
+                             **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}, **stats,
+                             "response_tokens": rollout.response_mask.sum(1).float().mean().item()})
+        self.kl.update(stats["kl"], len(scores) * self.world)
         trained = time.perf_counter()
         self.sampler.sync(self.policy)  # the next rollout (and evaluation) samples from the updated policy
-        return {"mean_reward": sum(scores) / len(scores),
-                **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}, **stats,
-                "response_tokens": rollout.response_mask.sum(1).float().mean().item(),
-                "generation_s": generated - clock, "scoring_s": scored - generated, "logprobs_s": measured - scored,
-                "training_s": trained - measured, "weight_sync_s": time.perf_counter() - trained}
+        return {**stats, "generation_s": generated - clock, "scoring_s": scored - generated,
+                "logprobs_s": measured - scored, "training_s": trained - measured,
+                "weight_sync_s": time.perf_counter() - trained}
 
     def _next_prompts(self) -> list[tuple[Prompt, list[int]]]:
-        """The next `prompts_per_iteration` training prompts of a seeded shuffle, reshuffled once used up."""
+        """The next `prompts_per_iteration` training prompts of a seeded shuffle (the same on every worker),
+        reshuffled once used up."""
         while len(self._order) < self.rl.prompts_per_iteration:
             self._order += self._rng.sample(range(len(self.train_prompts)), len(self.train_prompts))
         taken, self._order = self._order[: self.rl.prompts_per_iteration], self._order[self.rl.prompts_per_iteration:]
@@ -210,7 +284,11 @@ class RLTrainer:
                 tokens = exp.mask[minibatch].sum().clamp(min=1)
                 for micro in minibatch.split(self.recipe.train.micro_batch_size):
                     loss, stats = self._loss(exp, micro)
-                    (loss * exp.mask[micro].sum() / tokens).backward()  # each token weighs the same in a minibatch
+                    loss = loss * exp.mask[micro].sum() / tokens  # each token weighs the same in a minibatch
+                    if self.engine is not None:
+                        self.engine.backward(loss, scale_wrt_gas=False)  # accumulates; `step` reduces
+                    else:
+                        loss.backward()
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + value * len(micro) / len(minibatch)
                 self._step()
@@ -239,24 +317,36 @@ class RLTrainer:
         return loss, stats
 
     def _step(self) -> None:
-        """Clip the policy's and the critic's gradients separately (the critic's are larger early on), step."""
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.recipe.train.max_grad_norm)
+        """Average the gradients over the workers, clip the policy's and the critic's separately (the critic's are
+        larger early on), step. The DeepSpeed engine averages and clips the policy's itself."""
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            average_gradients(self.policy.parameters())
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.recipe.train.max_grad_norm)
         if self.critic is not None:
+            average_gradients(list(self.critic.parameters()))
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.recipe.train.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     # -- evaluation, saving, checkpoints ------------------------------------------------------------------------
 
     def evaluate(self) -> float | None:
-        """Mean reward of the greedy answers to the held-out prompts; None when there are none."""
+        """Mean reward of the greedy answers to the held-out prompts (each worker answers its share); None when
+        there are none."""
         if not self.held_out:
             return None
-        answers = self.sampler.sample(self.policy.model, [ids for _, ids in self.held_out], 1, greedy=True)
-        scores, _ = self.reward.score([p.messages for p, _ in self.held_out], answers.completions,
-                                      [p.reference for p, _ in self.held_out])
-        return sum(scores) / len(scores)
+        share = self.held_out[self.rank :: self.world]
+        scores: list[float] = []
+        if share:
+            answers = self.sampler.sample(self.policy.model, [ids for _, ids in share], 1, greedy=True)
+            scores, _ = self.reward.score([p.messages for p, _ in share], answers.completions,
+                                          [p.reference for p, _ in share])
+        total, count = sum_across([sum(scores), len(scores)])
+        return total / count
 
     def save(self, run_dir: Path) -> Path:
         """The policy (run_dir/adapter for LoRA, run_dir/model in full) and PPO's critic head beside it."""
@@ -268,11 +358,18 @@ class RLTrainer:
         return artifact
 
     def save_checkpoint(self, directory: Path, state: dict) -> None:
-        """Everything `load_checkpoint` continues from, into `directory`: `state` (iteration, rows, restarts) and the
-        KL coefficient as JSON, tensors and RNG states in `trainer.pt`, under a SHA-256 manifest (as fine-tuning's)."""
+        """Everything `load_checkpoint` continues from, into `directory` (every worker calls it; rank 0 writes all but
+        the DeepSpeed engine's own state): `state` (iteration, rows, restarts) and the KL coefficient as JSON, tensors
+        and rank 0's RNG states in `trainer.pt`, under a SHA-256 manifest (as fine-tuning's)."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(directory / DEEPSPEED_STATE), tag="state", exclude_frozen_parameters=True)
+            barrier()
+        if self.rank != 0:
+            return
         weights = {n: p.detach().cpu() for n, p in self.policy.model.named_parameters() if p.requires_grad}
         torch.save({"weights": weights, "critic": self.critic.state_dict() if self.critic is not None else None,
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "torch_rng": torch.get_rng_state(), "prompt_rng": self._rng.getstate(),
                     "prompt_order": self._order}, directory / TENSORS)
         fits = {"method": self.recipe.method, "train_method": self.recipe.train.method}  # what resume_source checks
@@ -289,11 +386,18 @@ class RLTrainer:
             raise RecipeError(f"field 'run.resume_from': {directory} holds other trained tensors than this recipe's "
                               f"policy ({len(saved['weights'])}, not {len(trained)}: another lora.target_modules?)")
         self.policy.model.load_state_dict(saved["weights"], strict=False)
+        if self.engine is not None:  # its optimizer and schedule
+            path, _ = self.engine.load_checkpoint(str(directory / DEEPSPEED_STATE), tag="state",
+                                                  load_module_strict=False)
+            if path is None:
+                raise RecipeError(f"field 'run.resume_from': {directory} holds no DeepSpeed state (a run without "
+                                  "deepspeed.enabled?)")
         self.sampler.sync(self.policy)
         if self.critic is not None:
             self.critic.load_state_dict(saved["critic"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         self._rng.setstate(saved["prompt_rng"])
         self._order = list(saved["prompt_order"])
@@ -302,170 +406,33 @@ class RLTrainer:
         return state
 
 
-def train(trainer: RLTrainer, log=print, rows: list[dict] | None = None,
+def train(trainer: RLTrainer, on_row: Callable[[dict], None] = lambda row: None, rows: list[dict] | None = None,
           checkpoint: Callable[[list[dict]], object] | None = None) -> list[dict]:
     """Every iteration's metrics row; held-out rewards (`eval_reward`) before the first, every eval_every, after
-    the last (the row of iteration 0 holds only the first evaluation). `rows`: a resumed run's so far, continued
-    from the next iteration; `checkpoint(rows)` every train.checkpoint_every iterations and after the last."""
+    the last (the row of iteration 0 holds only the first evaluation), each row handed to `on_row` when done.
+    `rows`: a resumed run's so far, continued from the next iteration; `checkpoint(rows)` every
+    train.checkpoint_every iterations and after the last."""
     recipe = trainer.recipe
-    rows = rows or [{"iteration": 0, "eval_reward": trainer.evaluate()}]
+    if not rows:
+        rows = [{"iteration": 0, "eval_reward": trainer.evaluate()}]
+        on_row(rows[0])
     for number in range(rows[-1]["iteration"] + 1, recipe.rl.iterations + 1):
         started = time.perf_counter()
         row = {"iteration": number, **trainer.iteration()}
         if number % recipe.train.eval_every == 0 or number == recipe.rl.iterations:
             row["eval_reward"] = trainer.evaluate()
         rows.append({**row, "iteration_s": time.perf_counter() - started})
-        if number % recipe.train.log_every == 0 or number == recipe.rl.iterations:
-            log(f"[llmc] {recipe.method} {number}/{recipe.rl.iterations}: reward {row['mean_reward']:.3f}, "
-                f"kl {row['kl']:.4f}, entropy {row['entropy']:.3f}, {rows[-1]['iteration_s']:.1f} s"
-                + (f", held-out {row['eval_reward']:.3f}" if row.get("eval_reward") is not None else ""))
+        on_row(rows[-1])
         if checkpoint is not None and (number % recipe.train.checkpoint_every == 0 or number == recipe.rl.iterations):
             checkpoint(rows)
     return rows
 
 
-def run(recipe: AlignRecipe, run_dir: Path) -> dict:
-    """`llmc align` for ppo and grpo: prompts and rewards checked, then the loop, then the run's outputs."""
-    from workloads.models import resolve_model_path
-
-    train_prompts, held_out = split_prompts(recipe.data, recipe.train.seed)  # bad rows fail here, naming them
-    checkpoints = checkpoint_dir(recipe, run_dir)
-    source = resume_source(recipe, checkpoints)  # a checkpoint that is missing or does not fit fails here
-    model_path = resolve_model_path(recipe.model)
-    torch.set_num_threads(recipe.scaling.cpus_per_worker)  # the loop runs as one worker for now
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reporting.save_recipe(recipe, run_dir)
-    started = time.perf_counter()
-    trainer = RLTrainer(recipe, model_path, train_prompts, held_out, work_dir=run_dir)
-    print(f"[llmc] {recipe.method} on {recipe.model.name} ({model_path}): {len(trainer.train_prompts)} training "
-          f"prompts, {len(trainer.held_out)} held out, rollouts: {ROLLOUTS[recipe.rl.rollout]}; one process "
-          "(no Ray yet)", flush=True)
-    rows, restarts = None, []
-    with contextlib.closing(trainer.sampler):  # a vLLM engine stops when the loop is done, or fails
-        if source is not None:
-            state = trainer.load_checkpoint(source)
-            rows, restarts = state["rows"], [*state["restarts"], {"from_iteration": state["iteration"],
-                                                                  "via": "resume_from"}]
-            print(f"[llmc] resumed from {source}: iteration {state['iteration']}", flush=True)
-        if recipe.run.resume_from != RESUME_LATEST:  # a new run: an earlier one's checkpoints are not its own
-            clear_checkpoints(checkpoints, spare=source)
-
-        def checkpoint(rows: list[dict]) -> Path:
-            state = {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": restarts}
-            return write_checkpoint(trainer, state, checkpoints, recipe.train.keep_checkpoints)
-
-        rows = train(trainer, log=lambda line: print(line, flush=True), rows=rows, checkpoint=checkpoint)
-    artifact = trainer.save(run_dir)
-    merged = None
-    if recipe.run.merge_adapter:
-        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
-    summary = summarize(recipe, rows, len(trainer.train_prompts), len(trainer.held_out))
-    summary |= {"model": recipe.model.name, "base_model_path": model_path, "train_method": recipe.train.method,
-                "start_adapter": recipe.rl.adapter, "wall_seconds": time.perf_counter() - started,
-                "artifact": str(artifact), "merged": merged, "restarts": restarts,
-                "checkpoint": str((list_checkpoints(checkpoints) or [source])[-1])}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    reporting.write_csv(rows, run_dir / "metrics.csv")
-    plot_curves(rows, run_dir / "curves.png", recipe.method)
-    reporting.print_summary(f"{recipe.method} summary", summary, run_dir)
-    return summary
-
-
-def checkpoint_dir(recipe: AlignRecipe, run_dir: Path) -> Path:
-    """Where the run's checkpoints go, as fine-tuning's: `run.storage_path` (else `<run dir>/checkpoints`)/run.name."""
-    return Path(recipe.run.storage_path or run_dir / "checkpoints").resolve() / recipe.run.name
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """The complete checkpoints in `directory`, oldest first (one being written is a hidden temporary directory)."""
-    found = directory.glob(f"{CHECKPOINT}*") if directory.is_dir() else []
-    return sorted((p for p in found if (p / TRAINER_STATE).is_file()), key=lambda p: int(p.name[len(CHECKPOINT):]))
-
-
-def resume_source(recipe: AlignRecipe, directory: Path) -> Path | None:
-    """The checkpoint `run.resume_from` names (`latest`: the newest in `directory`), checked to fit the recipe;
-    None when the run starts fresh."""
-    wanted = recipe.run.resume_from
-    if wanted is None:
+def progress_line(recipe: AlignRecipe, row: dict) -> str | None:
+    """The line a person sees for an iteration's row: every train.log_every iterations and the last; None otherwise."""
+    number = row["iteration"]
+    if number == 0 or (number % recipe.train.log_every and number != recipe.rl.iterations):
         return None
-    if wanted == RESUME_LATEST:
-        found = list_checkpoints(directory)
-        if not found:
-            raise RecipeError(f"field 'run.resume_from': no checkpoint of run {recipe.run.name!r} to resume in "
-                              f"{directory}")
-        source = found[-1]
-    else:
-        source = Path(wanted).expanduser().resolve()
-        if not (source / TRAINER_STATE).is_file():
-            raise RecipeError(f"field 'run.resume_from': {wanted} is not a ppo or grpo checkpoint (no {TRAINER_STATE})")
-    state = json.loads((source / TRAINER_STATE).read_text())
-    if (state["method"], state["train_method"]) != (recipe.method, recipe.train.method):
-        raise RecipeError(f"field 'run.resume_from': {source} is a checkpoint of {state['method']} "
-                          f"({state['train_method']}); this recipe runs {recipe.method} ({recipe.train.method})")
-    if state["iteration"] > recipe.rl.iterations:
-        raise RecipeError(f"field 'rl.iterations': {source} is at iteration {state['iteration']}, past "
-                          f"rl.iterations ({recipe.rl.iterations})")
-    return source
-
-
-def write_checkpoint(trainer: RLTrainer, state: dict, directory: Path, keep: int) -> Path:
-    """A checkpoint of iteration `state["iteration"]`, written into a temporary directory beside it and renamed into
-    place, so a run killed meanwhile leaves none half-written; then only the newest `keep` stay."""
-    final = directory / f"{CHECKPOINT}{state['iteration']:06d}"
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=directory))
-    trainer.save_checkpoint(partial, state)
-    shutil.rmtree(final, ignore_errors=True)  # a replaced run's, of the same iteration
-    partial.rename(final)
-    for stale in [*directory.glob(f".{CHECKPOINT}*"), *list_checkpoints(directory)[:-keep]]:
-        shutil.rmtree(stale)  # older checkpoints, and what a killed run left half-written
-    return final
-
-
-def clear_checkpoints(directory: Path, spare: Path | None = None) -> None:
-    """A new run's start: an earlier run's checkpoints go (but `spare`, the one it resumes from, if among them)."""
-    for path in directory.glob(f"*{CHECKPOINT}*") if directory.is_dir() else []:
-        if spare is None or path.resolve() != spare.resolve():
-            shutil.rmtree(path)
-
-
-def summarize(recipe: AlignRecipe, rows: list[dict], train_prompts: int, held_out: int) -> dict:
-    """What the run is judged by. initial/final_mean_reward: the held-out prompts' greedy answers before the first
-    iteration and after the last (the first and last rollouts' when there are no held-out prompts); final_kl: the
-    last rollout's mean per-completion KL to the reference."""
-    iterations, evals = rows[1:], [r for r in rows if r.get("eval_reward") is not None]
-    first_rollout, last_rollout = iterations[0]["mean_reward"], iterations[-1]["mean_reward"]
-    return {"method": recipe.method,
-            "initial_mean_reward": evals[0]["eval_reward"] if evals else first_rollout,
-            "final_mean_reward": evals[-1]["eval_reward"] if evals else last_rollout,
-            "final_kl": iterations[-1]["kl"], "final_kl_coef": iterations[-1]["kl_coef"],
-            "first_rollout_reward": first_rollout, "last_rollout_reward": last_rollout,
-            "iterations": len(iterations), "completions_per_iteration": recipe.rl.prompts_per_iteration
-            * recipe.rl.group_size, "train_prompts": train_prompts, "held_out_prompts": held_out,
-            "rewards": [t.model_dump(exclude_defaults=True) for t in recipe.rewards],
-            "rollouts": ROLLOUTS[recipe.rl.rollout],
-            **{f"total_{phase}": sum(r[phase] for r in iterations) for phase in PHASES}}
-
-
-def plot_curves(rows: list[dict], path: Path, method: str) -> Path:
-    """Two panels: mean reward per iteration (rollouts, and held-out greedy answers), and KL to the reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    iterations, evals = rows[1:], [r for r in rows if r.get("eval_reward") is not None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([r["iteration"] for r in iterations], [r["mean_reward"] for r in iterations], label="rollouts")
-    left.plot([r["iteration"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out (greedy)")
-    left.set(xlabel="iteration", ylabel="mean reward")
-    right.plot([r["iteration"] for r in iterations], [r["kl"] for r in iterations], color="tab:red")
-    right.set(xlabel="iteration", ylabel="KL to the reference (per completion)")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    left.legend()
-    fig.suptitle(f"{method}: reward and KL")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return (f"[llmc] {recipe.method} {number}/{recipe.rl.iterations}: reward {row['mean_reward']:.3f}, "
+            f"kl {row['kl']:.4f}, entropy {row['entropy']:.3f}, {row['iteration_s']:.1f} s"
+            + (f", held-out {row['eval_reward']:.3f}" if row.get("eval_reward") is not None else ""))

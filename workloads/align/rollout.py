@@ -34,6 +34,11 @@ class Rollout:
         """Positions counted over real tokens only, as `generate` counts them for left-padded prompts."""
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
+    def to(self, device: torch.device) -> Rollout:
+        """The same rollout with its tensors on `device`."""
+        return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                       self.prompt_width, self.completions)
+
     def select(self, rows: torch.Tensor) -> Rollout:
         """The rows `rows` (indices) as a Rollout of their own."""
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_width,
@@ -68,7 +73,7 @@ class GenerateSampler:
     def sample(self, model, prompt_ids: list[list[int]], group_size: int, greedy: bool = False) -> Rollout:
         """`group_size` completions of each prompt (token ids of the chat-rendered prompt), or one greedy answer."""
         pad = self.tokenizer.pad_token_id
-        ids, mask = left_pad(prompt_ids, pad)
+        ids, mask = (t.to(model.device) for t in left_pad(prompt_ids, pad))
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": self.temperature,
                                                           "top_k": 0, "top_p": 1.0}
         was_training = model.training
@@ -90,11 +95,12 @@ def make_rollout(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  generated: torch.Tensor, stops: set[int]) -> Rollout:
     """A Rollout of left-padded prompts (each repeated for its `repeats` consecutive completions) and their right-padded
     completions, each cut after its first stop token (what follows becomes padding)."""
-    is_stop = torch.isin(generated, torch.tensor(sorted(stops)))
+    stop_ids = torch.tensor(sorted(stops), device=generated.device)
+    is_stop = torch.isin(generated, stop_ids)
     after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop token
     response_mask = (~after_stop).long()
     generated = generated.masked_fill(after_stop, tokenizer.pad_token_id)
-    completions = [tokenizer.decode(row[(m > 0) & ~torch.isin(row, torch.tensor(sorted(stops)))],
+    completions = [tokenizer.decode(row[(m > 0) & ~torch.isin(row, stop_ids)],
                                     skip_special_tokens=True)
                    for row, m in zip(generated, response_mask, strict=True)]
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0)

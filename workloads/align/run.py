@@ -1,6 +1,6 @@
 """`llmc align RECIPE`: the driver. Validate and read the pairs, connect, run the workers on Ray Train, then write
-the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory. PPO and GRPO run in this
-process for now (workloads.align.rl), with the same outputs.
+the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory. PPO and GRPO have a driver
+of their own (workloads.align.rl_run: Train workers and vLLM engine actors), with the same outputs.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
 
     run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
     refuse_to_replace(run_dir, recipe.run, overwrite, resumable=recipe.method in RL_METHODS)
-    if recipe.method in RL_METHODS:  # one process (and its vLLM engine), no Ray yet (issue 12: Ray placement to come)
-        from workloads.align import rl
+    if recipe.method in RL_METHODS:
+        from workloads.align import rl_run
 
-        return rl.run(recipe, run_dir)
+        return rl_run.run(recipe, run_dir, address)
     train, held_out = split_pairs(recipe.data, recipe.train.seed)  # bad pairs fail here, naming field and row
     model_path = resolve_model_path(recipe.model)
     load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)  # a missing model fails here
