@@ -1,6 +1,7 @@
 """Rollout benchmark: the vLLM engine against the policy's own `model.generate` on one batch, and the weight sync.
 
-On the shipped GRPO recipe (tiny-grpo.yaml) in one process, for its LoRA policy (a fresh adapter, or `--adapter
+On the shipped PPO recipe (tiny-ppo.yaml) as one of its Train workers runs it (here in one process, without Ray or
+DeepSpeed, so the phases are one worker's), for its LoRA policy (a fresh adapter, or `--adapter
 DIR`) and for a fully trained policy (`train.method: full`, an engine of its own, no LoRA in it):
   throughput   the same 64 training prompts (the bundled arithmetic ones, chat-rendered as the RL loop renders
                them), group_size completions each, rl.max_new_tokens at most, sampled `--repeats` times by
@@ -9,7 +10,7 @@ DIR`) and for a fully trained policy (`train.method: full`, an engine of its own
                repeats, and their ratio (target: 3x)
   weight sync  `VLLMSampler.sync`: the LoRA adapter (save, drop the old LoRA id, load the new one), the full
                weights (save, reload in place): median of `--syncs` syncs
-  iteration    one GRPO iteration's phases (generation, scoring, log-probs, training, weight sync) with each kind
+  iteration    one PPO iteration's phases (generation, scoring, log-probs, training, weight sync) with each kind
                of rollout, after one warm-up iteration: medians of `--iterations`
 Writes bench/results/rollout.{json,md,png}; `python -m bench.rollout_bench --render` rewrites the Markdown and the
 chart from the JSON. `python -m bench.rollout_bench [--adapter DIR] [--model small]` (small: serve_bench's ~85M
@@ -31,7 +32,8 @@ from bench.serve_bench import MODELS
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-RECIPE = REPO / "workloads/configs/tiny-grpo.yaml"
+RECIPE = REPO / "workloads/configs/tiny-ppo.yaml"
+IN_PROCESS = ["scaling.num_workers=1", "deepspeed.enabled=false"]  # one worker's loop, in this process
 PROMPTS = 64
 TARGET = 3.0  # vLLM rollout tokens/s over model.generate's, on the same batch
 ANCHORS = {"verl NCCL weight sync": 0.3, "TRL weight sync, 0.6B model": 0.18}  # seconds (DESIGN.md)
@@ -41,7 +43,7 @@ PHASES = {"generation_s": "generation", "scoring_s": "scoring", "logprobs_s": "l
 
 
 def trainer(overrides: list[str]):
-    """An RLTrainer of the shipped GRPO recipe with `overrides`, set up as `llmc align` sets it up."""
+    """An RLTrainer of the shipped PPO recipe with `overrides`, set up as a Train worker of `llmc align` sets it up."""
     import torch
 
     from workloads.align.prompts import split_prompts
@@ -50,7 +52,7 @@ def trainer(overrides: list[str]):
     from workloads.config import load_recipe
     from workloads.models import resolve_model_path
 
-    recipe = load_recipe(RECIPE, overrides, kind="align")
+    recipe = load_recipe(RECIPE, [*IN_PROCESS, *overrides], kind="align")
     torch.set_num_threads(recipe.scaling.cpus_per_worker)
     train, held_out = split_prompts(recipe.data, recipe.train.seed)
     return RLTrainer(recipe, resolve_model_path(recipe.model), train, held_out)
@@ -91,7 +93,7 @@ def sync_seconds(trainer, syncs: int) -> dict:
 
 
 def iteration_phases(trainer, iterations: int) -> dict:
-    """Median seconds of each phase over `iterations` GRPO iterations, after a warm-up one."""
+    """Median seconds of each phase over `iterations` PPO iterations, after a warm-up one."""
     trainer.iteration()
     rows = [trainer.iteration() for _ in range(iterations)]
     return {phase: round(statistics.median(r[phase] for r in rows), 4) for phase in PHASES}
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="a PEFT adapter of that model as the policy (default: a fresh LoRA)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts of the batch per side")
     parser.add_argument("--syncs", type=int, default=5, help="timed weight syncs per policy kind")
-    parser.add_argument("--iterations", type=int, default=3, help="timed GRPO iterations per rollout kind")
+    parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per rollout kind")
     args = parser.parse_args(argv)
     shape = [f"model.tiny.{key}={value}" for key, value in MODELS[args.model].items()]
     policy = [*shape, *([f"rl.adapter={args.adapter}"] if args.adapter else [])]
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"[bench] {len(prompt_ids)} prompts x {rl.group_size}: model.generate, then the engine", flush=True)
         sides = {"lora": compare(engine, prompt_ids, args.repeats)}
-        print("[bench] LoRA weight sync, then GRPO iterations with each kind of rollout", flush=True)
+        print("[bench] LoRA weight sync, then PPO iterations with each kind of rollout", flush=True)
         sync = {"lora": sync_seconds(engine, args.syncs)}
         phases = {"vllm": iteration_phases(engine, args.iterations)}
     finally:
@@ -169,7 +171,7 @@ def render(r: dict) -> str:
             f"second of model.generate (target {t['target']}x).\n\n"
             f"Weight sync into the engine, median of {s['syncs']}: LoRA adapter {w['lora']['median_s']} s, full "
             f"weights {w['full']['median_s']} s (anchors: {anchors}).\n\n"
-            f"One GRPO iteration of the LoRA policy ({s['iteration_completions']} completions), seconds per phase "
+            f"One PPO iteration of the LoRA policy ({s['iteration_completions']} completions), seconds per phase "
             f"(median of {s['iterations']}, after a warm-up iteration):\n\n"
             f"| phase | model.generate | vLLM engine |\n| --- | --- | --- |\n{rows}\n"
             f"![phases](rollout.png)\n")
@@ -190,7 +192,7 @@ def write_report(r: dict) -> None:
         heights = [r["iteration_phases_s"][kind][key] for kind in kinds]
         ax.bar(list(kinds.values()), heights, bottom=bottoms, label=label)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    ax.set(ylabel="seconds per GRPO iteration", title="One GRPO iteration, by phase")
+    ax.set(ylabel="seconds per PPO iteration", title="One PPO iteration, by phase")
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "rollout.png", dpi=110)
