@@ -83,12 +83,13 @@ def trials_that_fit(per_trial: dict[str, float]) -> int:
 def run_search(trial: Callable[[dict[str, Any], Report], None], param_space: dict[str, Any], *, name: str,
                storage_path: str, metric: str, mode: str = "max", time_attr: str | None = None,
                max_t: int = 100, grace_period: int = 1, reduction_factor: float = 2, num_samples: int = 1,
-               max_concurrent_trials: int = 4, cpus_per_trial: float = 1.0,
+               max_concurrent_trials: int = 4, cpus_per_trial: float = 1.0, reuse_actors: bool = False,
                trial_length: Callable[[dict[str, Any]], int] | None = None) -> list[TrialOutcome]:
     """Every trial of the search; with `time_attr` (a reported, increasing resource) ASHA stops weak ones early.
 
     A trial counts as stopped early when its last report is below its own length: `trial_length(config)` where
-    trials differ in length, else `max_t`."""
+    trials differ in length, else `max_t`. `reuse_actors`: an actor that ends a trial runs the next one, for light
+    trials whose process start and imports (~2.5 s of CPU each) outweigh their own work."""
     scheduler = (ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=grace_period,
                                reduction_factor=reduction_factor) if time_attr else FIFOScheduler())
 
@@ -100,7 +101,7 @@ def run_search(trial: Callable[[dict[str, Any], Report], None], param_space: dic
         tune.with_resources(trainable, {"cpu": cpus_per_trial}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=max_concurrent_trials),
+                                    max_concurrent_trials=max_concurrent_trials, reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(storage_path), verbose=1 if loud else 0),
     )
     # Tune's newer console output prints its experiment heading and paths even at verbose=0; the classic

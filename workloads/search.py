@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,13 @@ def prompt_trial(config: dict[str, Any], report, *, recipe: PromptSearchRecipe, 
                     "requests": client.stats.http_requests, "tokens": tally.prompt_tokens + tally.completion_tokens})
 
 
+def _trial_recipe(recipe: PromptSearchRecipe, at_once: int) -> PromptSearchRecipe:
+    """The recipe a trial runs: `endpoint.max_concurrency` is the search's budget, shared by the trials that run at
+    once, so more trials at once do not multiply the load on the endpoint."""
+    share = max(1, recipe.endpoint.max_concurrency // at_once)
+    return recipe.model_copy(update={"endpoint": recipe.endpoint.model_copy(update={"max_concurrency": share})})
+
+
 def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, address: str | None = None,
         endpoint: Endpoint | None = None, show: bool = True, variants: list[VariantConfig] | None = None) -> dict:
     """The search, then the winner on the test split; writes summary.json, trials.csv, search.png. An open
@@ -93,13 +101,16 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
         if show:
             print(f"[llmc] {where}", flush=True)
         asha = recipe.search.scheduler == "asha"
+        at_once = min(recipe.search.max_concurrent_trials, len(variants))
+        started = time.perf_counter()
         outcomes = run_search(
-            functools.partial(prompt_trial, recipe=recipe, endpoint=endpoint),
+            functools.partial(prompt_trial, recipe=_trial_recipe(recipe, at_once), endpoint=endpoint),
             grid({"variant": [v.model_dump() for v in variants]}), name=recipe.name,
             storage_path=str(out / "tune"), metric=METRIC, mode="max", time_attr=RESOURCE if asha else None,
             max_t=dev_cases, grace_period=recipe.search.grace_period,
             reduction_factor=recipe.search.reduction_factor,
-            max_concurrent_trials=recipe.search.max_concurrent_trials, cpus_per_trial=recipe.search.cpus_per_trial)
+            max_concurrent_trials=at_once, cpus_per_trial=recipe.search.cpus_per_trial, reuse_actors=True)
+        trials_s = time.perf_counter() - started
         trials = [_trial_row(o) for o in outcomes]
         failed = [t for t in trials if t["error"]]
         if failed:
@@ -107,14 +118,17 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
         complete = [t for t in trials if t[RESOURCE] == dev_cases]
         best = max(complete, key=lambda t: (t[METRIC], -t["tokens"]))
         winner = VariantConfig(**{**best["config"], "name": best["variant"]})
+        started = time.perf_counter()
         with opened_client(recipe.endpoint, endpoint=endpoint) as test_client:
             tested = evaluate(_as_eval(recipe, "test_set", [winner]), test_client, out / "winner", progress=False)
+        test_s = time.perf_counter() - started
     row = tested["variants"][0]
     summary = {"best_variant": best["variant"], "best_config": best["config"], "best_dev_accuracy": best[METRIC],
                "best_test_accuracy": row["accuracy"], "best_test_ci95": [row["ci95_low"], row["ci95_high"]],
                "variants": len(variants), "dev_cases": dev_cases, "test_cases": tested["cases"],
                "stopped_early": sum(t["stopped_early"] for t in trials),
-               "dev_requests": sum(t["requests"] for t in trials), "trials": trials}
+               "dev_requests": sum(t["requests"] for t in trials),
+               "wall_s": {"trials": round(trials_s, 2), "test": round(test_s, 2)}, "trials": trials}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_csv([{k: v for k, v in t.items() if k not in ("config", "curve")} for t in trials], out / "trials.csv")
     plot_trials(trials, out / "search.png", dev_cases)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import functools
 import hashlib
 import json
 import os
 import random
 import sqlite3
+import ssl
 import threading
 import time
 from collections import deque
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -165,6 +168,15 @@ class _Cache:
             self._db.close()
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context per process, as httpx builds it by default (certifi, or SSL_CERT_FILE / SSL_CERT_DIR).
+
+    httpx builds a new one for every client, loading the CA bundle (~60 ms of CPU); `run_all` opens a client per
+    event loop, i.e. per chunk of a search trial, so that cost was paid on every chunk."""
+    return httpx.create_ssl_context()
+
+
 def default_cache_dir() -> Path:
     """$LLMC_CACHE/prompting, or ~/.cache/llmcluster/prompting."""
     root = Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmcluster")).expanduser()
@@ -204,8 +216,9 @@ class AsyncLLMClient:
     def _client(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
         if self._openai is None or self._openai_loop is not loop:  # httpx connections belong to one loop
-            self._openai = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key,
-                                              timeout=self.timeout_s, max_retries=0)
+            self._openai = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s,
+                                              max_retries=0,
+                                              http_client=openai.DefaultAsyncHttpxClient(verify=_tls_context()))
             self._openai_loop = loop
         return self._openai
 

@@ -120,7 +120,8 @@ class SearchSettings(StrictModel):
     chunk_size: int = Field(10, ge=1, description="Dev cases scored between reports: ASHA's unit of resource.")
     grace_period: int = Field(10, ge=1, description="Dev cases every trial scores before it may be stopped.")
     reduction_factor: float = Field(2, gt=1, description="ASHA keeps the top 1/reduction_factor at each rung.")
-    max_concurrent_trials: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(4, ge=1, description="Trials at once; they share endpoint.max_concurrency "
+                                                            "(requests in flight over the whole search).")
     cpus_per_trial: float = Field(0.5, gt=0, description="Logical CPUs a trial holds (it mostly waits on HTTP).")
 
 
