@@ -41,7 +41,19 @@ def record(run_dir: Path) -> dict:
         "demo_questions": answers["questions"],
         "demo_base_correct": answers["base_correct"],
         "demo_fine_tuned_correct": answers["fine_tuned_correct"],
+        **_aligned(run_dir / "align", answers),
     }
+
+
+def _aligned(align_dir: Path, answers: dict) -> dict:
+    """The demo's GRPO stage, when it ran: its held-out reward before and after, and the served answers' total."""
+    if "aligned_correct" not in answers:
+        return {}
+    summary = json.loads((align_dir / "summary.json").read_text())
+    return {"grpo_iterations": summary["iterations"], "grpo_held_out": summary["held_out_prompts"],
+            "grpo_initial_reward": round(summary["initial_mean_reward"], 3),
+            "grpo_final_reward": round(summary["final_mean_reward"], 3),
+            "demo_aligned_correct": answers["aligned_correct"]}
 
 
 def block(numbers: dict) -> str:
@@ -54,7 +66,16 @@ def block(numbers: dict) -> str:
             "the same restating style). The demo then served both through the endpoint (its "
             f"`runs/demo/demo_answers.json`): base {numbers['demo_base_correct']} of {numbers['demo_questions']} "
             f"held-out questions, the {numbers['lora_steps']}-step LoRA adapter {numbers['demo_fine_tuned_correct']} "
-            f"of {numbers['demo_questions']} (final number = sum).")
+            f"of {numbers['demo_questions']} (final number = sum)." + _aligned_sentence(numbers))
+
+
+def _aligned_sentence(numbers: dict) -> str:
+    if "grpo_iterations" not in numbers:
+        return ""
+    return (f" GRPO from that adapter ({numbers['grpo_iterations']} iterations, exact-answer reward) took the greedy "
+            f"exact answers on {numbers['grpo_held_out']} held-out prompts from {numbers['grpo_initial_reward']:.3f} "
+            f"to {numbers['grpo_final_reward']:.3f}; served, the aligned adapter answered "
+            f"{numbers['demo_aligned_correct']} of {numbers['demo_questions']}.")
 
 
 def _replace_block(readme: str, begin: str, end: str, text: str) -> str:

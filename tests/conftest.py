@@ -224,6 +224,22 @@ def react_run(ray_cluster, tmp_path_factory) -> dict:
     return {"out": out, "summary": summary, "adapter": Path(summary["artifact"])}
 
 
+@pytest.fixture(scope="session")
+def grpo_run(ray_cluster, lora_run, tmp_path_factory) -> dict:
+    """A short run of the shipped GRPO recipe from `lora_run`'s adapter on the session's cluster (2 Train workers
+    sampling from a vLLM engine actor; 2 iterations of 4 prompts x 2, 9 held-out prompts): its adapter is the one the
+    test server serves as `tiny:aligned`."""
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=2", "rl.prompts_per_iteration=4", "rl.group_size=2",
+            "rl.eval_prompts=9", "train.eval_every=1")
+    result = run_llmc("align", "workloads/configs/tiny-grpo.yaml", "--output-dir", str(out),
+                      *[arg for o in sets for arg in ("--set", o)], timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"out": out, "stdout": result.stdout, "stderr": result.stderr, "summary": summary,
+            "adapter": Path(summary["artifact"])}
+
+
 def _registered_checkpoint(snapshot: Path) -> bool:
     try:
         return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
@@ -254,13 +270,15 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, lora_run, react_run):
-    """`llmc serve` of the tiny model with `lora_run`'s adapter as `tiny:arith` and `react_run`'s as `tiny:react` on
-    the session's cluster, an API key from the environment, the adapter store a local S3 endpoint started by the
-    driver (one vLLM engine start, about a minute on 2 cores, for every test that talks to a served model)."""
+def server(ray_cluster, lora_run, react_run, grpo_run):
+    """`llmc serve` of the tiny model with `lora_run`'s adapter as `tiny:arith`, `react_run`'s as `tiny:react` and
+    `grpo_run`'s as `tiny:aligned` on the session's cluster, an API key from the environment, the adapter store a
+    local S3 endpoint started by the driver (one vLLM engine start, about a minute on 2 cores, for every test that
+    talks to a served model)."""
     key = "llmc-test-" + secrets.token_hex(12)
     process = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={lora_run['adapter']}",
                                                     f"adapters.paths.react={react_run['adapter']}",
+                                                    f"adapters.paths.aligned={grpo_run['adapter']}",
                                                     "autoscaling.upscale_delay_s=2",
                                                     f"server.cors_origins=[{ALLOWED_ORIGIN}]"],
                            env={**os.environ, "LLMC_API_KEYS": key})

@@ -150,29 +150,25 @@ def test_a_fresh_lora_policy_is_referenced_to_its_base(tiny_model_dir):
                               token_outputs(base, rollout, 1.0).logprobs, atol=1e-5)
 
 
-def test_a_short_run_on_ray_samples_from_an_engine_actor_and_writes_the_run_outputs(ray_cluster, tmp_path):
-    """The shipped GRPO recipe on the session's cluster: two Train workers share one vLLM engine actor, rank 0 syncs
-    the adapter into it after every update (timed), the held-out prompts are split between the workers."""
-    result = run_llmc("align", str(CONFIGS / "tiny-grpo.yaml"), "--output-dir", str(tmp_path),
-                      *[arg for o in ("rl.iterations=2", "rl.prompts_per_iteration=4", "rl.group_size=2",
-                                      "rl.eval_prompts=9", "train.eval_every=1") for arg in ("--set", o)],
-                      timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "2 Train worker(s); rollouts: vLLM engine (1 engine actor(s))" in result.stdout
-    assert "[llmc] grpo 2/2: reward" in result.stdout and "vLLM" not in result.stderr  # engine chatter in Ray's logs
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def test_a_short_run_on_ray_samples_from_an_engine_actor_and_writes_the_run_outputs(grpo_run):
+    """The shipped GRPO recipe on the session's cluster (the `grpo_run` fixture, from the SFT adapter): two Train
+    workers share one vLLM engine actor, rank 0 syncs the adapter into it after every update (timed), the held-out
+    prompts are split between the workers. The server serves its adapter (tests/test_serve.py)."""
+    out, stdout = grpo_run["out"], grpo_run["stdout"]
+    assert "2 Train worker(s); rollouts: vLLM engine (1 engine actor(s))" in stdout
+    assert "[llmc] grpo 2/2: reward" in stdout and "vLLM" not in grpo_run["stderr"]  # engine chatter in Ray's logs
+    summary = grpo_run["summary"]
     assert summary["method"] == "grpo" and summary["iterations"] == 2 and summary["held_out_prompts"] == 9
     assert summary["workers"] == 2 and summary["rollouts"] == "vLLM engine"
     for key in ("initial_mean_reward", "final_mean_reward", "final_kl", "total_generation_s", "total_training_s",
                 "total_weight_sync_s"):
         assert isinstance(summary[key], float), key
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    rows = read_metrics_csv(tmp_path)
+    rows = read_metrics_csv(out)
     assert [r["iteration"] for r in rows] == ["0", "1", "2"] and all(r["eval_reward"] for r in rows)
     assert all(float(r["weight_sync_s"]) > 0 and r["generation_s"] and r["training_s"] for r in rows[1:])
-    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "recipe.yaml").exists()
-    assert (tmp_path / "adapter/adapter_model.safetensors").exists()
-    assert not (tmp_path / "rollout_weights").exists()  # the synced copies are deleted with the run
+    assert (out / "curves.png").stat().st_size > 0 and (out / "recipe.yaml").exists()
+    assert (out / "adapter/adapter_model.safetensors").exists()
+    assert not (out / "rollout_weights").exists()  # the synced copies are deleted with the run
 
 
 def align(method: str, adapter: Path, out: Path, *overrides: str) -> dict:

@@ -155,7 +155,7 @@ def test_cross_origin_access_only_for_the_recipes_origins_preflight_before_the_k
 
 
 def test_models_lists_the_base_model_and_the_adapter_by_name(server):
-    assert {m.id for m in server.client().models.list().data} == {"tiny", "tiny:arith", "tiny:react"}
+    assert {m.id for m in server.client().models.list().data} == {"tiny", "tiny:arith", "tiny:react", "tiny:aligned"}
 
 
 def test_completion_and_chat_answer_with_usage(server):
@@ -203,6 +203,23 @@ def test_adapter_by_name_answers_differently_from_the_base_model(server):
     chat = client.chat.completions.create(model="tiny:arith", messages=[{"role": "user", "content": PROMPT}],
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].message.content is not None
+
+
+def test_the_grpo_aligned_adapter_is_served_and_answers_held_out_sums(server, grpo_run):
+    """`llmc align`'s GRPO adapter (the `grpo_run` fixture), served by name beside the others: asked held-out task
+    questions as the RL loop asked them (chat, greedy), it answers most with the right final number."""
+    from workloads.data import prompt_messages
+    from workloads.scoring import final_number
+
+    client = server.client()
+    rows = [json.loads(line) for line in (REPO / "workloads/bundled/arithmetic_test.jsonl").read_text().splitlines()]
+    right = 0
+    for row in rows[:10]:
+        messages, reference = prompt_messages(row, "alpaca")
+        reply = client.chat.completions.create(model="tiny:aligned", messages=messages, max_tokens=24, temperature=0)
+        assert reply.model == "tiny:aligned" and reply.choices[0].message.content
+        right += final_number(reply.choices[0].message.content) == final_number(reference)
+    assert right >= 6, f"{right} of 10 (its run's held-out greedy reward: {grpo_run['summary']['final_mean_reward']})"
 
 
 def test_tools_come_back_as_tool_calls_and_the_tools_result_is_answered(server):
