@@ -94,6 +94,25 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
     ax.set(xlabel="optimizer step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, path)
+
+
+def two_panels():
+    """A figure of two side-by-side panels (matplotlib's Agg backend: no display needed): (fig, (left, right))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 2, figsize=(11, 4))
+
+
+def save_figure(fig, path: Path, title: str | None = None) -> Path:
+    """Title (if any), lay out, write `path` as PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -268,13 +268,8 @@ def summarize(recipe: AlignRecipe, rows: list[dict], state: dict) -> dict:
 
 def plot_curves(rows: list[dict], path: Path, method: str) -> Path:
     """Two panels: mean reward per iteration (rollouts, and held-out greedy answers), and KL to the reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     iterations, evals = rows[1:], [r for r in rows if r.get("eval_reward") is not None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = reporting.two_panels()
     left.plot([r["iteration"] for r in iterations], [r["mean_reward"] for r in iterations], label="rollouts")
     left.plot([r["iteration"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out (greedy)")
     left.set(xlabel="iteration", ylabel="mean reward")
@@ -283,8 +278,4 @@ def plot_curves(rows: list[dict], path: Path, method: str) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend()
-    fig.suptitle(f"{method}: reward and KL")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return reporting.save_figure(fig, path, f"{method}: reward and KL")

@@ -104,13 +104,8 @@ def method_summary(recipe: AlignRecipe, state: dict, initial: dict, final: dict)
 
 def plot_curves(history: list[dict], evals: list[dict], path: Path, method: str) -> Path:
     """Two panels: train and held-out loss; the method's metric (accuracy or margin), train and held-out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train_key, eval_key, label = _CURVES[method]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = reporting.two_panels()
     for ax, (train, held_out, name) in zip((left, right), (("loss", "eval_loss", "loss"), (train_key, eval_key, label)),
                                            strict=True):
         ax.plot([r["step"] for r in history], [r.get(train) for r in history], label="train", linewidth=1)
@@ -118,11 +113,7 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path, method: str)
         ax.set(xlabel="optimizer step", ylabel=name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{method}: loss and {label}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return reporting.save_figure(fig, path, f"{method}: loss and {label}")
 
 
 def main(argv: list[str] | None = None) -> int:
