@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,15 +175,6 @@ def test_a_short_run_on_ray_samples_from_an_engine_actor_and_writes_the_run_outp
     assert not (out / "rollout_weights").exists()  # the synced copies are deleted with the run
 
 
-def align(method: str, adapter: Path, out: Path, *overrides: str) -> dict:
-    """`llmc align tiny-<method>.yaml` from `adapter`, in a subprocess on the session's cluster; returns the run's
-    summary."""
-    sets = [arg for o in (f"rl.adapter={adapter}", *overrides) for arg in ("--set", o)]
-    result = run_llmc("align", str(CONFIGS / f"tiny-{method}.yaml"), "--output-dir", str(out), *sets, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return json.loads((out / "summary.json").read_text())
-
-
 def _rollouts_rose(rows: list[dict]) -> bool:
     """The last 5 iterations' rollouts (320 completions) scored higher on average than the first 5: one
     iteration's mean alone moves by 0.1-0.3 from one to the next (measured: first 5 -> last 5 rose 0.09 to 0.25)."""
@@ -249,17 +244,63 @@ def test_grpo_with_vllm_rollouts_raises_the_held_out_reward_and_syncs_every_upda
 
 
 @pytest.mark.slow
-def test_ppo_raises_the_held_out_reward_with_kl_bounded(ray_cluster, weak_sft_adapter, tmp_path):
-    summary = align("ppo", weak_sft_adapter, tmp_path / "ppo")
+def test_ppo_killed_mid_run_resumes_and_raises_the_held_out_reward_with_kl_bounded(ray_cluster, weak_sft_adapter,
+                                                                                 tmp_path):
+    """The shipped PPO recipe on the session's cluster (two Train workers, DeepSpeed ZeRO-2). Its driver is SIGKILLed
+    once the first checkpoint is in place (the Train workers go with it, as its job's actors do); a rerun never
+    replaces the run silently; `run.resume_from=latest` loads the newest checkpoint, DeepSpeed state included, runs
+    only the iterations after it, and the whole run raises the held-out reward with its KL bounded."""
+    from workloads.align import rl, rl_run
+    from workloads.align.run import run
+    from workloads.config import RecipeError
+
+    out, recipe_path = tmp_path / "ppo", CONFIGS / "tiny-ppo.yaml"
+    command = [sys.executable, "-m", "workloads.cli", "align", str(recipe_path), "--output-dir", str(out),
+               "--set", f"rl.adapter={weak_sft_adapter}", "--set", "train.log_every=1"]
+    log, checkpoints = tmp_path / "killed.log", out / "checkpoints" / "tiny-ppo"
+    with log.open("w") as handle:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not rl_run.list_checkpoints(checkpoints) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"it ended before a checkpoint (exit {proc.returncode}):\n{log.read_text()[-4000:]}"
+        assert rl_run.list_checkpoints(checkpoints), "no checkpoint in 400 s:\n" + log.read_text()[-4000:]
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, whatever was being written stays as it was
+        proc.wait(timeout=60)
+    assert not (out / "summary.json").exists() and not (out / "metrics.csv").exists()
+    last = rl_run.list_checkpoints(checkpoints)[-1]
+    assert (last / rl.DEEPSPEED_STATE).is_dir()  # two workers' ZeRO-2 optimizer shards
+    saved = json.loads((last / rl.TRAINER_STATE).read_text())
+    k, total = saved["iteration"], 20
+    assert last.name == f"checkpoint_{k:06d}" and [r["iteration"] for r in saved["rows"]] == list(range(k + 1))
+    assert k < total, "the run ended before the kill: nothing left to resume"
+
+    with pytest.raises(RecipeError, match=r"--overwrite to replace it, or --set run.resume_from=latest"):
+        run(load_recipe(recipe_path, [f"rl.adapter={weak_sft_adapter}"], kind="align"), output_dir=str(out))
+
+    result = run_llmc("align", *command[4:], "--set", "run.resume_from=latest", timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert f"resumed from {last}: iteration {k}" in result.stdout
+    done = [int(n) for n in re.findall(rf"^\[llmc\] ppo (\d+)/{total}:", result.stdout, re.MULTILINE)]
+    assert done == list(range(k + 1, total + 1)), result.stdout[-4000:]  # only the iterations after the checkpoint
+    rows = read_metrics_csv(out)
+    assert [int(r["iteration"]) for r in rows] == list(range(total + 1))  # each once, the killed run's included
+    assert [float(r["mean_reward"]) for r in rows[1 : k + 1]] == [r["mean_reward"] for r in saved["rows"][1:]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == total and summary["restarts"] == [{"from_iteration": k, "via": "resume_from"}]
+    assert not list(checkpoints.glob(".*"))  # a checkpoint half-written at the kill, if any, is cleaned up
+    assert (out / "adapter/adapter_model.safetensors").exists() and (out / "curves.png").exists()
+
     assert summary["method"] == "ppo" and 0.3 < summary["initial_mean_reward"] < 0.65, summary
     assert summary["final_mean_reward"] > summary["initial_mean_reward"] + MIN_RISE, summary
-    rows = read_metrics_csv(tmp_path / "ppo")[1:]
-    assert _rollouts_rose(rows), rows
-    kls = [float(r["kl"]) for r in rows]
+    assert _rollouts_rose(rows[1:]), rows
+    kls = [float(r["kl"]) for r in rows[1:]]
     assert kls[0] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference's own
     assert max(kls) < 10.0 and summary["final_kl"] < 6.0, kls  # nats per completion, target 2
     # Above its target, the adaptive controller raised the coefficient.
-    assert summary["final_kl_coef"] > float(rows[0]["kl_coef"]), summary
+    assert summary["final_kl_coef"] > float(rows[1]["kl_coef"]), summary
 
 
 def test_the_rollout_engines_lora_ranks_are_vllms(engine_environment):
