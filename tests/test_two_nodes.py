@@ -233,8 +233,6 @@ def _refused_case(case: str, two_nodes: TwoNodes, out: Path) -> tuple[list[str],
         loopback = f"http://127.0.0.1:{two_nodes.s3.port}"
         return [*finetune, "--set", f"run.storage_path=s3://{BUCKET}/refused"], {"AWS_ENDPOINT_URL_S3": loopback}, [
             f"field 'run.storage_path': s3://{BUCKET}/refused is reached through $AWS_ENDPOINT_URL_S3={loopback}"]
-    if only is None:
-        pytest.skip("node 2 shares every file of this machine here (no mount namespace without root)")
     if case == "finetune-driver-only-paths":  # both problems named at once
         return [*finetune, "--set", f"model.name={only}/tiny", "--set", f"run.storage_path={only}/checkpoints"], {}, [
             f"field 'model.name': {only}/tiny is on this machine but not on the cluster's nodes at {NODE2_IP}",
@@ -246,21 +244,39 @@ def _refused_case(case: str, two_nodes: TwoNodes, out: Path) -> tuple[list[str],
         f"field 'model.name': {only}/tiny is on this machine but not on the cluster's nodes at {NODE2_IP}"]
 
 
+REFUSED_CASES = ("serve-local-store", "finetune-run-dir-storage", "finetune-loopback-s3", "finetune-driver-only-paths",
+                 "serve-loopback-url-and-driver-only-model")
+NEEDS_DRIVER_ONLY = ("finetune-driver-only-paths", "serve-loopback-url-and-driver-only-model")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["serve-local-store", "finetune-run-dir-storage", "finetune-loopback-s3",
-                                  "finetune-driver-only-paths", "serve-loopback-url-and-driver-only-model"])
-def test_what_one_machine_relied_on_is_refused_naming_the_field(two_nodes, tmp_path, case):
-    args, env, messages = _refused_case(case, two_nodes, tmp_path / "run")
-    started = time.monotonic()
-    result = run_llmc(*args, env={**two_nodes.env, **env}, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
-    for message in messages:
-        assert message in result.stderr, output[-3000:]
-    assert NODE2_IP in result.stderr  # names the node that could not reach it
-    assert "[llmc] deploying" not in output and "[llmc] run " not in output  # refused before any work
-    assert not (tmp_path / "run" / "checkpoints").exists()
-    print(f"{case}: refused in {time.monotonic() - started:.1f}s")
+def test_what_one_machine_relied_on_is_refused_naming_the_field(two_nodes, tmp_path):
+    """Every case its own `llmc` process, all at once: each spends its seconds importing and connecting, then is
+    refused before any work, naming the field and node 2's IP."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = {case: _refused_case(case, two_nodes, tmp_path / case / "run") for case in REFUSED_CASES
+             if two_nodes.driver_only is not None or case not in NEEDS_DRIVER_ONLY}
+
+    def refuse(case: str) -> tuple[str, object, float]:
+        args, env, _ = cases[case]
+        started = time.monotonic()
+        return case, run_llmc(*args, env={**two_nodes.env, **env}, timeout=300), time.monotonic() - started
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        outcomes = list(pool.map(refuse, cases))
+    for case, result, seconds in outcomes:
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, f"{case}: {output[-3000:]}"
+        for message in cases[case][2]:
+            assert message in result.stderr, f"{case}: {output[-3000:]}"
+        assert NODE2_IP in result.stderr, case  # names the node that could not reach it
+        assert "[llmc] deploying" not in output and "[llmc] run " not in output, case  # refused before any work
+        assert not (tmp_path / case / "run" / "checkpoints").exists(), case
+        print(f"{case}: refused in {seconds:.1f}s")
+    if len(cases) < len(REFUSED_CASES):
+        pytest.skip("node 2 shares every file of this machine here (no mount namespace without root): "
+                    f"{', '.join(NEEDS_DRIVER_ONLY)} not run")
 
 
 @pytest.fixture(scope="module")
