@@ -32,10 +32,12 @@ class ActorGroup:
 
 
 def start(cls: type, count: int, bundles: Sequence[dict[str, float]], *, args: tuple = (),
-          actor_resources: dict[str, float] | None = None, strategy: str = "PACK", name: str = "role") -> ActorGroup:
+          actor_resources: dict[str, float] | None = None, strategy: str = "PACK", name: str = "role",
+          wait: bool = True) -> ActorGroup:
     """`count` actors of `cls(*args)`, each owning `len(bundles) // count` consecutive bundles of one placement group
     (e.g. a tensor-parallel engine: one GPU bundle per shard) and running in the first of them with
-    `actor_resources` (default: that whole bundle). Waits until every constructor has returned."""
+    `actor_resources` (default: that whole bundle). With `wait`, returns once every constructor has; without, once
+    the resources are reserved (a call queues until its actor is up; a constructor's error surfaces there)."""
     if count < 1 or len(bundles) % count:
         raise ValueError(f"{len(bundles)} bundles cannot be split evenly among {count} actors")
     group = placement_group([dict(b) for b in bundles], strategy=strategy, name=f"{name}-group")
@@ -54,6 +56,8 @@ def start(cls: type, count: int, bundles: Sequence[dict[str, float]], *, args: t
                        group, placement_group_bundle_index=index * per_actor,
                        placement_group_capture_child_tasks=True)}
         handles.append(ray.remote(cls).options(**options).remote(*args))
+    if not wait:
+        return ActorGroup(handles, group)
     try:
         ray.get([h.__ray_ready__.remote() for h in handles], timeout=START_TIMEOUT_S)
     except Exception as error:

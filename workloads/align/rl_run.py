@@ -158,8 +158,10 @@ def _start_engines(recipe: AlignRecipe, engine, model_path: str) -> actors.Actor
     bundles = rl_engine_bundles(recipe)
     # One GPU engine shards over its bundles through vLLM's own Ray workers; its actor then holds no GPU itself.
     own = {"CPU": e.cpus_per_engine} if recipe.scaling.use_gpu and e.tensor_parallel_size > 1 else None
+    # The engines start while the Train workers do: a worker's first call waits for its engine.
     return actors.start(RolloutEngine, e.engines, bundles, args=(engine, model_path), actor_resources=own,
-                        strategy=recipe.scaling.placement_strategy, name=f"{recipe.run.name}-{ENGINE_ROLE}")
+                        strategy=recipe.scaling.placement_strategy, name=f"{recipe.run.name}-{ENGINE_ROLE}",
+                        wait=False)
 
 
 def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, state: dict, final: Path, wall: float) -> dict:
