@@ -63,7 +63,7 @@ def block(numbers: dict) -> str:
             f"steps x {p['batch_size']} chats in {p['seconds']:.0f} s on this 2-core machine; {own['correct']} of "
             f"{own['questions']} held-out sums right in its own phrasing, {task['correct']} of {task['questions']} in "
             "the bundled task's (\"Add the two numbers and state the sum in a sentence.\\n\\n49 + 97\", answered in "
-            "the same restating style). The demo then served both through the endpoint (its "
+            "the same restating style). The demo then served the base and its adapters through the endpoint (its "
             f"`runs/demo/demo_answers.json`): base {numbers['demo_base_correct']} of {numbers['demo_questions']} "
             f"held-out questions, the {numbers['lora_steps']}-step LoRA adapter {numbers['demo_fine_tuned_correct']} "
             f"of {numbers['demo_questions']} (final number = sum)." + _aligned_sentence(numbers))
