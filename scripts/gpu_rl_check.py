@@ -33,6 +33,7 @@ def check(method: str, work: Path) -> dict:
     from workloads.align.prompts import split_prompts
     from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
     from workloads.align.rl import RLTrainer, train
+    from workloads.align.rl_checkpoints import list_checkpoints, write_checkpoint
     from workloads.config import load_recipe
     from workloads.models import resolve_model_path
 
@@ -45,13 +46,9 @@ def check(method: str, work: Path) -> dict:
 
     first = trainer()
 
-    def save(rows: list[dict]) -> None:
-        target = checkpoints / f"checkpoint_{rows[-1]['iteration']:06d}"
-        target.mkdir(parents=True)
-        first.save_checkpoint(target, {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": []})
-
-    rows = train(first, checkpoint=save)
-    earliest = sorted(checkpoints.iterdir())[0]
+    rows = train(first, checkpoint=lambda rows: write_checkpoint(
+        first, {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": []}, checkpoints, keep=2))
+    earliest = list_checkpoints(checkpoints)[0]
     resumed = trainer()
     state = resumed.load_checkpoint(earliest)
     again = train(resumed, rows=state["rows"])

@@ -216,13 +216,13 @@ def test_grpo_with_vllm_rollouts_raises_the_held_out_reward_and_syncs_every_upda
     """The shipped GRPO recipe samples (and answers the held-out prompts) with a vLLM engine. After every update the
     adapter reaches it under a new LoRA id, timed, and its greedy answers are the policy's own; a restored checkpoint
     reaches it before the next rollout."""
-    from workloads.align import rl, rl_run
+    from workloads.align import rl, rl_checkpoints
 
     trainer = _trainer("grpo", tiny_model_dir, f"rl.adapter={weak_sft_adapter}", rollout="vllm")
     probe, written = trainer.held_out[:64], []
     try:
         assert trainer.sampler.engine.lora_id() == 1  # the start adapter, before the first rollout
-        rows = rl.train(trainer, checkpoint=lambda rows: written.append(rl_run.write_checkpoint(
+        rows = rl.train(trainer, checkpoint=lambda rows: written.append(rl_checkpoints.write_checkpoint(
             trainer, {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": []}, tmp_path, keep=10)))
         assert 0.3 < rows[0]["eval_reward"] < 0.65, rows[0]  # room to improve
         assert rows[-1]["eval_reward"] > rows[0]["eval_reward"] + MIN_RISE, rows
@@ -250,7 +250,7 @@ def test_ppo_killed_mid_run_resumes_and_raises_the_held_out_reward_with_kl_bound
     once the first checkpoint is in place (the Train workers go with it, as its job's actors do); a rerun never
     replaces the run silently; `run.resume_from=latest` loads the newest checkpoint, DeepSpeed state included, runs
     only the iterations after it, and the whole run raises the held-out reward with its KL bounded."""
-    from workloads.align import rl, rl_run
+    from workloads.align import rl, rl_checkpoints
     from workloads.align.run import run
     from workloads.config import RecipeError
 
@@ -262,15 +262,15 @@ def test_ppo_killed_mid_run_resumes_and_raises_the_held_out_reward_with_kl_bound
         proc = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
-        while not rl_run.list_checkpoints(checkpoints) and proc.poll() is None and time.monotonic() < deadline:
+        while not rl_checkpoints.list_checkpoints(checkpoints) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, f"it ended before a checkpoint (exit {proc.returncode}):\n{log.read_text()[-4000:]}"
-        assert rl_run.list_checkpoints(checkpoints), "no checkpoint in 400 s:\n" + log.read_text()[-4000:]
+        assert rl_checkpoints.list_checkpoints(checkpoints), "no checkpoint in 400 s:\n" + log.read_text()[-4000:]
     finally:
         proc.kill()  # SIGKILL: no handler runs, whatever was being written stays as it was
         proc.wait(timeout=60)
     assert not (out / "summary.json").exists() and not (out / "metrics.csv").exists()
-    last = rl_run.list_checkpoints(checkpoints)[-1]
+    last = rl_checkpoints.list_checkpoints(checkpoints)[-1]
     assert (last / rl.DEEPSPEED_STATE).is_dir()  # two workers' ZeRO-2 optimizer shards
     saved = json.loads((last / rl.TRAINER_STATE).read_text())
     k, total = saved["iteration"], 20

@@ -40,16 +40,16 @@ def _without_timings(rows: list[dict]) -> list[dict]:
 def test_a_trainer_resumed_from_a_checkpoint_continues_as_the_uninterrupted_one(tiny_model_dir, tmp_path):
     """Policy, critic, optimizer, schedule, adaptive KL coefficient, prompt order and RNG states all come back: the
     resumed iteration 2 is the uninterrupted run's, to the bit."""
-    from workloads.align import rl, rl_run
+    from workloads.align import rl, rl_checkpoints
 
     overrides = ("rl.iterations=2", "rl.eval_prompts=0", "train.checkpoint_every=1")
     uninterrupted = _trainer(tiny_model_dir, *overrides)
     written = []
     rows = rl.train(uninterrupted, checkpoint=lambda rows: written.append(
-        rl_run.write_checkpoint(uninterrupted, {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": []},
-                                tmp_path, keep=2)))
-    assert written == rl_run.list_checkpoints(tmp_path) == [tmp_path / "checkpoint_000001",
-                                                            tmp_path / "checkpoint_000002"]
+        rl_checkpoints.write_checkpoint(uninterrupted, {"iteration": rows[-1]["iteration"], "rows": rows,
+                                                        "restarts": []}, tmp_path, keep=2)))
+    assert written == rl_checkpoints.list_checkpoints(tmp_path) == [tmp_path / "checkpoint_000001",
+                                                                    tmp_path / "checkpoint_000002"]
     assert not list(tmp_path.glob(".*"))  # no temporary directory left behind
 
     resumed = _trainer(tiny_model_dir, *overrides)

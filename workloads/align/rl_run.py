@@ -8,14 +8,13 @@ report, for the progress bar and the log lines. A failed worker group restarts f
 `run.max_failures` times. Then the driver writes summary.json, metrics.csv and curves.png; the workers have written
 the adapter (or model) and PPO's value head into the run directory.
 
-Checkpoints are the loop's own (`write_checkpoint`), in `<run.storage_path or run dir/checkpoints>/<run.name>`, a
-directory every worker must see (one machine, or a shared mount: `workloads.multinode` checks).
+Checkpoints are the loop's own (`workloads.align.rl_checkpoints`), in `<run.storage_path or run dir/checkpoints>/
+<run.name>`, a directory every worker must see (one machine, or a shared mount: `workloads.multinode` checks).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +26,14 @@ from workloads import multinode, reporting
 from workloads.align import rl
 from workloads.align.prompts import split_prompts
 from workloads.align.recipe import AlignRecipe
-from workloads.config import PATHS_CHECKED, RESUME_LATEST, RecipeError
+from workloads.align.rl_checkpoints import (
+    checkpoint_dir,
+    clear_checkpoints,
+    list_checkpoints,
+    resume_source,
+    write_checkpoint,
+)
+from workloads.config import PATHS_CHECKED, RESUME_LATEST
 from workloads.finetune import worker_scaling
 from workloads.models import merge_adapter, resolve_model_path
 from workloads.plan import rl_engine_bundles
@@ -180,72 +186,6 @@ def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, state: di
     plot_curves(rows, run_dir / "curves.png", recipe.method)
     reporting.print_summary(f"{recipe.method} summary", summary, run_dir)
     return summary
-
-
-def checkpoint_dir(recipe: AlignRecipe, run_dir: Path) -> Path:
-    """Where the run's checkpoints go, as fine-tuning's: `run.storage_path` (else `<run dir>/checkpoints`)/run.name."""
-    return Path(recipe.run.storage_path or run_dir / "checkpoints").resolve() / recipe.run.name
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """The complete checkpoints in `directory`, oldest first (one being written is a hidden temporary directory)."""
-    found = directory.glob(f"{rl.CHECKPOINT}*") if directory.is_dir() else []
-    complete = (p for p in found if (p / rl.TRAINER_STATE).is_file())
-    return sorted(complete, key=lambda p: int(p.name[len(rl.CHECKPOINT):]))
-
-
-def resume_source(recipe: AlignRecipe, directory: Path) -> Path | None:
-    """The checkpoint `run.resume_from` names (`latest`: the newest in `directory`), checked to fit the recipe;
-    None when the run starts fresh."""
-    wanted = recipe.run.resume_from
-    if wanted is None:
-        return None
-    if wanted == RESUME_LATEST:
-        found = list_checkpoints(directory)
-        if not found:
-            raise RecipeError(f"field 'run.resume_from': no checkpoint of run {recipe.run.name!r} to resume in "
-                              f"{directory}")
-        source = found[-1]
-    else:
-        source = Path(wanted).expanduser().resolve()
-        if not (source / rl.TRAINER_STATE).is_file():
-            raise RecipeError(f"field 'run.resume_from': {wanted} is not a ppo or grpo checkpoint "
-                              f"(no {rl.TRAINER_STATE})")
-    state = json.loads((source / rl.TRAINER_STATE).read_text())
-    if (state["method"], state["train_method"]) != (recipe.method, recipe.train.method):
-        raise RecipeError(f"field 'run.resume_from': {source} is a checkpoint of {state['method']} "
-                          f"({state['train_method']}); this recipe runs {recipe.method} ({recipe.train.method})")
-    if state["iteration"] > recipe.rl.iterations:
-        raise RecipeError(f"field 'rl.iterations': {source} is at iteration {state['iteration']}, past "
-                          f"rl.iterations ({recipe.rl.iterations})")
-    return source
-
-
-def write_checkpoint(trainer: rl.RLTrainer, state: dict, directory: Path, keep: int) -> Path:
-    """A checkpoint of iteration `state["iteration"]` (every worker calls this), written into a hidden directory beside
-    it and renamed into place by rank 0, so a run killed meanwhile leaves none half-written; then only the newest
-    `keep` stay."""
-    final = directory / f"{rl.CHECKPOINT}{state['iteration']:06d}"
-    partial = directory / f".{final.name}.partial"
-    if trainer.rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    rl.barrier()
-    trainer.save_checkpoint(partial, state)
-    if trainer.rank == 0:
-        shutil.rmtree(final, ignore_errors=True)  # a replaced run's, of the same iteration
-        partial.rename(final)
-        for stale in [*directory.glob(f".{rl.CHECKPOINT}*"), *list_checkpoints(directory)[:-keep]]:
-            shutil.rmtree(stale)  # older checkpoints, and what a killed run left half-written
-    rl.barrier()
-    return final
-
-
-def clear_checkpoints(directory: Path, spare: Path | None = None) -> None:
-    """A new run's start: an earlier run's checkpoints go (but `spare`, the one it resumes from, if among them)."""
-    for path in directory.glob(f"*{rl.CHECKPOINT}*") if directory.is_dir() else []:
-        if spare is None or path.resolve() != spare.resolve():
-            shutil.rmtree(path)
 
 
 def summarize(recipe: AlignRecipe, rows: list[dict], state: dict) -> dict:
