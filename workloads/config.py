@@ -8,6 +8,7 @@ module imports neither torch nor Ray, so validation runs before any cluster or m
 from __future__ import annotations
 
 import glob
+import json
 import re
 import sys
 from pathlib import Path
@@ -296,6 +297,12 @@ def resolve_path(value: str) -> Path | None:
             print(f"[llmc] {value!r} is not under {Path.cwd()}: using the repository's {bundled}", file=sys.stderr)
         return bundled.resolve()
     return None
+
+
+def adapter_rank(adapter_dir: Path) -> int:
+    """The largest LoRA rank of a PEFT adapter directory: its `r`, or a larger one in its `rank_pattern`."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])
 
 
 class LoraConfig(StrictModel):

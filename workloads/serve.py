@@ -10,7 +10,6 @@ stay in this process: the cluster only receives their hashes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from workloads.config import LOOPBACK_HOSTS, REPO_ROOT, RecipeError, ServeRecipe, resolve_path
+from workloads.config import LOOPBACK_HOSTS, REPO_ROOT, RecipeError, ServeRecipe, adapter_rank, resolve_path
 from workloads.multinode import check_serving, is_loopback, loopback_adapter_store
 from workloads.objectstore import LocalS3, S3Endpoint, ensure_prefix, free_port, upload_adapter
 from workloads.plan import (
@@ -82,7 +81,7 @@ def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None
         config = found / "adapter_config.json" if found else None
         if config is None or not config.is_file():
             raise RecipeError(f"field 'adapters.paths.{name}': {path!r} is not a PEFT adapter directory")
-        rank = json.loads(config.read_text()).get("r", 0)
+        rank = adapter_rank(found)
         if rank > recipe.adapters.max_lora_rank:
             raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank {rank}, "
                               f"above max_lora_rank {recipe.adapters.max_lora_rank}")

