@@ -214,26 +214,42 @@ def lora_run(ray_cluster, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def react_run(ray_cluster, tmp_path_factory) -> dict:
+def adapter_runs(ray_cluster, lora_run, tmp_path_factory, request) -> dict[str, tuple[Path, StartedLlmc]]:
+    """The ReAct and GRPO runs behind `react_run` and `grpo_run`, started together (4 Train workers and an engine on
+    the 8 logical CPUs): each fixture waits for its own, so one run's start-up overlaps the other's work."""
+    runs = {}
+    if wanted(request, "react_run"):
+        react = tmp_path_factory.mktemp("react") / "run"
+        runs["react"] = react, StartedLlmc("finetune", "workloads/configs/tiny-react.yaml", "--output-dir", str(react))
+    if wanted(request, "grpo_run"):
+        grpo = tmp_path_factory.mktemp("grpo") / "run"
+        sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=2", "rl.prompts_per_iteration=4",
+                "rl.group_size=2", "rl.eval_prompts=9", "train.eval_every=1")
+        runs["grpo"] = grpo, StartedLlmc("align", "workloads/configs/tiny-grpo.yaml", "--output-dir", str(grpo),
+                                         *[arg for o in sets for arg in ("--set", o)], timeout=600)
+    yield runs
+    for _, run in runs.values():
+        run.stop()
+
+
+@pytest.fixture(scope="session")
+def react_run(adapter_runs) -> dict:
     """The bundled ReAct recipe (LoRA on the calculator traces, 2 workers, DDP): the adapter the test server serves as
     `tiny:react`, so the agent tests compare the base with a model fine-tuned on the traces."""
-    out = tmp_path_factory.mktemp("react") / "run"
-    result = run_llmc("finetune", "workloads/configs/tiny-react.yaml", "--output-dir", str(out))
+    out, run = adapter_runs["react"]
+    result = run.result()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     return {"out": out, "summary": summary, "adapter": Path(summary["artifact"])}
 
 
 @pytest.fixture(scope="session")
-def grpo_run(ray_cluster, lora_run, tmp_path_factory) -> dict:
+def grpo_run(adapter_runs) -> dict:
     """A short run of the shipped GRPO recipe from `lora_run`'s adapter on the session's cluster (2 Train workers
     sampling from a vLLM engine actor; 2 iterations of 4 prompts x 2, 9 held-out prompts): its adapter is the one the
     test server serves as `tiny:aligned`."""
-    out = tmp_path_factory.mktemp("grpo") / "run"
-    sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=2", "rl.prompts_per_iteration=4", "rl.group_size=2",
-            "rl.eval_prompts=9", "train.eval_every=1")
-    result = run_llmc("align", "workloads/configs/tiny-grpo.yaml", "--output-dir", str(out),
-                      *[arg for o in sets for arg in ("--set", o)], timeout=600)
+    out, run = adapter_runs["grpo"]
+    result = run.result()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     return {"out": out, "stdout": result.stdout, "stderr": result.stderr, "summary": summary,
@@ -339,6 +355,43 @@ def run_llmc(*args: str, timeout: float = 900, env: dict | None = None, cwd: Pat
         [sys.executable, "-m", "workloads.cli", *args], input=stdin,
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+class StartedLlmc:
+    """The real `llmc` entry point started in a subprocess now and waited for later (`result`), so that runs which do
+    not depend on each other overlap: much of a run is one core's worth of imports, Ray worker and engine start-up."""
+
+    def __init__(self, *args: str, timeout: float = 900):
+        # Files, not pipes: nobody reads this run's output while another one is waited for.
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *args], cwd=REPO, env=os.environ.copy(),
+                                     stdout=self._out, stderr=self._err, text=True)
+        self._deadline = time.monotonic() + timeout
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Waits for the run (killed past its timeout, as `run_llmc`'s is); its output captured for assertions."""
+        try:
+            self.proc.wait(timeout=max(0.0, self._deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self._out.seek(0)
+        self._err.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self._out.read(), self._err.read())
+
+    def stop(self) -> None:
+        """Kills the run if it is still going (a test that would have waited for it failed first)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wanted(request: pytest.FixtureRequest, name: str) -> bool:
+    """Whether this session runs the test `name` or a test using the fixture `name`: a fixture that starts runs
+    together starts only those that a selected test waits for."""
+    return any(name in (getattr(item, "originalname", None), *getattr(item, "fixturenames", ()))
+               for item in request.session.items)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,24 +11,46 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_metrics_csv, run_llmc
+from tests.conftest import REPO, StartedLlmc, read_metrics_csv, run_llmc, wanted
 
 CONFIGS = REPO / "workloads" / "configs"
 
 
-def align(recipe: str, out: Path, *overrides: str) -> dict:
-    """`llmc align` in a subprocess; returns the run's summary."""
+def start_align(recipe: str, out: Path, *overrides: str) -> tuple[Path, StartedLlmc]:
+    """`llmc align` started in a subprocess; `finish` waits for it."""
     sets = [arg for o in overrides for arg in ("--set", o)]
-    result = run_llmc("align", str(CONFIGS / recipe), "--output-dir", str(out), *sets)
+    return out, StartedLlmc("align", str(CONFIGS / recipe), "--output-dir", str(out), *sets)
+
+
+def finish(run: tuple[Path, StartedLlmc]) -> dict:
+    """Waits for a started `llmc align`; returns the run's summary."""
+    out, started = run
+    result = started.result()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def align_runs(ray_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, StartedLlmc]]:
+    """The reward-model and DPO runs, started together (4 Train workers on the 8 logical CPUs) and each waited for by
+    its test: one run's start-up overlaps the other's training."""
+    root, runs = tmp_path_factory.mktemp("align"), {}
+    if wanted(request, "test_dpo_from_the_sft_adapter_raises_the_held_out_margin"):
+        # Before the reward run starts: `lora_run` SIGKILLs a Train worker of the session, which must be its own.
+        adapter = request.getfixturevalue("lora_run")["adapter"]
+        runs["dpo"] = start_align("tiny-dpo.yaml", root / "dpo", f"dpo.adapter={adapter}")
+    if wanted(request, "test_reward_model_ranks_held_out_pairs_well_above_chance"):
+        runs["reward"] = start_align("tiny-reward.yaml", root / "reward")
+    yield runs
+    for _, started in runs.values():
+        started.stop()
+
+
 @pytest.mark.slow
-def test_reward_model_ranks_held_out_pairs_well_above_chance(ray_cluster, tmp_path):
+def test_reward_model_ranks_held_out_pairs_well_above_chance(align_runs):
     """2 workers, TRL's RewardTrainer; the saved model, loaded through the public scorer, ranks held-out pairs."""
-    out = tmp_path / "reward"
-    summary = align("tiny-reward.yaml", out)
+    out = align_runs["reward"][0]
+    summary = finish(align_runs["reward"])
     assert summary["method"] == "reward" and summary["workers"] == 2 and summary["held_out_pairs"] == 200
     assert summary["heldout_pairwise_accuracy"] >= 0.6, summary  # chance is 0.5; 200 pairs: sd 0.035
     assert summary["initial_eval_accuracy"] < summary["heldout_pairwise_accuracy"], summary  # learned, not given
@@ -48,11 +70,11 @@ def test_reward_model_ranks_held_out_pairs_well_above_chance(ray_cluster, tmp_pa
 
 
 @pytest.mark.slow
-def test_dpo_from_the_sft_adapter_raises_the_held_out_margin(lora_run, tmp_path):
+def test_dpo_from_the_sft_adapter_raises_the_held_out_margin(align_runs, lora_run):
     """DPO continues the SFT adapter (its frozen copy is the reference) and widens chosen-minus-rejected on held-out
     pairs; the exported adapter is a plain PEFT adapter of the base, as `llmc serve` takes it."""
-    out = tmp_path / "dpo"
-    summary = align("tiny-dpo.yaml", out, f"dpo.adapter={lora_run['adapter']}")
+    out = align_runs["dpo"][0]
+    summary = finish(align_runs["dpo"])
     assert summary["method"] == "dpo" and summary["start_adapter"] == str(lora_run["adapter"])
     assert summary["initial_margin"] == pytest.approx(0.0, abs=1e-6), summary  # reference = starting policy
     assert summary["final_margin"] > 0.1, summary

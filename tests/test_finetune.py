@@ -9,22 +9,44 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics_csv, run_llmc
+from tests.conftest import REPO, StartedLlmc, read_metrics_csv, wanted
 
 pytestmark = pytest.mark.slow
 CONFIGS = REPO / "workloads" / "configs"
 
 
-def run_finetune(recipe: str, out: Path, *overrides: str, flags: tuple[str, ...] = ()) -> tuple[dict, str]:
-    """`llmc finetune` in a subprocess; returns the run's summary and what the command printed."""
+def start_finetune(recipe: str, out: Path, *overrides: str, flags: tuple[str, ...] = ()) -> tuple[Path, StartedLlmc]:
+    """`llmc finetune` started in a subprocess; `finish` waits for it."""
     sets = [arg for o in overrides for arg in ("--set", o)]
-    result = run_llmc("finetune", str(CONFIGS / recipe), "--output-dir", str(out), *sets, *flags)
+    return out, StartedLlmc("finetune", str(CONFIGS / recipe), "--output-dir", str(out), *sets, *flags)
+
+
+def finish(run: tuple[Path, StartedLlmc]) -> tuple[dict, str]:
+    """Waits for a started `llmc finetune`; returns the run's summary and what the command printed."""
+    out, started = run
+    result = started.result()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return json.loads((out / "summary.json").read_text()), result.stdout + result.stderr
 
 
-def finetune(recipe: str, out: Path, *overrides: str) -> dict:
-    return run_finetune(recipe, out, *overrides)[0]
+@pytest.fixture(scope="module")
+def zero3_runs(ray_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, StartedLlmc]]:
+    """The full and QLoRA ZeRO-3 runs, started together (4 Train workers on the 8 logical CPUs) and each waited for
+    by its test: one run's start-up overlaps the other's training."""
+    root, runs = tmp_path_factory.mktemp("zero3"), {}
+    if wanted(request, "test_full_finetune_zero3_lowers_the_loss"):
+        # 4000 examples / (2 workers x 16) = 125 steps an epoch; 0.24 epochs = 30 steps. Evals at 15 and 30.
+        runs["full"] = start_finetune("tiny-full.yaml", root / "full", "train.max_steps=null", "train.num_epochs=0.24",
+                                      "train.eval_every=15", "eval.generate=true", "eval.generate_samples=16",
+                                      "eval.max_new_tokens=16", "eval.keep_best=true",
+                                      "tracking.backends=[tensorboard, mlflow]")
+    if wanted(request, "test_qlora_4bit_zero3_lowers_the_loss_and_stops_early"):
+        runs["qlora"] = start_finetune("tiny-qlora.yaml", root / "qlora", "deepspeed.stage=3", "train.max_steps=30",
+                                       "train.eval_every=5", "eval.early_stopping_patience=1", "eval.min_delta=100",
+                                       flags=("--verbose",))
+    yield runs
+    for _, started in runs.values():
+        started.stop()
 
 
 def checkpoint_dirs(out: Path, run: str = "tiny-lora") -> list[Path]:
@@ -73,13 +95,10 @@ def test_lora_zero2_two_workers_learns_survives_a_killed_worker_and_merges(lora_
     torch.testing.assert_close(merged_logits, tuned_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_full_finetune_zero3_lowers_the_loss(ray_cluster, tmp_path, monkeypatch):
+def test_full_finetune_zero3_lowers_the_loss(zero3_runs, monkeypatch):
     """Also: the length in epochs, generation-scored evals, the best checkpoint kept and exported, trackers."""
-    out = tmp_path / "full"
-    # 4000 examples / (2 workers x 16) = 125 steps an epoch; 0.24 epochs = 30 steps. Evals at 15 and 30.
-    summary = finetune("tiny-full.yaml", out, "train.max_steps=null", "train.num_epochs=0.24", "train.eval_every=15",
-                       "eval.generate=true", "eval.generate_samples=16", "eval.max_new_tokens=16",
-                       "eval.keep_best=true", "tracking.backends=[tensorboard, mlflow]")
+    out = zero3_runs["full"][0]
+    summary, _ = finish(zero3_runs["full"])
     assert summary["method"] == "full" and summary["deepspeed_stage"] == 3
     assert summary["final_eval_loss"] < 0.85 * summary["initial_eval_loss"], summary
     schedule = (summary["total_steps"], summary["steps"], summary["steps_per_epoch"], summary["epochs"])
@@ -110,11 +129,9 @@ def test_full_finetune_zero3_lowers_the_loss(ray_cluster, tmp_path, monkeypatch)
     assert model.config.model_type == "llama"
 
 
-def test_qlora_4bit_zero3_lowers_the_loss_and_stops_early(ray_cluster, tmp_path):
+def test_qlora_4bit_zero3_lowers_the_loss_and_stops_early(zero3_runs):
     """Early stopping: with min_delta beyond any possible gain, the eval after the first one ends the run."""
-    summary, printed = run_finetune("tiny-qlora.yaml", tmp_path / "qlora", "deepspeed.stage=3", "train.max_steps=30",
-                                    "train.eval_every=5", "eval.early_stopping_patience=1", "eval.min_delta=100",
-                                    flags=("--verbose",))
+    summary, printed = finish(zero3_runs["qlora"])
     assert "(RayTrainWorker" in printed and "[train] step" in printed  # --verbose streams the workers' logs
     assert summary["method"] == "qlora" and summary["deepspeed_stage"] == 3
     assert (summary["steps"], summary["total_steps"], summary["stopped_early"]) == (10, 30, True), summary
