@@ -4,9 +4,9 @@
                                                              # rewrite the README's blocks
     python scripts/readme_numbers.py                         # rewrite the blocks from bench/results/*.json
 
-The benchmark block comes from `bench/results/finetune.json` and `serve.json` (the sentences are written by
-`bench.finetune_report` and `bench.serve_report`); `python -m bench.finetune_bench` and `bench.serve_bench`
-rewrite it after a full run.
+The benchmark block comes from `bench/results/finetune.json`, `serve.json` and `prompt.json` (the sentences are
+written by `bench.finetune_report`, `bench.serve_report` and `bench.prompt_bench`); `python -m bench.finetune_bench`
+and `bench.serve_bench` rewrite it after a full run.
 
 A demo run holds its answers (`demo_answers.json`) and its fine-tuning summary, which names the base model whose
 `skill.json` has the pretraining and the measured skill.
@@ -25,7 +25,7 @@ RESULTS = REPO / "bench" / "results" / "demo.json"
 README = REPO / "README.md"
 BEGIN, END = "<!-- demo-numbers:begin (scripts/readme_numbers.py) -->", "<!-- demo-numbers:end -->"
 BENCH_BEGIN, BENCH_END = "<!-- bench-numbers:begin (scripts/readme_numbers.py) -->", "<!-- bench-numbers:end -->"
-BENCH_RESULTS = (REPO / "bench" / "results" / "finetune.json", REPO / "bench" / "results" / "serve.json")
+BENCH_RESULTS = tuple(REPO / "bench" / "results" / f"{name}.json" for name in ("finetune", "serve", "prompt"))
 
 
 def record(run_dir: Path) -> dict:
@@ -90,25 +90,26 @@ def rewrite(readme: str, numbers: dict) -> str:
     return _replace_block(readme, BEGIN, END, block(numbers))
 
 
-def bench_block(finetune: dict, serve: dict) -> str:
-    """The README's sentences about the benchmarks, from the fine-tuning and serving results."""
+def bench_block(finetune: dict, serve: dict, prompt: dict) -> str:
+    """The README's sentences about the benchmarks, from the fine-tuning, serving and prompt results."""
     if str(REPO) not in sys.path:  # run as a script: bench/ is importable from the repository root
         sys.path.insert(0, str(REPO))
     from bench.finetune_report import readme_sentences as finetune_sentences
+    from bench.prompt_bench import readme_sentences as prompt_sentences
     from bench.serve_report import readme_sentences as serve_sentences
 
-    return f"{finetune_sentences(finetune)}\n\n{serve_sentences(serve)}"
+    return f"{finetune_sentences(finetune)}\n\n{serve_sentences(serve)}\n\n{prompt_sentences(prompt)}"
 
 
-def rewrite_bench(readme: str, finetune: dict, serve: dict) -> str:
-    """`readme` with the text between the benchmark markers replaced by `bench_block(finetune, serve)`."""
-    return _replace_block(readme, BENCH_BEGIN, BENCH_END, bench_block(finetune, serve))
+def rewrite_bench(readme: str, finetune: dict, serve: dict, prompt: dict) -> str:
+    """`readme` with the text between the benchmark markers replaced by `bench_block(...)`."""
+    return _replace_block(readme, BENCH_BEGIN, BENCH_END, bench_block(finetune, serve, prompt))
 
 
 def rewrite_bench_block() -> None:
     """Rewrite the README's benchmark block from the committed results files."""
-    finetune, serve = (json.loads(path.read_text()) for path in BENCH_RESULTS)
-    README.write_text(rewrite_bench(README.read_text(), finetune, serve))
+    results = [json.loads(path.read_text()) for path in BENCH_RESULTS]
+    README.write_text(rewrite_bench(README.read_text(), *results))
     print(f"rewrote the benchmark numbers in {README.relative_to(REPO)}")
 
 

@@ -76,6 +76,36 @@ def test_the_client_gets_every_case_answered_by_a_server_shedding_load_with_503(
     assert client.stats.retries > 0 and min(client.stats.limit_history) < burst  # it was shed, and slowed down
 
 
+def test_batched_completions_answer_each_prompt_as_its_own_request_would(server, tmp_path):
+    """The served model answers a prompt array in one request: the same greedy texts and token totals as one
+    request per prompt, in a quarter of the requests; each prompt cached on its own; an empty prompt (which the
+    server refuses with 400, failing its whole batch) fails alone while its batch-mates are answered."""
+    prompts = [f"Q: {a} + {b}\nA:" for a, b in zip(range(3, 15), range(40, 52), strict=True)]
+    requests = [{"prompt": p, "max_tokens": 12, "temperature": 0} for p in prompts]
+
+    def client(batch: int, cache: bool = False) -> AsyncLLMClient:
+        return AsyncLLMClient(f"{server.base}/v1", model="tiny", api_key=server.key, max_concurrency=4,
+                              cache=cache, cache_dir=tmp_path, batch_prompts=batch)
+
+    single, batched = client(1), client(4)
+    alone, together = single.run_all(requests), batched.run_all(requests)
+    assert [r.text for r in together] == [r.text for r in alone] and all(r.error is None for r in together)
+    assert single.stats.http_requests == 12 and batched.stats.http_requests == 3
+    assert batched.stats.prompt_tokens == single.stats.prompt_tokens > 0
+    assert batched.stats.completion_tokens == single.stats.completion_tokens > 0
+    # n samples per prompt (vLLM refuses n > 1 when greedy): with `echo` each text starts with its own prompt
+    sampled = batched.run_all([{**r, "n": 2, "temperature": 1.0, "echo": True} for r in requests[:4]])
+    assert [len(r.texts) for r in sampled] == [2] * 4 and batched.stats.http_requests == 4
+    assert all(text.startswith(prompt) for r, prompt in zip(sampled, prompts, strict=False) for text in r.texts)
+    cached = client(4, cache=True)
+    cached.run_all(requests[:8])
+    again = client(1, cache=True).run_all(requests[:8])  # cached per prompt: a single request finds it
+    assert all(r.cached for r in again) and [r.text for r in again] == [r.text for r in alone[:8]]
+    with_empty = client(4).run_all([*requests[:3], {**requests[3], "prompt": ""}])
+    assert [r.text for r in with_empty[:3]] == [r.text for r in alone[:3]]
+    assert with_empty[3].error is not None and "400" in with_empty[3].error and "prompt" in with_empty[3].error
+
+
 def _agent_base_against_tuned(server, tmp_path, prompt: str, cases: int, agents: tuple[str, str],
                               least: float = 0.5) -> list[dict]:
     """Evaluate the base (`tiny`) and the agent adapter (`tiny:react`) as agents with `prompt` on `cases` held-out

@@ -240,6 +240,7 @@ class _Server:
         self.received = 0
         self.in_flight = self.max_in_flight = 0
         self.retry_after = "0"
+        self.arrays = True
         app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                 Route("/v1/completions", self.completions, methods=["POST"])])
         self.port = free_port()
@@ -250,8 +251,8 @@ class _Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def reset(self, script: list[int] = ()) -> None:
-        self.script, self.received, self.max_in_flight = list(script), 0, 0
+    def reset(self, script: list[int] = (), arrays: bool = True) -> None:
+        self.script, self.received, self.max_in_flight, self.arrays = list(script), 0, 0, arrays
 
     async def _answer(self, body: dict, choices: list[dict]) -> JSONResponse:
         self.received += 1
@@ -285,8 +286,17 @@ class _Server:
         return await self._answer(body, choices)
 
     async def completions(self, request: Request) -> JSONResponse:
+        """Echoes each prompt n times, prompt by prompt (the API's order for a prompt array); with `arrays` False it
+        refuses an array with 400, as endpoints that take one prompt per request do."""
         body = await request.json()
-        return await self._answer(body, [{"index": 0, "text": body["prompt"] + " done", "finish_reason": "stop"}])
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        if isinstance(body["prompt"], list) and not self.arrays:
+            self.received += 1
+            return JSONResponse({"error": {"message": "prompt must be a string"}}, status_code=400)
+        n = body.get("n") or 1
+        choices = [{"index": i * n + j, "text": f"{p} done {j}" if n > 1 else f"{p} done", "finish_reason": "stop"}
+                   for i, p in enumerate(prompts) for j in range(n)]
+        return await self._answer(body, choices)
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +418,28 @@ def test_client_completions_and_react_through_the_endpoint(server: _Server, tmp_
     with pytest.raises(ValueError, match="exactly one of"):
         client.run_all([{"model": "tiny"}])
     client.close()
+
+
+def test_client_batches_alike_completions_and_retries_a_shed_batch_whole(server: _Server, tmp_path: Path) -> None:
+    server.reset([503])
+    client = _client(server, tmp_path, cache=False, batch_prompts=4)
+    requests = [{"prompt": f"p{i}", "max_tokens": 4, "n": 2} for i in range(10)]
+    requests += [{"prompt": "other", "max_tokens": 8}, {"messages": [{"role": "user", "content": "chat"}]}]
+    results = client.run_all(requests)
+    assert [r.texts for r in results[:10]] == [[f"p{i} done 0", f"p{i} done 1"] for i in range(10)]
+    assert results[10].text == "other done" and results[11].text == "echo chat"  # other parameters, chat: alone
+    # 10 alike prompts in batches of 4, 4 and 2, one retried after the 503; the odd completion; the chat request
+    assert server.received == 6 and client.stats.retries == 1 and client.stats.requests == 12
+    # the fake reports 5 prompt tokens per response: a batch's usage is shared out among its prompts, exactly
+    assert client.stats.prompt_tokens == 5 * 5 and [r.prompt_tokens for r in results[:4]] == [2, 1, 1, 1]
+
+
+def test_client_sends_prompts_alone_to_an_endpoint_that_refuses_arrays(server: _Server, tmp_path: Path) -> None:
+    server.reset(arrays=False)
+    client = _client(server, tmp_path, cache=False, batch_prompts=4)
+    requests = [{"prompt": f"p{i}", "max_tokens": 4} for i in range(8)]
+    assert [r.text for r in client.run_all(requests)] == [f"p{i} done" for i in range(8)]
+    # both batches refused (400), then each prompt alone; the client stops batching
+    assert client.batch_prompts == 1 and server.received == 2 + 8 and client.stats.failures == 0
+    client.run_all(requests)
+    assert server.received == 18

@@ -288,3 +288,30 @@ def test_majority_vote_counts_unparseable_samples():
     with pytest.raises(ValueError, match="at least one sample"):
         vote([])
     json.dumps(result.counts)  # plain types, ready for results files
+
+
+def test_completions_variants_render_text_and_refuse_agents():
+    from workloads.config import RecipeError, load_recipe, validate_recipe
+    from workloads.prompting.harness import _request
+    from workloads.prompting.recipe import TestSetConfig, VariantConfig
+    from workloads.prompting.templates import load_library
+    from workloads.search import variants_of
+
+    template = load_library().get("arithmetic-bundled")
+    case, test_set = {"input": "2 + 3", "output": "5"}, TestSetConfig(path="workloads/bundled/arithmetic_test.jsonl")
+    text = _request(template, VariantConfig(name="t", prompt=template.name, api="completions"), case, test_set, "tiny")
+    chat = _request(template, VariantConfig(name="c", prompt=template.name), case, test_set, "tiny")
+    assert text["prompt"] == template.render_text({"input": "2 + 3"}) and "messages" not in text
+    assert chat["messages"] == template.render_messages({"input": "2 + 3"}) and "prompt" not in chat
+    with pytest.raises(ValueError, match="api must be chat with an agent"):
+        VariantConfig(name="a", prompt=template.name, agent="react", api="completions")
+    with pytest.raises(RecipeError, match="api"):
+        validate_recipe({"kind": "eval", "test_set": {"path": "workloads/bundled/arithmetic_test.jsonl"},
+                         "variants": [{"name": "v", "prompt": template.name, "api": "text"}],
+                         "scorers": [{"type": "exact"}]}, kind="eval")
+    recipe = load_recipe("workloads/configs/tiny-search.yaml", kind="prompt_search").model_copy(deep=True)
+    recipe.space.api = ["chat", "completions"]
+    grid = variants_of(recipe, load_library(recipe.library))
+    assert len(grid) == 2 * len(variants_of(load_recipe("workloads/configs/tiny-search.yaml"), load_library()))
+    assert {v.api for v in grid} == {"chat", "completions"}
+    assert all(v.name.endswith("|completions") == (v.api == "completions") for v in grid)

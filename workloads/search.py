@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import time
 from pathlib import Path
@@ -33,19 +34,18 @@ def variants_of(recipe: PromptSearchRecipe, library: PromptLibrary) -> list[Vari
         few_shot = library.get(prompt).kind == "few_shot"
         for k in space.k if few_shot else [None]:
             for seed in space.demo_seed if few_shot and k else [None]:
-                for temperature in space.temperature:
-                    for model in space.model:
-                        key = (prompt, k, seed, temperature, model)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        label = "|".join(str(part) for part in (prompt, f"k={k}" if k is not None else "",
-                                                                f"seed={seed}" if seed is not None else "",
-                                                                f"t={temperature:g}", model or recipe.endpoint.model)
-                                         if part)
-                        variants.append(VariantConfig(name=label, prompt=prompt, k=k, demo_seed=seed,
-                                                      temperature=temperature, model=model,
-                                                      max_tokens=space.max_tokens))
+                for temperature, model, api in itertools.product(space.temperature, space.model, space.api):
+                    key = (prompt, k, seed, temperature, model, api)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    label = "|".join(str(part) for part in (prompt, f"k={k}" if k is not None else "",
+                                                            f"seed={seed}" if seed is not None else "",
+                                                            f"t={temperature:g}", model or recipe.endpoint.model,
+                                                            api if api != "chat" else "") if part)
+                    variants.append(VariantConfig(name=label, prompt=prompt, k=k, demo_seed=seed,
+                                                  temperature=temperature, model=model, api=api,
+                                                  max_tokens=space.max_tokens))
     return variants
 
 

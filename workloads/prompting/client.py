@@ -5,7 +5,9 @@ limit that halves on 429/503 and grows back by one after a run of successes (pro
 retries with exponential backoff, jitter and Retry-After, an on-disk response cache (sqlite, keyed by a hash of
 the whole request; on for temperature-0 requests unless turned off) and totals of tokens, requests and latency.
 A request is the keyword arguments of `chat.completions.create` (it has `messages`) or `completions.create`
-(it has `prompt`); `model` defaults to the client's.
+(it has `prompt`); `model` defaults to the client's. `run_batch` sends completion requests that differ only in
+their prompt `batch_prompts` to one HTTP request (the API's prompt array, as lm-evaluation-harness batches), which
+spares the endpoint its per-request cost; each prompt is still cached and answered as a request of its own.
 """
 
 from __future__ import annotations
@@ -195,9 +197,13 @@ class AsyncLLMClient:
     def __init__(self, base_url: str, *, model: str | None = None, api_key_env: str | None = None,
                  api_key: str | None = None, max_concurrency: int = 8, grow_after: int = 5, max_retries: int = 6,
                  backoff_s: float = 0.5, max_backoff_s: float = 30.0, timeout_s: float = 120.0,
-                 cache: bool | None = None, cache_dir: str | Path | None = None, cache_namespace: str = "") -> None:
+                 cache: bool | None = None, cache_dir: str | Path | None = None, cache_namespace: str = "",
+                 batch_prompts: int = 1) -> None:
         """`api_key_env` names the environment variable holding the key, or `api_key` is the key (neither: a
-        placeholder, for local servers); `cache` None caches temperature-0 requests only, True every one, False none."""
+        placeholder, for local servers); `cache` None caches temperature-0 requests only, True every one, False none;
+        `batch_prompts`: completion prompts `run_batch` may send in one request (1: one each)."""
+        if batch_prompts < 1:
+            raise ValueError("batch_prompts must be at least 1")
         if api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
@@ -205,7 +211,7 @@ class AsyncLLMClient:
         api_key = api_key or "EMPTY"
         self.base_url, self.model, self._api_key, self.timeout_s = base_url, model, api_key, timeout_s
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
-        self.cache_mode, self.cache_namespace = cache, cache_namespace
+        self.cache_mode, self.cache_namespace, self.batch_prompts = cache, cache_namespace, batch_prompts
         self.stats = Stats()
         self.limiter = AdaptiveLimiter(max_concurrency, grow_after, self.stats.limit_history)
         cache_file = Path(cache_dir or default_cache_dir()) / "responses.sqlite"
@@ -231,10 +237,71 @@ class AsyncLLMClient:
         """Answer one request (chat if it has `messages`, completion if it has `prompt`); raises RequestFailed."""
         request = self._complete_request(request)
         self.stats.requests += 1
-        key = request_key(request, self.cache_namespace) if self._caches(request) else None
+        key = self._key(request)
         if key is not None and (body := self._cache.get(key)) is not None:
             self.stats.cache_hits += 1
             return _result(body, latency_s=0.0, retries=0, cached=True)
+        try:
+            body, latency_s, retries = await self._send_with_retries(request)
+        except RequestFailed:
+            self.stats.failures += 1
+            raise
+        return self._answered(body, key, latency_s, retries)
+
+    async def request_many(self, requests: Sequence[dict[str, Any]]) -> list[Result | RequestFailed]:
+        """Completion requests alike but for their (single) prompts, in one HTTP request; answered in order, a
+        failed one as its RequestFailed. Cache hits are not sent; when the endpoint refuses the prompt array (a 4xx
+        other than 429), each prompt is sent alone, and if every one of them is answered the client stops batching
+        (the endpoint does not take arrays)."""
+        requests = [self._complete_request(r) for r in requests]
+        self.stats.requests += len(requests)
+        keys = [self._key(r) for r in requests]
+        answers: list[Result | RequestFailed | None] = [None] * len(requests)
+        for i, key in enumerate(keys):
+            if key is not None and (body := self._cache.get(key)) is not None:
+                self.stats.cache_hits += 1
+                answers[i] = _result(body, latency_s=0.0, retries=0, cached=True)
+        todo = [i for i, answer in enumerate(answers) if answer is None]
+        if len(todo) > 1:
+            batched = {**requests[todo[0]], "prompt": [requests[i]["prompt"] for i in todo]}
+            try:
+                body, latency_s, retries = await self._send_with_retries(batched)
+                bodies = _split_batch(body, len(todo), requests[todo[0]].get("n") or 1)
+            except (RequestFailed, ValueError) as exc:
+                if isinstance(exc, RequestFailed) and not _refused_request(exc):
+                    self.stats.failures += len(todo)
+                    return [exc if a is None else a for a in answers]
+                bodies = None
+            if bodies is not None:
+                for i, part in zip(todo, bodies, strict=True):
+                    answers[i] = self._answered(part, keys[i], latency_s, retries)
+                return answers  # type: ignore[return-value]
+        for i in todo:  # one prompt left, or the array refused: one request each
+            try:
+                body, latency_s, retries = await self._send_with_retries(requests[i])
+                answers[i] = self._answered(body, keys[i], latency_s, retries)
+            except RequestFailed as exc:
+                self.stats.failures += 1
+                answers[i] = exc
+        if len(todo) > 1 and not any(isinstance(a, RequestFailed) for a in answers):
+            self.batch_prompts = 1
+        return answers  # type: ignore[return-value]
+
+    def _key(self, request: dict[str, Any]) -> str | None:
+        return request_key(request, self.cache_namespace) if self._caches(request) else None
+
+    def _answered(self, body: dict[str, Any], key: str | None, latency_s: float, retries: int) -> Result:
+        """Cache a fresh answer and add it to the totals."""
+        if key is not None:
+            self._cache.put(key, body)
+        result = _result(body, latency_s=latency_s, retries=retries, cached=False)
+        self.stats.prompt_tokens += result.prompt_tokens
+        self.stats.completion_tokens += result.completion_tokens
+        self.stats.latency_s += result.latency_s
+        return result
+
+    async def _send_with_retries(self, request: dict[str, Any]) -> tuple[dict[str, Any], float, int]:
+        """The response body, the seconds from the first try to it, and the retries it took; raises RequestFailed."""
         start, retries = time.monotonic(), 0
         while True:
             await self.limiter.acquire()
@@ -244,7 +311,6 @@ class AsyncLLMClient:
             except openai.OpenAIError as exc:  # anything else is a bug in the request: it propagates
                 delay = self._retry_delay(exc, retries)
                 if delay is None:
-                    self.stats.failures += 1
                     raise RequestFailed(f"{type(exc).__name__}: {exc}") from exc
                 if _status(exc) in _SHED_STATUS:
                     self.limiter.on_shed()
@@ -252,17 +318,10 @@ class AsyncLLMClient:
                 self.stats.retries += 1
             else:
                 self.limiter.on_success()
-                break
+                return body, time.monotonic() - start, retries
             finally:
                 self.limiter.release()
             await asyncio.sleep(delay)  # outside the slot: waiting out a backoff holds no concurrency
-        if key is not None:
-            self._cache.put(key, body)
-        result = _result(body, latency_s=time.monotonic() - start, retries=retries, cached=False)
-        self.stats.prompt_tokens += result.prompt_tokens
-        self.stats.completion_tokens += result.completion_tokens
-        self.stats.latency_s += result.latency_s
-        return result
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Result:
         """A chat completion: `params` are the other `chat.completions.create` arguments."""
@@ -273,14 +332,25 @@ class AsyncLLMClient:
         return await self.request({"prompt": prompt, **params})
 
     async def run_batch(self, requests: Sequence[dict[str, Any]]) -> list[Result]:
-        """Every request, concurrently within the limit, in order; a failed one carries `error` instead of raising."""
+        """Every request, concurrently within the limit, in order; a failed one carries `error` instead of raising.
+        Completion requests alike but for their prompts go `batch_prompts` to an HTTP request (`request_many`)."""
         async def one(req: dict[str, Any]) -> Result:
             try:
                 return await self.request(req)
             except RequestFailed as exc:
-                return Result([], [], 0, 0, 0.0, error=str(exc))
+                return _failed(exc)
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+        async def many(indices: list[int]) -> list[Result]:
+            answers = await self.request_many([requests[i] for i in indices])
+            return [_failed(a) if isinstance(a, RequestFailed) else a for a in answers]
+
+        groups = _batches(requests, self.batch_prompts)
+        results: list[Result | None] = [None] * len(requests)
+        answered = await asyncio.gather(*(many(g) if len(g) > 1 else one(requests[g[0]]) for g in groups))
+        for group, answer in zip(groups, answered, strict=True):
+            for i, result in zip(group, answer if isinstance(answer, list) else [answer], strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
 
     def run_all(self, requests: Sequence[dict[str, Any]]) -> list[Result]:
         """Sync convenience: `run_batch` on a fresh event loop (in a thread when one is already running here)."""
@@ -335,6 +405,52 @@ class AsyncLLMClient:
         delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # exponential, with jitter
         after = _retry_after(exc)
         return min(self.max_backoff_s, max(delay, after)) if after is not None else delay
+
+
+def _failed(exc: RequestFailed) -> Result:
+    return Result([], [], 0, 0, 0.0, error=str(exc))
+
+
+def _batches(requests: Sequence[dict[str, Any]], size: int) -> list[list[int]]:
+    """Indices of `requests` in the groups `run_batch` sends: completion requests with one prompt (a string) and
+    no streaming, alike in every other field, `size` at a time; every other request alone."""
+    groups: list[list[int]] = []
+    open_groups: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        if size < 2 or not isinstance(request.get("prompt"), str) or request.get("stream"):
+            groups.append([i])
+            continue
+        rest = json.dumps({k: v for k, v in request.items() if k != "prompt"}, sort_keys=True, default=str)
+        group = open_groups.get(rest)
+        if group is None or len(group) >= size:
+            group = open_groups[rest] = []
+            groups.append(group)
+        group.append(i)
+    return groups
+
+
+def _split_batch(body: dict[str, Any], prompts: int, n: int) -> list[dict[str, Any]]:
+    """One response body per prompt of a batched completion: prompt i's choices are indices i*n .. i*n+n-1 (the
+    API's order), renumbered from 0; the usage, reported for the whole batch, is shared out evenly so totals stay
+    exact. ValueError when the choices do not cover every prompt n times."""
+    choices = sorted(body.get("choices") or [], key=lambda c: c.get("index") or 0)
+    if [c.get("index") for c in choices] != list(range(prompts * n)):
+        raise ValueError(f"a batched completion of {prompts} prompts x n={n} came back with {len(choices)} choices")
+    usage = body.get("usage") or {}
+    parts = []
+    for i in range(prompts):
+        share = {k: usage[k] // prompts + (i < usage[k] % prompts) for k in ("prompt_tokens", "completion_tokens")
+                 if isinstance(usage.get(k), int)}
+        share["total_tokens"] = sum(share.values())
+        mine = [{**c, "index": c["index"] - i * n} for c in choices[i * n:(i + 1) * n]]
+        parts.append({**body, "choices": mine, "usage": share})
+    return parts
+
+
+def _refused_request(exc: RequestFailed) -> bool:
+    """The endpoint refused the request itself (a 4xx other than 429), rather than failing to answer it."""
+    status = _status(exc.__cause__) if isinstance(exc.__cause__, Exception) else None
+    return status is not None and 400 <= status < 500 and status != 429
 
 
 def _status(exc: Exception) -> int | None:

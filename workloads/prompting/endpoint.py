@@ -31,7 +31,8 @@ class Endpoint:
     def client(self, config: EndpointConfig) -> AsyncLLMClient:
         return AsyncLLMClient(self.base_url, model=self.model, api_key=self.api_key,
                               max_concurrency=config.max_concurrency, max_retries=config.max_retries,
-                              timeout_s=config.timeout_s, cache=config.cache, cache_namespace=self.fingerprint)
+                              timeout_s=config.timeout_s, cache=config.cache, cache_namespace=self.fingerprint,
+                              batch_prompts=config.batch_prompts)
 
 
 @contextlib.contextmanager

@@ -122,10 +122,11 @@ def _request(template: PromptTemplate, variant: VariantConfig, case: dict, test_
     if variant.demo_seed is not None and template.kind == "few_shot":
         k = len(template.demonstrations) if variant.k is None else variant.k
         demos = select_demonstrations([d.model_dump() for d in template.demonstrations], k, seed=variant.demo_seed)
-    messages = template.render_messages(case_variables(template, case, test_set), demonstrations=demos,
-                                        k=len(demos) if demos is not None else variant.k)
-    return {"messages": messages, "model": variant.model or model, "temperature": variant.temperature,
-            "max_tokens": variant.max_tokens, "n": variant.n}
+    render = template.render_text if variant.api == "completions" else template.render_messages
+    rendered = render(case_variables(template, case, test_set), demonstrations=demos,
+                      k=len(demos) if demos is not None else variant.k)
+    return {"prompt" if variant.api == "completions" else "messages": rendered, "model": variant.model or model,
+            "temperature": variant.temperature, "max_tokens": variant.max_tokens, "n": variant.n}
 
 
 def _record(tally: Tally, case: dict, result: Result, scorers: dict[str, Scorer], extraction: AnswerExtraction,

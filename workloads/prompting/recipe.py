@@ -29,6 +29,8 @@ class EndpointConfig(StrictModel):
     max_retries: int = Field(6, ge=0, le=50, description="Retries per request on 429, 5xx and timeouts.")
     timeout_s: float = Field(120.0, gt=0, description="Per-try request timeout.")
     cache: bool | None = Field(None, description="Response cache: null caches temperature-0 requests, true all.")
+    batch_prompts: int = Field(16, ge=1, le=256, description="Prompts of `api: completions` variants sent in one "
+                               "request (the API's prompt array); chat requests go one at a time. 1: one per request.")
 
     @model_validator(mode="after")
     def _served_recipe_exists(self) -> EndpointConfig:
@@ -61,6 +63,10 @@ class VariantConfig(StrictModel):
     k: int | None = Field(None, ge=0, description="Few-shot demonstrations to use (few_shot prompts).")
     demo_seed: int | None = Field(None, description="Pick the k demonstrations at random with this seed "
                                                     "(few_shot prompts); null: the first k.")
+    api: Literal["chat", "completions"] = Field(
+        "chat", description="chat: the prompt's chat messages to /v1/chat/completions (the served model's chat "
+        "template applies); completions: its text rendering (system, instruction, Q:/A: demonstrations, open A:) to "
+        "/v1/completions, several prompts per request (endpoint.batch_prompts).")
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(32, ge=1, le=4096)
     n: int = Field(1, ge=1, le=64, description="Samples per case; above 1 the answers are voted (self-consistency).")
@@ -75,6 +81,8 @@ class VariantConfig(StrictModel):
     def _agent_samples_once(self) -> VariantConfig:
         if self.agent != "none" and self.n != 1:
             raise ValueError(f"variant {self.name!r}: n must be 1 with an agent (one episode per case)")
+        if self.agent != "none" and self.api != "chat":
+            raise ValueError(f"variant {self.name!r}: api must be chat with an agent (its turns are chat messages)")
         return self
 
 
@@ -112,6 +120,8 @@ class PromptSpace(StrictModel):
                                         description="Which demonstrations: a seeded pick; null: the first k.")
     temperature: list[float] = Field([0.0], min_length=1)
     model: list[str | None] = Field([None], min_length=1, description="Models or adapters (BASE:ADAPTER).")
+    api: list[Literal["chat", "completions"]] = Field(["chat"], min_length=1,
+                                                      description="Chat messages, or the prompt's text rendering.")
     max_tokens: int = Field(32, ge=1, le=4096)
 
 
