@@ -5,8 +5,8 @@
     python scripts/readme_numbers.py                         # rewrite the blocks from bench/results/*.json
 
 The benchmark block comes from `bench/results/finetune.json`, `serve.json` and `prompt.json` (the sentences are
-written by `bench.finetune_report`, `bench.serve_report` and `bench.prompt_bench`); `python -m bench.finetune_bench`
-and `bench.serve_bench` rewrite it after a full run.
+written by `bench.finetune_report`, `bench.serve_report` and `bench.prompt_bench`); `python -m bench.finetune_bench`,
+`bench.serve_bench` and `bench.prompt_bench` rewrite it after a full run.
 
 A demo run holds its answers (`demo_answers.json`) and its fine-tuning summary, which names the base model whose
 `skill.json` has the pretraining and the measured skill.

@@ -235,24 +235,16 @@ class AsyncLLMClient:
 
     async def request(self, request: dict[str, Any]) -> Result:
         """Answer one request (chat if it has `messages`, completion if it has `prompt`); raises RequestFailed."""
-        request = self._complete_request(request)
-        self.stats.requests += 1
-        key = self._key(request)
-        if key is not None and (body := self._cache.get(key)) is not None:
-            self.stats.cache_hits += 1
-            return _result(body, latency_s=0.0, retries=0, cached=True)
-        try:
-            body, latency_s, retries = await self._send_with_retries(request)
-        except RequestFailed:
-            self.stats.failures += 1
-            raise
-        return self._answered(body, key, latency_s, retries)
+        [answer] = await self.request_many([request])
+        if isinstance(answer, RequestFailed):
+            raise answer
+        return answer
 
     async def request_many(self, requests: Sequence[dict[str, Any]]) -> list[Result | RequestFailed]:
-        """Completion requests alike but for their (single) prompts, in one HTTP request; answered in order, a
-        failed one as its RequestFailed. Cache hits are not sent; when the endpoint refuses the prompt array (a 4xx
-        other than 429), each prompt is sent alone, and if every one of them is answered the client stops batching
-        (the endpoint does not take arrays)."""
+        """One request, or completion requests alike but for their (single) prompts in one HTTP request; answered in
+        order, a failed one as its RequestFailed. Cache hits are not sent; when the endpoint refuses the prompt array
+        (a 4xx other than 429), each prompt is sent alone, and if every one of them is answered the client stops
+        batching (the endpoint does not take arrays)."""
         requests = [self._complete_request(r) for r in requests]
         self.stats.requests += len(requests)
         keys = [self._key(r) for r in requests]
@@ -334,22 +326,13 @@ class AsyncLLMClient:
     async def run_batch(self, requests: Sequence[dict[str, Any]]) -> list[Result]:
         """Every request, concurrently within the limit, in order; a failed one carries `error` instead of raising.
         Completion requests alike but for their prompts go `batch_prompts` to an HTTP request (`request_many`)."""
-        async def one(req: dict[str, Any]) -> Result:
-            try:
-                return await self.request(req)
-            except RequestFailed as exc:
-                return _failed(exc)
-
-        async def many(indices: list[int]) -> list[Result]:
-            answers = await self.request_many([requests[i] for i in indices])
-            return [_failed(a) if isinstance(a, RequestFailed) else a for a in answers]
-
         groups = _batches(requests, self.batch_prompts)
+        answered = await asyncio.gather(*(self.request_many([requests[i] for i in group]) for group in groups))
         results: list[Result | None] = [None] * len(requests)
-        answered = await asyncio.gather(*(many(g) if len(g) > 1 else one(requests[g[0]]) for g in groups))
-        for group, answer in zip(groups, answered, strict=True):
-            for i, result in zip(group, answer if isinstance(answer, list) else [answer], strict=True):
-                results[i] = result
+        for group, answers in zip(groups, answered, strict=True):
+            for i, answer in zip(group, answers, strict=True):
+                failed = isinstance(answer, RequestFailed)
+                results[i] = Result([], [], 0, 0, 0.0, error=str(answer)) if failed else answer
         return results  # type: ignore[return-value]
 
     def run_all(self, requests: Sequence[dict[str, Any]]) -> list[Result]:
@@ -405,10 +388,6 @@ class AsyncLLMClient:
         delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # exponential, with jitter
         after = _retry_after(exc)
         return min(self.max_backoff_s, max(delay, after)) if after is not None else delay
-
-
-def _failed(exc: RequestFailed) -> Result:
-    return Result([], [], 0, 0, 0.0, error=str(exc))
 
 
 def _batches(requests: Sequence[dict[str, Any]], size: int) -> list[list[int]]:
