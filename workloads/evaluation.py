@@ -11,8 +11,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
+from workloads.collectives import sum_across
 from workloads.config import EVAL_METRIC_MODES, EvalConfig, FinetuneRecipe
 from workloads.data import eval_records, record_tools, to_messages
 from workloads.scoring import SCORERS
@@ -101,10 +101,8 @@ def generation_score(model, tokenizer, cases: list[GenerationCase], cfg: EvalCon
         right += sum(accept(reply, case.reference)
                      for i, (reply, case) in enumerate(zip(replies, batch, strict=True)) if start + i < counted)
     model.train(was_training)
-    totals = torch.tensor([right, counted], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return float(totals[0] / totals[1])
+    right_sum, counted_sum = sum_across([right, counted])
+    return right_sum / counted_sum
 
 
 class Evaluator:

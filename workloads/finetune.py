@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from cluster import train as cluster_train
 from workloads import multinode, reporting, schedule, tracking
+from workloads.collectives import sum_across
 from workloads.config import PATHS_CHECKED, RESUME_LATEST, FinetuneRecipe, RecipeError, RunConfig
 from workloads.data import build_datasets, collate, count_tokens
 from workloads.data_check import check_data, describe
@@ -126,13 +126,6 @@ def _save_checkpoint(strategy: Strategy, state: dict, metrics: dict, rank: int, 
         cluster_train.report(metrics, path if any(path.iterdir()) else None)
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def train_worker(config: dict) -> None:
     """One Ray Train worker: setup, train loop, checkpoints. Rank 0 prints, keeps the history, logs to trackers."""
     recipe = FinetuneRecipe.model_validate(config["recipe"], context=PATHS_CHECKED)  # its data came with `config`
@@ -165,7 +158,7 @@ def train_worker(config: dict) -> None:
             micro_batches = batches.for_step(step - 1)
             loss, grad_norm = strategy.train_step(micro_batches)
             tokens = sum(count_tokens(b) for b in micro_batches)
-            loss_sum, token_sum = _all_sum([loss, tokens])
+            loss_sum, token_sum = sum_across([loss, tokens])
             seconds = time.perf_counter() - started
             row = {"step": step, "epoch": round(step / batches.steps_per_epoch, 4), "loss": loss_sum / world_size,
                    "lr": strategy.lr(), "grad_norm": grad_norm, "tokens": int(token_sum), "step_seconds": seconds,

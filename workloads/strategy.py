@@ -14,8 +14,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from workloads.collectives import barrier, sum_across, world
 from workloads.config import FinetuneRecipe, TrainConfig
 from workloads.plan import deepspeed_config
 
@@ -87,7 +87,7 @@ class Strategy:
             model.to(device)
             self.engine = (
                 torch.nn.parallel.DistributedDataParallel(model)
-                if world_size > 1 and dist.is_initialized() else model
+                if world_size > 1 and world()[1] > 1 else model
             )
             self.module = model
             self.optimizer = build_optimizer(params, recipe.train)
@@ -111,17 +111,22 @@ class Strategy:
             return self.engine(**batch).loss
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """Forward/backward every micro-batch, then one optimizer step; returns (mean loss, grad norm)."""
+        """Forward/backward every micro-batch, then one optimizer step; returns (mean loss, grad norm).
+
+        Under DDP the gradients are all-reduced once per step, in the last micro-batch's backward: the others
+        accumulate locally (`no_sync`), as DeepSpeed does at its accumulation boundary."""
         self.engine.train()
         losses = []
-        for batch in micro_batches:
-            loss = self.forward_loss(batch)
+        for i, batch in enumerate(micro_batches):
             if self.use_deepspeed:
+                loss = self.forward_loss(batch)
                 self.engine.backward(loss)  # scales by accumulation steps itself
                 self.engine.step()  # steps the optimizer only at the accumulation boundary
             else:
-                scaled = loss / len(micro_batches)
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                with self._deferred_sync(last=i == len(micro_batches) - 1):
+                    loss = self.forward_loss(batch)
+                    scaled = loss / len(micro_batches)
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.item())
         if self.use_deepspeed:
             grad_norm = self.engine.get_global_grad_norm()
@@ -139,17 +144,21 @@ class Strategy:
             self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), float(grad_norm if grad_norm is not None else float("nan"))
 
+    def _deferred_sync(self, last: bool):
+        """DDP's `no_sync` (forward and backward inside it) for every micro-batch but the last of a step."""
+        ddp = isinstance(self.engine, torch.nn.parallel.DistributedDataParallel)
+        return self.engine.no_sync() if ddp and not last else nullcontext()
+
     @torch.no_grad()
     def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
         """Token-weighted mean loss over this rank's batches, summed across all ranks."""
         self.engine.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        loss_sum, tokens_sum = 0.0, 0
         for batch in batches:
             tokens = int((batch["labels"][:, 1:] != -100).sum())
-            totals += torch.tensor([self.forward_loss(batch).item() * tokens, tokens], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        return float(totals[0] / max(totals[1], 1.0))
+            loss_sum, tokens_sum = loss_sum + self.forward_loss(batch).item() * tokens, tokens_sum + tokens
+        loss_sum, tokens_sum = sum_across([loss_sum, tokens_sum])
+        return loss_sum / max(tokens_sum, 1.0)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -193,8 +202,7 @@ class Strategy:
             if rank == 0:
                 self.module.save_pretrained(directory, safe_serialization=True)
                 tokenizer.save_pretrained(directory)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
 
 
 # -- checkpoint integrity ----------------------------------------------------------------------

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from workloads.align.estimators import (
     AdaptiveKLController,
@@ -55,6 +54,7 @@ from workloads.align.prompts import Prompt
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
 from workloads.align.rewards import build_reward
 from workloads.align.rollout import GenerateSampler, Rollout, token_outputs
+from workloads.collectives import barrier, sum_, sum_across, world
 from workloads.config import RecipeError
 from workloads.models import load_tokenizer
 from workloads.plan import deepspeed_config
@@ -66,25 +66,6 @@ TRAINER_STATE = "trainer_state.json"  # in a checkpoint: iteration, metrics rows
 TENSORS = "trainer.pt"  # in a checkpoint: trained weights, critic, optimizer, schedule, RNG states, prompt order
 ROLLOUTS = {"generate": "model.generate", "vllm": "vLLM engine"}  # what samples, by rl.rollout
 DEEPSPEED_STATE = "deepspeed"  # in a checkpoint with deepspeed.enabled: the policy engine's own checkpoint
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) among the Train workers running the loop; (0, 1) in a single process."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def barrier() -> None:
-    """Wait for every worker (nothing to wait for in a single process)."""
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def sum_across(values: list[float]) -> list[float]:
-    """Element-wise sums of `values` over all workers."""
-    totals = torch.tensor(values, dtype=torch.float64)
-    if world()[1] > 1:
-        dist.all_reduce(totals)
-    return totals.tolist()
 
 
 def mean_across(stats: dict[str, float]) -> dict[str, float]:
@@ -101,7 +82,7 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         return
     for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad)
+            sum_(p.grad)
             p.grad /= size
 
 
