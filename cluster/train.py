@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import pyarrow.fs
 import ray
 import ray.train
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -147,7 +150,8 @@ def _run_with_shared(train_fn: Callable[[dict], None], refs: dict[str, Any], con
 
 
 # Exceptions a train loop raises for what it was given (recipe, data, code): a restart would raise them again.
-# Runtime errors (out of memory, a collective whose peer died) and a dead worker process are retried.
+# So would running out of memory (`out_of_memory`) on the same resources. Other runtime errors (a collective whose
+# peer died) and a dead worker process are retried.
 DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, NotImplementedError,
                         AssertionError, ImportError, SyntaxError, ZeroDivisionError, FileNotFoundError,
                         NotADirectoryError, IsADirectoryError, PermissionError)
@@ -170,7 +174,11 @@ def _fit_with_restarts(trainer: Callable[[], TorchTrainer], max_failures: int):
             return trainer().fit()
         except WorkerGroupError as error:
             said = describe_failure(error)
-            if (cause := deterministic_failure(error)) is not None:
+            if (cause := deterministic_failure(error)) is not None and out_of_memory(cause):
+                raise TrainingFailed(f"{said}; not retried: out of memory, and a restart on the same resources runs "
+                                     "out again (use smaller batches or sequences, or more memory per worker)"
+                                     ) from error
+            if cause is not None:
                 raise TrainingFailed(f"{said}; not retried: {type(cause).__name__} comes from the recipe, the data "
                                      "or the code, and a restart would raise it again") from error
             if failures >= max_failures:
@@ -180,12 +188,25 @@ def _fit_with_restarts(trainer: Callable[[], TorchTrainer], max_failures: int):
 
 
 def deterministic_failure(error: WorkerGroupError) -> BaseException | None:
-    """The worker error that no restart can fix, if the failure is one: a train-loop exception of a
-    `DETERMINISTIC_ERRORS` type, with no worker lost (a dead worker's peers fail too, with runtime errors)."""
+    """The worker error that no restart can fix, if the failure is one: running out of memory on any worker, or a
+    train-loop exception of a `DETERMINISTIC_ERRORS` type with no worker lost (a dead worker's peers fail too, with
+    runtime errors)."""
     failures = list(error.worker_failures.values())
+    if (oom := next((f for f in failures if out_of_memory(f)), None)) is not None:
+        return oom
     if any(isinstance(f, ray.exceptions.RayError) for f in failures):
         return None
     return next((f for f in failures if isinstance(f, DETERMINISTIC_ERRORS)), None)
+
+
+def out_of_memory(failure: BaseException) -> bool:
+    """A worker that ran out of memory: CUDA's (or another device's) allocator, the CPU allocator, Python's, or
+    Ray's memory monitor killing the worker."""
+    return (isinstance(failure, torch.OutOfMemoryError | MemoryError | ray.exceptions.OutOfMemoryError)
+            or (isinstance(failure, RuntimeError) and _CPU_ALLOCATOR_FAILED in str(failure)))
+
+
+_CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator raises a RuntimeError
 
 
 def describe_failure(error: WorkerGroupError) -> str:
@@ -284,13 +305,18 @@ def _report_queue(on_report: Callable[[dict], None] | None):
 
 @contextlib.contextmanager
 def _consume(queue, on_report: Callable[[dict], None] | None) -> Iterator[None]:
-    """Call `on_report` from a driver thread for every queued report while the block runs, then drain."""
+    """Call `on_report` from a driver thread for every queued report while the block runs, then drain.
+
+    `on_report` shows progress; the workers do not wait for it. So when it raises, the run goes on and every report
+    still reaches it: the first failure is printed with its traceback, and their count when the block ends.
+    """
     if queue is None:
         yield
         return
     from ray.util.queue import Empty
 
     done = threading.Event()
+    failed = []  # the reports on_report raised on
 
     def pump() -> None:
         while True:
@@ -300,9 +326,17 @@ def _consume(queue, on_report: Callable[[dict], None] | None) -> Iterator[None]:
                 if done.is_set():
                     return
                 continue
-            except Exception:  # noqa: BLE001 - the queue actor is gone: progress stops, training does not
+            except Exception as error:  # noqa: BLE001 - the queue actor is gone: progress stops, training does not
+                print(f"[llmc] progress reports stopped (their queue failed: {error!r}); training goes on",
+                      file=sys.stderr, flush=True)
                 return
-            on_report(row)
+            try:
+                on_report(row)
+            except Exception:  # noqa: BLE001 - a display failure must not end the run, nor pass unseen
+                if not failed:
+                    print(f"[llmc] the progress callback failed on a report; training goes on:\n"
+                          f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+                failed.append(row)
 
     thread = threading.Thread(target=pump, name="llmc-train-progress", daemon=True)
     thread.start()
@@ -312,6 +346,9 @@ def _consume(queue, on_report: Callable[[dict], None] | None) -> Iterator[None]:
         done.set()
         thread.join(timeout=10)
         queue.shutdown()
+        if failed:
+            print(f"[llmc] the progress callback failed on {len(failed)} report(s) (the first shown above)",
+                  file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------

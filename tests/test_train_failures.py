@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray.train import WorkerGroupError
 
 from cluster import train as cluster_train
 
@@ -27,6 +28,13 @@ def _attempt(config: dict) -> int:
 def bad_data_loop(config: dict) -> None:
     _attempt(config)
     raise ValueError("row 3 of train.jsonl has no 'output'")
+
+
+def out_of_memory_loop(config: dict) -> None:
+    import torch
+
+    _attempt(config)
+    torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: torch's CPU allocator fails
 
 
 def flaky_loop(config: dict) -> None:
@@ -60,11 +68,15 @@ def _fit(loop, tmp_path: Path, max_failures: int) -> cluster_train.FitResult:
 
 
 @pytest.mark.slow
-def test_an_error_no_restart_can_fix_is_not_retried(ray_cluster, tmp_path):
+@pytest.mark.parametrize(("loop", "said_first", "why"), [
+    (bad_data_loop, "rank 0: ValueError: row 3 of train.jsonl has no 'output'", "comes from the recipe"),
+    (out_of_memory_loop, "rank 0: RuntimeError: [enforce fail", "out of memory, and a restart on the same"),
+], ids=["bad-data", "out-of-memory"])
+def test_an_error_no_restart_can_fix_is_not_retried(ray_cluster, tmp_path, loop, said_first, why):
     with pytest.raises(cluster_train.TrainingFailed) as info:
-        _fit(bad_data_loop, tmp_path, max_failures=2)
+        _fit(loop, tmp_path, max_failures=2)
     said = str(info.value)
-    assert "rank 0: ValueError: row 3 of train.jsonl has no 'output'" in said and "not retried" in said, said
+    assert said_first in said and f"not retried: {why}" in said, said
     assert (tmp_path / "attempts").read_text() == "x"  # one attempt, not 1 + max_failures
 
 
@@ -75,3 +87,44 @@ def test_a_runtime_failure_restarts_from_the_newest_checkpoint(ray_cluster, tmp_
     assert result.metrics == {"step": 2, "attempt": 2, "resumed_from": 1}
     printed = capsys.readouterr().out
     assert "rank 0: RuntimeError: connection reset by peer; restart 1 of 1 from the newest checkpoint" in printed
+
+
+def _worker_group_error(failure: BaseException) -> WorkerGroupError:
+    return WorkerGroupError(f"{type(failure).__name__}: {failure}", {0: failure, 1: RuntimeError("peer died")})
+
+
+def test_running_out_of_memory_is_not_retried():
+    import torch
+
+    try:  # a real allocation failure of torch's CPU allocator (1 PiB)
+        torch.empty(1 << 50, dtype=torch.uint8)
+    except RuntimeError as error:
+        cpu_oom = error
+    failures = [cpu_oom, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()]
+    for failure in failures:
+        assert cluster_train.deterministic_failure(_worker_group_error(failure)) is failure
+    # The peer's error alone (a collective whose peer died) is still retried.
+    assert cluster_train.deterministic_failure(WorkerGroupError("x", {0: RuntimeError("peer died")})) is None
+
+
+@pytest.mark.slow
+def test_a_failing_progress_callback_is_shown_and_the_reports_go_on(ray_cluster, capsys):
+    import ray
+
+    ray.init(ignore_reinit_error=True, log_to_driver=False)  # the session's cluster (RAY_ADDRESS)
+    seen = []
+
+    def on_report(row: dict) -> None:
+        seen.append(row["step"])
+        if row["step"] % 2 == 0:
+            raise ValueError(f"the progress bar broke at step {row['step']}")
+
+    queue = cluster_train._report_queue(on_report)
+    with cluster_train._consume(queue, on_report):
+        for step in range(1, 6):
+            queue.put({"step": step})
+    assert seen == [1, 2, 3, 4, 5]  # the reporting thread lived on
+    err = capsys.readouterr().err
+    assert "the progress callback failed on a report; training goes on" in err
+    assert "ValueError: the progress bar broke at step 2" in err and "at step 4" not in err  # one traceback
+    assert "the progress callback failed on 2 report(s)" in err
