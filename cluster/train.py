@@ -269,6 +269,13 @@ def experiment_path(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}"
 
 
+def stored_entries(location: str) -> list[str]:
+    """The names in `location` (an absolute local directory or an object-store URI; empty when there is none): a run's
+    storage (`experiment_path`) holding any has an earlier run's checkpoints, which `fit` deletes unless it resumes."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    return sorted(info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
 def _prepare_storage(storage_path: str, name: str, resume: bool) -> None:
     fs, path = pyarrow.fs.FileSystem.from_uri(experiment_path(storage_path, name))
     snapshot = fs.get_file_info(f"{path}/{_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound

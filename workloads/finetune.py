@@ -315,12 +315,34 @@ _RUN_OUTPUTS = ("adapter", "model", "merged", "checkpoints", "summary.json")
 
 
 def refuse_to_replace(run_dir: Path, run: RunConfig, overwrite: bool, resumable: bool = True) -> None:
-    """A new run replaces its directory's model and checkpoints: never silently (fine-tuning's and align's runs)."""
+    """A new run replaces its directory's model and checkpoints, and the checkpoints in its storage
+    (`run.storage_path/run.name`, where a run of the same name from another run directory may have left them):
+    never silently (fine-tuning's and align's runs)."""
+    resume = ", or --set run.resume_from=latest to continue it" if resumable else ""
     found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
     if found and not overwrite and not run.resume_from:
         raise RecipeError(f"field 'run.output_dir': {run_dir} already holds a run ({', '.join(found)}): pass "
-                          "--overwrite to replace it" + (", or --set run.resume_from=latest to continue it"
-                                                          if resumable else ""))
+                          f"--overwrite to replace it{resume}")
+    if run.storage_path is None or overwrite:  # unset: the storage is inside the run directory, checked above
+        return
+    storage = run.storage_path if "://" in run.storage_path else str(Path(run.storage_path).expanduser().resolve())
+    location = cluster_train.experiment_path(storage, run.name)
+    if _continues(run.resume_from, location):
+        return
+    if entries := cluster_train.stored_entries(location):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise RecipeError(f"field 'run.storage_path': {location} already holds checkpoints of an earlier run named "
+                          f"{run.name!r} ({shown}), which this run would delete: pass --overwrite to replace them, "
+                          f"or set another run.name or run.storage_path{resume}")
+
+
+def _continues(resume_from: str | None, location: str) -> bool:
+    """Whether a run resuming from `resume_from` continues the run stored in `location` (so keeps it)."""
+    if resume_from is None or resume_from == RESUME_LATEST:
+        return resume_from == RESUME_LATEST
+    if "://" in location:
+        return resume_from.rstrip("/").startswith(location.rstrip("/") + "/")
+    return Path(resume_from).expanduser().resolve().is_relative_to(location)
 
 
 @contextlib.contextmanager
