@@ -32,7 +32,8 @@ def finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """`llmc finetune`'s and `python -m workloads.finetune`'s arguments."""
     recipe_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="run directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run already in the run directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in the run directory or in run.storage_path/run.name")
 
 
 def output_options() -> argparse.ArgumentParser:
