@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_llmc
+from tests.conftest import REPO
 from workloads.align.run import run as align
 from workloads.config import RecipeError, load_recipe
 from workloads.finetune import refuse_to_replace
+from workloads.finetune import run as finetune
 from workloads.objectstore import LocalS3
 
 LORA = REPO / "workloads/configs/tiny-lora.yaml"
@@ -35,10 +36,10 @@ def test_a_second_run_directory_cannot_delete_the_first_runs_checkpoints(tmp_pat
     storage = tmp_path / "shared"
     before = _earlier_run(storage, "tiny-lora")
     second = tmp_path / "B"
-    done = run_llmc("finetune", str(LORA), "--output-dir", str(second), "--set", f"run.storage_path={storage}",
-                    timeout=300)
-    said = done.stdout + done.stderr
-    assert done.returncode == 2, said
+    recipe = load_recipe(LORA, [f"run.storage_path={storage}"])
+    with pytest.raises(RecipeError) as refused:  # llmc's exit 2, as every refused recipe (tests/test_config.py)
+        finetune(recipe, output_dir=str(second))
+    said = str(refused.value)
     assert f"field 'run.storage_path': {storage}/tiny-lora already holds checkpoints of an earlier run" in said
     assert "--overwrite" in said and "run.resume_from=latest" in said
     assert _files(storage / "tiny-lora") == before and not second.exists()  # refused before anything was written
@@ -49,7 +50,6 @@ def test_a_second_run_directory_cannot_delete_the_first_runs_checkpoints(tmp_pat
         align(grpo, output_dir=str(tmp_path / "C"))
     assert _files(storage / "tiny-lora") == before
 
-    recipe = load_recipe(LORA, [f"run.storage_path={storage}"])
     refuse_to_replace(second, recipe.run, overwrite=True)  # --overwrite: the run goes on (and replaces them)
     latest = load_recipe(LORA, [f"run.storage_path={storage}", "run.resume_from=latest"])
     refuse_to_replace(second, latest.run, overwrite=False)  # continuing that run keeps its checkpoints
