@@ -102,7 +102,7 @@ def generation_score(model, tokenizer, cases: list[GenerationCase], cfg: EvalCon
                      for i, (reply, case) in enumerate(zip(replies, batch, strict=True)) if start + i < counted)
     model.train(was_training)
     right_sum, counted_sum = sum_across([right, counted])
-    return right_sum / counted_sum
+    return right_sum / counted_sum if counted_sum else math.nan
 
 
 class Evaluator:
