@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import REPO
 from workloads import collectives
 
+REPO = Path(__file__).resolve().parent.parent
 HELPER = REPO / "workloads" / "collectives.py"
 
 
