@@ -174,17 +174,22 @@ def _fit_with_restarts(trainer: Callable[[], TorchTrainer], max_failures: int):
             return trainer().fit()
         except WorkerGroupError as error:
             said = describe_failure(error)
-            if (cause := deterministic_failure(error)) is not None and out_of_memory(cause):
-                raise TrainingFailed(f"{said}; not retried: out of memory, and a restart on the same resources runs "
-                                     "out again (use smaller batches or sequences, or more memory per worker)"
-                                     ) from error
-            if cause is not None:
-                raise TrainingFailed(f"{said}; not retried: {type(cause).__name__} comes from the recipe, the data "
-                                     "or the code, and a restart would raise it again") from error
+            if (why := _why_not_retried(error)) is not None:
+                raise TrainingFailed(f"{said}; not retried: {why}") from error
             if failures >= max_failures:
                 raise TrainingFailed(f"{said}; {failures} restart(s) allowed (run.max_failures) were used") from error
             failures += 1
             print(f"[llmc] {said}; restart {failures} of {max_failures} from the newest checkpoint", flush=True)
+
+
+def _why_not_retried(error: WorkerGroupError) -> str | None:
+    """Why no restart can fix this failure, said to the user; None when a restart may."""
+    if (cause := deterministic_failure(error)) is None:
+        return None
+    if out_of_memory(cause):
+        return "out of memory, and a restart on the same resources runs out again (use smaller batches or sequences, " \
+               "or more memory per worker)"
+    return f"{type(cause).__name__} comes from the recipe, the data or the code, and a restart would raise it again"
 
 
 def deterministic_failure(error: WorkerGroupError) -> BaseException | None:
