@@ -55,6 +55,13 @@ def test_a_second_run_directory_cannot_delete_the_first_runs_checkpoints(tmp_pat
     refuse_to_replace(second, latest.run, overwrite=False)  # continuing that run keeps its checkpoints
     other = load_recipe(LORA, [f"run.storage_path={storage}", "run.name=another"])
     refuse_to_replace(second, other.run, overwrite=False)  # nothing stored under that name
+    inside = storage / "tiny-lora" / "checkpoint_2026-12-06_10-00-00.000000"
+    explicit = load_recipe(LORA, [f"run.storage_path={storage}", f"run.resume_from={inside}"])
+    refuse_to_replace(second, explicit.run, overwrite=False)  # a checkpoint of that run: it is continued
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere = load_recipe(LORA, [f"run.storage_path={storage}", f"run.resume_from={tmp_path / 'elsewhere'}"])
+    with pytest.raises(RecipeError, match=f"{storage}/tiny-lora already holds checkpoints"):
+        refuse_to_replace(second, elsewhere.run, overwrite=False)  # another start would still delete them
 
 
 def test_an_s3_storage_holding_an_earlier_run_is_refused(tmp_path, monkeypatch):
