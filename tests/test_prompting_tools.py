@@ -246,6 +246,7 @@ class _Server:
         self.retry_after = "0"
         self.arrays = True
         self.models: list[dict] | None = list(_MODELS)  # the `/v1/models` cards; None: the route answers 404
+        self.models_read = 0
         app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                 Route("/v1/completions", self.completions, methods=["POST"]),
                                 Route("/v1/models", self.list_models, methods=["GET"])])
@@ -259,9 +260,10 @@ class _Server:
 
     def reset(self, script: list[int] = (), arrays: bool = True) -> None:
         self.script, self.received, self.max_in_flight, self.arrays = list(script), 0, 0, arrays
-        self.models = list(_MODELS)
+        self.models, self.models_read = list(_MODELS), 0
 
     async def list_models(self, request: Request) -> JSONResponse:
+        self.models_read += 1
         if self.models is None:
             return JSONResponse({"error": {"message": "not found"}}, status_code=404)
         return JSONResponse({"object": "list", "data": self.models})
@@ -429,6 +431,7 @@ def test_client_cache_misses_once_the_model_behind_the_name_is_redeployed(server
             client.close()
 
     assert cached_after() == [False, False] and cached_after() == [True, True] and server.received == 2
+    assert server.models_read == 2  # once per client, though its requests run concurrently
     server.models = [{**server.models[0], "root": "/models/tiny-v2"}, server.models[1]]
     assert cached_after() == [False, False] and server.received == 4  # the base redeployed: its adapter too
     server.models = [server.models[0], {**server.models[1], "created": 1_700_000_500}]

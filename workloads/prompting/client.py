@@ -224,6 +224,7 @@ class AsyncLLMClient:
         self._openai: openai.AsyncOpenAI | None = None
         self._openai_loop: asyncio.AbstractEventLoop | None = None
         self._deployments: dict[str, str] | None = None  # model name -> its deployment's identity (`_identities`)
+        self._reading_deployments: asyncio.Future[dict[str, str]] | None = None  # one read for concurrent requests
 
     def _client(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
@@ -254,7 +255,10 @@ class AsyncLLMClient:
         requests = [self._complete_request(r) for r in requests]
         self.stats.requests += len(requests)
         if self._deployments is None and any(self._caches(r) for r in requests):
-            self._deployments = await self._identities()
+            pending = self._reading_deployments
+            if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+                pending = self._reading_deployments = asyncio.ensure_future(self._identities())
+            self._deployments = await asyncio.shield(pending)
         keys = [self._key(r) for r in requests]
         answers: list[Result | RequestFailed | None] = [None] * len(requests)
         for i, key in enumerate(keys):
