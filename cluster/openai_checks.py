@@ -1,7 +1,8 @@
 """Request fields checked against the OpenAI API's rules before a request reaches the engine.
 
 The request models parse types; these checks add the ranges, enums and message structure the OpenAI API
-documents, so a malformed request gets a 400 naming its field instead of an engine error or a silent answer.
+documents, so a malformed request gets a 400 naming its field instead of an engine error or a silent answer; and
+one rule of the engine: no prompt log-probabilities while LoRA is enabled (they crash vLLM, `_prompt_logprobs`).
 Pure functions of the request's fields: no Ray, no server, so each rule is tested on its own.
 """
 
@@ -23,8 +24,9 @@ _COMPLETION_RANGES = {"logprobs": (0, 5, True), "best_of": (1, 20, True)}
 _CHAT_RANGES = {"top_logprobs": (0, 20, True)}
 
 
-def problem(kind: str, fields: dict[str, Any]) -> tuple[str, str] | None:
-    """(field, message) for the first rule `fields` breaks, or None. `kind` is "completions" or "chat"."""
+def problem(kind: str, fields: dict[str, Any], *, lora_enabled: bool) -> tuple[str, str] | None:
+    """(field, message) for the first rule `fields` breaks, or None. `kind` is "completions" or "chat";
+    `lora_enabled`: the engine serves LoRA adapters (it then cannot compute prompt log-probabilities safely)."""
     ranges = {**_RANGES, **(_COMPLETION_RANGES if kind == "completions" else _CHAT_RANGES)}
     for name, (low, high, low_ok) in ranges.items():
         value = fields.get(name)
@@ -42,7 +44,25 @@ def problem(kind: str, fields: dict[str, Any]) -> tuple[str, str] | None:
         return "best_of", f"best_of ({fields['best_of']}) must be at least n ({fields.get('n')})"
     if kind == "chat" and fields.get("top_logprobs") is not None and not fields.get("logprobs"):
         return "top_logprobs", "top_logprobs needs logprobs: true"
+    if lora_enabled:
+        return _prompt_logprobs(kind, fields)
     return None
+
+
+def _prompt_logprobs(kind: str, fields: dict) -> tuple[str, str] | None:
+    """vLLM computes prompt log-probabilities (`prompt_logprobs`, or `echo` with `logprobs`; in chat `echo` alone, as
+    `top_logprobs` defaults to 0) through its LoRA logits path with one adapter index per request of the batch, not per
+    prompt token: with two requests or more in the batch (of any kind) the CPU path fails and the engine dies."""
+    echo_logprobs = fields.get("logprobs") if kind == "completions" else fields.get("top_logprobs", 0)
+    if fields.get("prompt_logprobs") is not None:
+        name = "prompt_logprobs"
+    elif fields.get("echo") and echo_logprobs is not None:
+        name = "echo"
+    else:
+        return None
+    return name, (f"{name}: prompt log-probabilities (prompt_logprobs, or echo with logprobs) are not served while "
+                  "this server has LoRA adapters enabled: the engine computes them wrongly in a batch and fails; "
+                  "ask a server with adapters.enabled: false")
 
 
 def _stop(fields: dict) -> tuple[str, str] | None:

@@ -2,7 +2,7 @@
 
 Ray Serve LLM does the engine, continuous batching, streaming, LoRA multiplexing, autoscaling and the
 OpenAI routes; this module adds what it does not: API keys (a middleware that only ever sees key
-hashes), a bounded response cache for deterministic requests, request checks with clear 4xx
+hashes), a bounded response cache for deterministic requests (scoped per API key), request checks with clear 4xx
 messages, `/health`, and its own metrics (`metrics.SERVE_COUNTERS`, beside Ray Serve's `ray_serve_*` and vLLM's
 `ray_vllm_*`). `ServeSpec` is a plain description, built by `workloads.serve` from a recipe.
 """
@@ -119,6 +119,7 @@ class ApiKeyMiddleware(BaseHTTPMiddleware):
             # Never echo or log what was presented.
             return _error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                           "authentication_error")
+        request.state.llmc_key_hash = digest  # the response cache's scope: one tenant never sees another's hits
         return await call_next(request)
 
 
@@ -134,7 +135,8 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 class ResponseCache:
-    """A bounded LRU of JSON answers keyed by the request's answer-shaping fields, with counters."""
+    """A bounded LRU of JSON answers keyed by the request's answer-shaping fields and the caller's scope (its API
+    key's hash: a hit would tell one key holder what another asked), with counters."""
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
@@ -142,12 +144,12 @@ class ResponseCache:
         self.hits = self.misses = self.evictions = 0
 
     @staticmethod
-    def key(kind: str, body: CompletionRequest | ChatCompletionRequest) -> str | None:
-        """A key for a deterministic (temperature 0, non-streaming) request; None for any other."""
+    def key(kind: str, body: CompletionRequest | ChatCompletionRequest, scope: str) -> str | None:
+        """A key for a deterministic (temperature 0, non-streaming) request in `scope`; None for any other."""
         if not body.temperature == 0 or body.stream:  # None means the engine's default, not greedy
             return None
         fields = body.model_dump(mode="json", exclude_unset=True, exclude=_NOT_IN_CACHE_KEY)
-        return hashlib.sha256(json.dumps([kind, fields], sort_keys=True, default=str).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([scope, kind, fields], sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str) -> dict | None:
         if key in self._entries:
@@ -172,8 +174,10 @@ class ResponseCache:
 class LlmcIngress(OpenAiIngress):
     """Ray Serve LLM's OpenAI router plus request checks, the response cache, `/health` and cache stats."""
 
-    def __init__(self, llm_deployments, model_cards, *, max_model_len: int, cache_entries: int, **kwargs):
+    def __init__(self, llm_deployments, model_cards, *, max_model_len: int, cache_entries: int, lora_enabled: bool,
+                 **kwargs):
         super().__init__(llm_deployments, model_cards, **kwargs)
+        self._lora_enabled = lora_enabled  # refuse prompt log-probabilities: they crash a LoRA engine
         self._engines = dict(llm_deployments)  # our own copies: the base class keeps these privately
         self._model_ids = sorted(model_cards)
         self._max_model_len = max_model_len
@@ -207,7 +211,7 @@ class LlmcIngress(OpenAiIngress):
         if problem is not None:
             request.state.llmc_reason = json.loads(problem.body)["error"]["param"]  # counted by the middleware
             return problem
-        key = ResponseCache.key(kind, body) if self._cache else None
+        key = ResponseCache.key(kind, body, getattr(request.state, "llmc_key_hash", "")) if self._cache else None
         if key is not None:
             cached = self._cache.get(key)
             _count("llmc_serve_cache_misses" if cached is None else "llmc_serve_cache_hits")
@@ -226,7 +230,8 @@ class LlmcIngress(OpenAiIngress):
         if max_tokens is not None and max_tokens > self._max_model_len:
             return _error(400, f"{param}={max_tokens} exceeds the model's context length "
                                f"({self._max_model_len} tokens, prompt included)", param=param)
-        found = openai_checks.problem(kind, body.model_dump(mode="json", exclude_unset=True))
+        found = openai_checks.problem(kind, body.model_dump(mode="json", exclude_unset=True),
+                                      lora_enabled=self._lora_enabled)
         if found is not None:
             return _error(400, found[1], param=found[0])
         return None
@@ -267,6 +272,11 @@ def llm_config(spec: ServeSpec) -> LLMConfig:
     )
 
 
+def lora_enabled(spec: ServeSpec) -> bool:
+    """Whether the engine runs with LoRA (adapters from the store, or `enable_lora` in its options)."""
+    return bool(spec.lora_uri or spec.engine_kwargs.get("enable_lora"))
+
+
 def build_app(spec: ServeSpec):
     """The Serve application: one LLMServer deployment behind an `LlmcIngress` deployment."""
     config = llm_config(spec)
@@ -294,6 +304,7 @@ def build_app(spec: ServeSpec):
         lora_paths={spec.model_id: config.lora_config.dynamic_lora_loading_path} if spec.lora_uri else {},
         max_model_len=spec.max_model_len,
         cache_entries=spec.cache_entries,
+        lora_enabled=lora_enabled(spec),
     )
 
 

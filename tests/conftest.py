@@ -272,6 +272,7 @@ class Server:
     base: str  # http://127.0.0.1:PORT
     key: str
     process: ServeProcess
+    other_key: str  # a second tenant's key
 
     @property
     def lines(self) -> list[str]:
@@ -288,21 +289,21 @@ class Server:
 @pytest.fixture(scope="session")
 def server(ray_cluster, lora_run, react_run, grpo_run):
     """`llmc serve` of the tiny model with `lora_run`'s adapter as `tiny:arith`, `react_run`'s as `tiny:react` and
-    `grpo_run`'s as `tiny:aligned` on the session's cluster, an API key from the environment, the adapter store a
+    `grpo_run`'s as `tiny:aligned` on the session's cluster, two API keys from the environment, the adapter store a
     local S3 endpoint started by the driver (one vLLM engine start, about a minute on 2 cores, for every test that
     talks to a served model)."""
-    key = "llmc-test-" + secrets.token_hex(12)
+    key, other_key = ("llmc-test-" + secrets.token_hex(12) for _ in range(2))
     process = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={lora_run['adapter']}",
                                                     f"adapters.paths.react={react_run['adapter']}",
                                                     f"adapters.paths.aligned={grpo_run['adapter']}",
                                                     "autoscaling.upscale_delay_s=2",
                                                     f"server.cors_origins=[{ALLOWED_ORIGIN}]"],
-                           env={**os.environ, "LLMC_API_KEYS": key})
+                           env={**os.environ, "LLMC_API_KEYS": f"{key},{other_key}"})
     try:
         process.wait_ready(timeout_s=600)
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    yield Server(process.base_url, key, process)
+    yield Server(process.base_url, key, process, other_key)
     process.stop()  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
 
 

@@ -1,4 +1,5 @@
-"""Every request field rule: a bad value is named; the OpenAI API's own examples pass."""
+"""Every request field rule: a bad value is named; the OpenAI API's own examples pass; prompt log-probabilities are
+refused exactly when the engine serves LoRA adapters (the session server's behaviour is in tests/test_serve.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ BAD = [
 
 @pytest.mark.parametrize(("kind", "change", "field"), BAD, ids=[f"{k}-{f}-{i}" for i, (k, _, f) in enumerate(BAD)])
 def test_each_bad_field_is_named(kind, change, field):
-    found = problem(kind, {**(CHAT if kind == "chat" else COMPLETION), **change})
+    found = problem(kind, {**(CHAT if kind == "chat" else COMPLETION), **change}, lora_enabled=False)
     assert found is not None and found[0] == field, found
     assert field.split("[")[0] in found[1]
 
@@ -52,4 +53,38 @@ def test_each_bad_field_is_named(kind, change, field):
                           {"role": "tool", "tool_call_id": "c1", "content": "4"}]},
 ])
 def test_valid_requests_pass(fields):
-    assert problem("chat" if "messages" in fields else "completions", fields) is None
+    assert problem("chat" if "messages" in fields else "completions", fields, lora_enabled=True) is None
+
+
+# (kind, fields, the field named when LoRA is enabled, or None: served either way)
+PROMPT_LOGPROBS = [
+    ("completions", {"echo": True, "logprobs": 1, "max_tokens": 1}, "echo"),  # lm-evaluation-harness' loglikelihood
+    ("completions", {"echo": True, "logprobs": 0}, "echo"),
+    ("completions", {"prompt_logprobs": 0}, "prompt_logprobs"),
+    ("completions", {"echo": True}, None),  # the prompt's text, no log-probabilities
+    ("completions", {"logprobs": 5}, None),  # log-probabilities of the generated tokens only
+    ("chat", {"echo": True}, "echo"),  # top_logprobs defaults to 0, so vLLM computes the prompt's
+    ("chat", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("chat", {"echo": True, "top_logprobs": None}, None),
+    ("chat", {"logprobs": True, "top_logprobs": 2}, None),
+]
+
+
+@pytest.mark.parametrize(("kind", "change", "field"), PROMPT_LOGPROBS)
+def test_prompt_logprobs_are_refused_only_when_lora_is_enabled(kind, change, field):
+    fields = {**(CHAT if kind == "chat" else COMPLETION), **change}
+    assert problem(kind, fields, lora_enabled=False) is None
+    found = problem(kind, fields, lora_enabled=True)
+    if field is None:
+        assert found is None
+    else:
+        assert found[0] == field and "LoRA adapters enabled" in found[1] and "adapters.enabled: false" in found[1]
+
+
+def test_the_engine_runs_lora_when_adapters_are_stored_or_enabled_by_option():
+    from cluster.serve import ServeSpec, lora_enabled
+
+    plain = ServeSpec("tiny", "/m", {"max_model_len": 512}, {}, {})
+    assert not lora_enabled(plain)
+    assert lora_enabled(ServeSpec("tiny", "/m", {}, {}, {}, lora_uri="s3://bucket/adapters"))
+    assert lora_enabled(ServeSpec("tiny", "/m", {"enable_lora": True}, {}, {}))

@@ -232,6 +232,10 @@ def test_native_tool_calling_loop() -> None:
 
 # ------------------------------------------------------------------------------------------ client over HTTP
 
+_MODELS = [{"id": "tiny", "object": "model", "created": 1_700_000_000, "owned_by": "llmc", "root": "/models/tiny-v1"},
+           {"id": "tiny:arith", "object": "model", "created": 1_700_000_000, "owned_by": "llmc"}]
+
+
 class _Server:
     """An OpenAI-shaped endpoint on 127.0.0.1 that answers the statuses in `script` first, then 200."""
 
@@ -241,8 +245,11 @@ class _Server:
         self.in_flight = self.max_in_flight = 0
         self.retry_after = "0"
         self.arrays = True
+        self.models: list[dict] | None = list(_MODELS)  # the `/v1/models` cards; None: the route answers 404
+        self.models_read = 0
         app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                                Route("/v1/completions", self.completions, methods=["POST"])])
+                                Route("/v1/completions", self.completions, methods=["POST"]),
+                                Route("/v1/models", self.list_models, methods=["GET"])])
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -253,6 +260,13 @@ class _Server:
 
     def reset(self, script: list[int] = (), arrays: bool = True) -> None:
         self.script, self.received, self.max_in_flight, self.arrays = list(script), 0, 0, arrays
+        self.models, self.models_read = list(_MODELS), 0
+
+    async def list_models(self, request: Request) -> JSONResponse:
+        self.models_read += 1
+        if self.models is None:
+            return JSONResponse({"error": {"message": "not found"}}, status_code=404)
+        return JSONResponse({"object": "list", "data": self.models})
 
     async def _answer(self, body: dict, choices: list[dict]) -> JSONResponse:
         self.received += 1
@@ -399,6 +413,33 @@ def test_client_cache_serves_repeats_without_the_server(server: _Server, tmp_pat
     off = _client(server, tmp_path, cache=False)
     assert not off.run_all([request])[0].cached and server.received == 4
     assert request_key(request) != request_key({**request, "n": 1}) != request_key({**request, "model": "other"})
+
+
+def test_client_cache_misses_once_the_model_behind_the_name_is_redeployed(server: _Server, tmp_path: Path) -> None:
+    """The cache key holds what `/v1/models` says of the deployment (created, root, parent, ...): a model redeployed
+    under the same name, or an adapter whose base was, is asked again; a `created` that only stamps the answer (vLLM)
+    does not split the cache; an endpoint that lists no models gets no caching at all."""
+    server.reset()
+    asks = [{"prompt": "redeploy me", "temperature": 0}, {"prompt": "redeploy me", "temperature": 0,
+                                                         "model": "tiny:arith"}]
+
+    def cached_after() -> list[bool]:
+        client = _client(server, tmp_path)  # a new run: the same cache file, the deployment read afresh
+        try:
+            return [r.cached for r in client.run_all(asks)]
+        finally:
+            client.close()
+
+    assert cached_after() == [False, False] and cached_after() == [True, True] and server.received == 2
+    assert server.models_read == 2  # once per client, though its requests run concurrently
+    server.models = [{**server.models[0], "root": "/models/tiny-v2"}, server.models[1]]
+    assert cached_after() == [False, False] and server.received == 4  # the base redeployed: its adapter too
+    server.models = [server.models[0], {**server.models[1], "created": 1_700_000_500}]
+    assert cached_after() == [True, False] and server.received == 5  # only the adapter changed
+    server.models = [{**card, "created": int(time.time())} for card in server.models]  # vLLM stamps each answer
+    assert cached_after() == [False, False] and cached_after() == [True, True]
+    server.models = None
+    assert cached_after() == [False, False] == cached_after()
 
 
 def test_client_completions_and_react_through_the_endpoint(server: _Server, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 Around `openai.AsyncOpenAI` (whose own retries are off, so every retry is ours and counted): a concurrency
 limit that halves on 429/503 and grows back by one after a run of successes (promptfoo's adaptive scheduler),
 retries with exponential backoff, jitter and Retry-After, an on-disk response cache (sqlite, keyed by a hash of
-the whole request; on for temperature-0 requests unless turned off) and totals of tokens, requests and latency.
+the whole request and of the deployment answering it, as `/v1/models` describes it; on for temperature-0 requests
+unless turned off) and totals of tokens, requests and latency.
 A request is the keyword arguments of `chat.completions.create` (it has `messages`) or `completions.create`
 (it has `prompt`); `model` defaults to the client's. `run_batch` sends completion requests that differ only in
 their prompt `batch_prompts` to one HTTP request (the API's prompt array, as lm-evaluation-harness batches), which
@@ -35,6 +36,10 @@ import openai
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 _SHED_STATUS = {429, 503}  # the server says "too many": lower the concurrency limit
+# What a `/v1/models` card says about the deployment behind a name (OpenAI: created; vLLM: root, parent; Ray Serve LLM:
+# metadata). A `created` this recent is the server stamping its answer (vLLM does), not the model's creation.
+_IDENTITY_FIELDS = ("id", "created", "root", "parent", "owned_by", "metadata")
+_STAMP_WINDOW_S = 60
 
 
 @dataclass
@@ -218,6 +223,8 @@ class AsyncLLMClient:
         self._cache = _Cache(cache_file) if cache is not False else None
         self._openai: openai.AsyncOpenAI | None = None
         self._openai_loop: asyncio.AbstractEventLoop | None = None
+        self._deployments: dict[str, str] | None = None  # model name -> its deployment's identity (`_identities`)
+        self._reading_deployments: asyncio.Future[dict[str, str]] | None = None  # one read for concurrent requests
 
     def _client(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
@@ -247,6 +254,11 @@ class AsyncLLMClient:
         batching (the endpoint does not take arrays)."""
         requests = [self._complete_request(r) for r in requests]
         self.stats.requests += len(requests)
+        if self._deployments is None and any(self._caches(r) for r in requests):
+            pending = self._reading_deployments
+            if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+                pending = self._reading_deployments = asyncio.ensure_future(self._identities())
+            self._deployments = await asyncio.shield(pending)
         keys = [self._key(r) for r in requests]
         answers: list[Result | RequestFailed | None] = [None] * len(requests)
         for i, key in enumerate(keys):
@@ -280,7 +292,24 @@ class AsyncLLMClient:
         return answers  # type: ignore[return-value]
 
     def _key(self, request: dict[str, Any]) -> str | None:
-        return request_key(request, self.cache_namespace) if self._caches(request) else None
+        """The cache key, within the deployment now serving the request's model; None (not cached) if not cached or
+        the endpoint does not describe that model: an answer from a model redeployed under the same name must not be
+        taken for the new one's."""
+        identity = (self._deployments or {}).get(request["model"]) if self._caches(request) else None
+        return request_key(request, f"{self.cache_namespace}|{identity}") if identity is not None else None
+
+    async def _identities(self) -> dict[str, str]:
+        """Each listed model's identity from `/v1/models`, read once per client; an adapter `BASE:NAME` includes its
+        base's. Empty when the endpoint does not list its models (then nothing is cached)."""
+        asked = time.time()
+        try:
+            cards = [card.model_dump() async for card in self._client().models.list()]
+        except openai.OpenAIError:
+            return {}
+        own = {card.get("id"): json.dumps({k: card.get(k) for k in _IDENTITY_FIELDS if card.get(k) is not None
+                                           and not (k == "created" and card[k] >= asked - _STAMP_WINDOW_S)},
+                                          sort_keys=True, default=str) for card in cards}
+        return {name: own[name] + own.get(name.split(":")[0], "") if ":" in name else own[name] for name in own}
 
     def _answered(self, body: dict[str, Any], key: str | None, latency_s: float, retries: int) -> Result:
         """Cache a fresh answer and add it to the totals."""
