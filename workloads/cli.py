@@ -20,9 +20,10 @@ import workloads.prompting.recipe  # noqa: F401  (registers kinds eval, prompt_s
 from workloads.config import load_recipe
 from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
 
-STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly and exits 0: a serving "
-            "app is deleted, a training run aborted (its checkpoints kept), an embedded Ray shut down with every "
-            "process it started.")
+STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly: a serving app is deleted, "
+            "a training run aborted (its checkpoints kept), an embedded Ray shut down with every process it started. "
+            "Work that did not finish exits 130 (Ctrl-C) or 143 (SIGTERM); `llmc serve` runs until stopped, so it "
+            "exits 0.")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -88,7 +89,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="serve")
     from workloads.serve import run
 
-    run(recipe, address=args.address, port=args.port)
+    try:
+        run(recipe, address=args.address, port=args.port)
+    except KeyboardInterrupt:  # serving runs until stopped: Ctrl-C or SIGTERM is its normal end (the app deleted)
+        print("[llmc] stopped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -153,7 +157,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     entrypoint = "python -m workloads.cli " + shlex.join(command)
     job_id, status, _url = submit(entrypoint, address=args.address, working_dir=args.working_dir,
-                                  env_vars=env, excludes=SECRET_EXCLUDES + held_back, wait=not args.no_wait)
+                                  env_vars=env, excludes=SECRET_EXCLUDES + held_back, wait=not args.no_wait,
+                                  stop_on_interrupt=args.stop_on_interrupt)
     print(f"[llmc] job {job_id}: {status}")
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
 
@@ -287,6 +292,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             p.add_argument("--address", default=None, help="dashboard URL (default RAY_ADDRESS or :8265)"),
             p.add_argument("--working-dir", default=".", help="uploaded as the job's working dir"),
             p.add_argument("--no-wait", action="store_true", help="return once submitted"),
+            p.add_argument("--stop-on-interrupt", action="store_true",
+                           help="Ctrl-C while following the job stops it on the cluster (default: it goes on)"),
             p.add_argument("--env", action="append", default=[], metavar="NAME",
                            help="forward this environment variable to the job, e.g. HF_TOKEN (repeatable)"),
             p.add_argument("command", nargs=argparse.REMAINDER, help="-- <llmc command and args>"),

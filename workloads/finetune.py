@@ -231,7 +231,7 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
         tracking.reset(recipe.tracking, run_dir)
     print(f"[llmc] run {recipe.run.name}: dashboard {cluster_train.run_url() or '(none)'}", flush=True)
     started = time.perf_counter()
-    with _say_where_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
+    with note_checkpoints_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
             reporting.TrainProgress(prepared.total_steps) as progress:
         result = fit(recipe, run_dir, prepared, resume_from=resume_from, resume=resume, on_report=progress.update)
     wall = time.perf_counter() - started
@@ -331,13 +331,14 @@ def refuse_to_replace(run_dir: Path, run: RunConfig, overwrite: bool, resumable:
 
 
 @contextlib.contextmanager
-def _say_where_on_stop(checkpoints: str) -> Iterator[None]:
-    """A requested stop (Ctrl-C, SIGTERM) aborts the run and keeps its checkpoints: say where, then let it through."""
+def note_checkpoints_on_stop(checkpoints: str) -> Iterator[None]:
+    """A requested stop (Ctrl-C, SIGTERM) aborts the run and keeps its checkpoints: the KeyboardInterrupt goes on
+    with a note saying where (the entry point's last line; fine-tuning's and align's runs)."""
     try:
         yield
-    except KeyboardInterrupt:
-        print(f"[llmc] training stopped; its checkpoints stay in {checkpoints} "
-              "(continue with --set run.resume_from=latest)", flush=True)
+    except KeyboardInterrupt as exc:
+        exc.add_note(f"training stopped; its checkpoints stay in {checkpoints} (continue with "
+                     "--set run.resume_from=latest)")
         raise
 
 

@@ -15,7 +15,7 @@ from workloads import multinode, reporting
 from workloads.align.preference import split_pairs
 from workloads.align.recipe import RL_METHODS, AlignRecipe
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
-from workloads.finetune import refuse_to_replace, worker_scaling
+from workloads.finetune import note_checkpoints_on_stop, refuse_to_replace, worker_scaling
 from workloads.models import load_tokenizer, merge_adapter, resolve_model_path
 
 # What each method's curves show beside the loss: (train metric, held-out metric, axis label).
@@ -32,8 +32,10 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
     refuse_to_replace(run_dir, recipe.run, overwrite, resumable=recipe.method in RL_METHODS)
     if recipe.method in RL_METHODS:
         from workloads.align import rl_run
+        from workloads.align.rl_checkpoints import checkpoint_dir
 
-        return rl_run.run(recipe, run_dir, address)
+        with note_checkpoints_on_stop(str(checkpoint_dir(recipe, run_dir))):
+            return rl_run.run(recipe, run_dir, address)
     train, held_out = split_pairs(recipe.data, recipe.train.seed)  # bad pairs fail here, naming field and row
     model_path = resolve_model_path(recipe.model)
     load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)  # a missing model fails here
@@ -45,7 +47,8 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
     multinode.check_training(recipe.run.storage_path, storage, model_path)
     started = time.perf_counter()
-    with reporting.TrainProgress(recipe.train.max_steps, description=recipe.method) as progress:
+    with note_checkpoints_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
+            reporting.TrainProgress(recipe.train.max_steps, description=recipe.method) as progress:
         result = cluster_train.fit(
             train_worker, {"recipe": recipe.model_dump(mode="json"), "model_path": model_path},
             name=recipe.run.name, storage_path=storage, scaling=worker_scaling(recipe),  # type: ignore[arg-type]
