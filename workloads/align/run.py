@@ -14,6 +14,7 @@ from cluster import train as cluster_train
 from workloads import multinode, reporting
 from workloads.align.preference import split_pairs
 from workloads.align.recipe import RL_METHODS, AlignRecipe
+from workloads.align.rewards import import_rewards
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
 from workloads.finetune import note_checkpoints_on_stop, refuse_to_replace, worker_scaling
 from workloads.models import load_tokenizer, merge_adapter, resolve_model_path
@@ -34,6 +35,7 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
         from workloads.align import rl_run
         from workloads.align.rl_checkpoints import checkpoint_dir
 
+        import_rewards(recipe.rewards)  # the run starts: only now does a reward module's code run
         with note_checkpoints_on_stop(str(checkpoint_dir(recipe, run_dir))):
             return rl_run.run(recipe, run_dir, address)
     train, held_out = split_pairs(recipe.data, recipe.train.seed)  # bad pairs fail here, naming field and row
