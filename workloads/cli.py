@@ -17,7 +17,7 @@ from pathlib import Path
 import workloads.align.recipe  # noqa: F401  (registers kind align)
 import workloads.hparam_search  # noqa: F401  (registers kind hparam_search)
 import workloads.prompting.recipe  # noqa: F401  (registers kinds eval, prompt_search and optimize)
-from workloads.config import load_recipe
+from workloads.config import ModelConfig, load_recipe
 from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
 
 STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly: a serving app is deleted, "
@@ -64,9 +64,31 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     base = args.base or json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
         raise RecipeError("field '--base': the adapter does not name its base model: pass --base MODEL")
-    out = merge_adapter(base, args.adapter, args.output, dtype=args.dtype)
-    print(f"[llmc] merged {args.adapter} into {base} -> {out}")
+    model, recipe = _merge_model(args, base)
+    out = merge_adapter(base, args.adapter, args.output, model)
+    print(f"[llmc] merged {args.adapter} into {base}" + (f" at revision {model.revision}" if model.revision else "")
+          + (f" (model.revision, model.chat_template and model.dtype of {recipe})" if recipe else "") + f" -> {out}")
     return 0
+
+
+def _merge_model(args: argparse.Namespace, base: str) -> tuple[ModelConfig, Path | None]:
+    """The `model` section `llmc merge` merges as (revision, chat template, dtype): `--recipe`'s, else that of the
+    recipe the run saved beside the adapter (`<run dir>/recipe.yaml`), else the schema's defaults; `--dtype` wins.
+    Returns it with the recipe it came from (None: none)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from workloads.config import RecipeError
+
+    recipe = Path(args.recipe) if args.recipe else Path(args.adapter).resolve().parent / "recipe.yaml"
+    if args.recipe and not recipe.is_file():
+        raise RecipeError(f"field '--recipe': {args.recipe} is not a file")
+    fields = (yaml.safe_load(recipe.read_text()) or {}).get("model", {}) if recipe.is_file() else {}
+    try:
+        model = ModelConfig.model_validate({**fields, "name": base, **({"dtype": args.dtype} if args.dtype else {})})
+    except ValidationError as exc:
+        raise RecipeError(f"field '--recipe': the model section of {recipe} is not valid: {exc}") from None
+    return model, (recipe if fields else None)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -230,7 +252,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             p.add_argument("adapter", help="PEFT adapter directory (e.g. runs/tiny-lora/adapter)"),
             p.add_argument("--output", required=True, help="directory for the merged model"),
             p.add_argument("--base", default=None, help="base model (default: the one the adapter names)"),
-            p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+            p.add_argument("--recipe", default=None,
+                           help="the run's recipe: its model.revision, chat_template and dtype (default: the "
+                                "recipe.yaml the run saved beside the adapter, if there)"),
+            p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                           help="weights dtype (default: the recipe's model.dtype)"),
         ),
         _cmd_merge,
     ),

@@ -404,7 +404,7 @@ def write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, result
     shutil.copytree((best or result.checkpoint_dir) / "model", artifact)
     merged = None
     if is_adapter and recipe.run.merge_adapter:
-        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
+        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", recipe.model))
     train_seconds = sum(r["step_seconds"] for r in history)
     total = state["total_steps"]
     summary = {

@@ -72,7 +72,7 @@ def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, checkpoin
     shutil.copytree(checkpoint / MODEL_DIR, artifact)
     merged = None
     if recipe.run.merge_adapter:
-        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
+        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", recipe.model))
     summary = {"method": recipe.method, **method_summary(recipe, state, initial, final),
                "initial_eval_loss": initial["eval_loss"], "final_eval_loss": final["eval_loss"],
                "initial_train_loss": history[0]["loss"], "final_train_loss": history[-1]["loss"],
