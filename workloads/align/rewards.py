@@ -70,7 +70,7 @@ def check_function(name: str) -> inspect.Signature | None:
         return inspect.signature(BUILTINS[attr])
     spec = _find_spec(module_name, name)
     try:
-        source = spec.loader.get_source(module_name) if spec.loader is not None else None
+        source = spec.loader.get_source(spec.name) if spec.loader is not None else None
     except (ImportError, OSError):
         source = None
     if source is None:
@@ -163,13 +163,16 @@ def _find_spec(module_name: str, name: str) -> ModuleSpec:
     parts = module_name.split(".")
     for depth in range(1, len(parts) + 1):
         prefix = ".".join(parts[:depth])
-        if prefix in sys.modules and getattr(sys.modules[prefix], "__spec__", None) is not None:
-            spec = sys.modules[prefix].__spec__  # imported already: nothing runs by looking at it
+        module = sys.modules.get(prefix)
+        if getattr(module, "__spec__", None) is not None:
+            spec = module.__spec__  # imported already: nothing runs by looking at it
+        elif depth > 1 and path is None:  # its parent is a module, not a package
+            spec = None
         else:
             spec = next((found for finder in sys.meta_path if hasattr(finder, "find_spec")
                          and (found := finder.find_spec(prefix, path)) is not None), None)
-        if spec is None or (depth < len(parts) and spec.submodule_search_locations is None):
-            raise ValueError(f"{name!r}: module {'.'.join(parts[:depth + (spec is not None)])!r} not found")
+        if spec is None:
+            raise ValueError(f"{name!r}: module {prefix!r} not found")
         path = spec.submodule_search_locations
     return spec
 
