@@ -1,7 +1,7 @@
 """Connect to Ray: embedded local Ray by default, a running cluster with an address or RAY_ADDRESS.
 
-Also how a driver stops: SIGTERM takes the Ctrl-C path (KeyboardInterrupt in the main thread), and
-`shutdown` leaves no process of an embedded Ray behind.
+Also how a driver stops: SIGTERM takes the Ctrl-C path (KeyboardInterrupt in the main thread, `cluster.stopping`)
+again once `ray.init` has replaced the handler, and `shutdown` leaves no process of an embedded Ray behind.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 
 import psutil
 import ray
+
+from cluster.stopping import on_sigterm, stop_on_sigterm
 
 # Serve runs an ingress and one engine per replica beside training workers; on a 2-core laptop the
 # logical CPU count is what lets them share the machine (DESIGN.md: ray.init(num_cpus=8)).
@@ -147,18 +149,7 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------------
 
 _embedded = threading.Event()  # set while this process runs its own local Ray
-_stopping = threading.Event()  # a SIGTERM arrived: the graceful stop is under way
 REAP_GRACE_S = 5.0  # how long Ray's own shutdown gets before what it started is killed
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM (docker stop, systemd, Kubernetes) stop this process the way Ctrl-C does.
-
-    `ray.init` installs handlers that abort the driver with a stack trace and leave embedded Ray's
-    agents running, so this is installed after it. Only the main thread may install handlers.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _init(**options):
@@ -167,15 +158,8 @@ def _init(**options):
         return ray.init(**options)
     except SystemExit as exc:
         if exc.code == signal.SIGTERM:
-            raise KeyboardInterrupt(f"signal {exc.code} during ray.init") from exc
+            on_sigterm()  # raises KeyboardInterrupt, the stop recorded as SIGTERM's
         raise
-
-
-def _on_sigterm(signum: int, frame) -> None:
-    if _stopping.is_set():
-        return  # a repeat must not cut the cleanup short; SIGKILL still ends everything
-    _stopping.set()
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _embedded_processes() -> list[psutil.Process]:

@@ -305,6 +305,8 @@ def server(ray_cluster, lora_run, react_run, grpo_run):
         pytest.fail(str(exc))
     yield Server(process.base_url, key, process, other_key)
     process.stop()  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
+    # Serving runs until stopped: Ctrl-C is its normal end (a SIGKILL after a hung stop would be -9).
+    assert process.proc.returncode == 0, "".join(process.lines[-40:])
 
 
 def read_metrics_csv(out: Path) -> list[dict]:

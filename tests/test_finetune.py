@@ -93,6 +93,10 @@ def test_lora_zero2_two_workers_learns_survives_a_killed_worker_and_merges(lora_
         merged_logits = load_model(summary["merged"])(**batch).logits
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-3)  # the adapter changed the model
     torch.testing.assert_close(merged_logits, tuned_logits, atol=1e-4, rtol=1e-4)
+    from workloads.models import MERGED_FROM  # run.merge_adapter merges as the recipe's model section says
+
+    assert json.loads((Path(summary["merged"]) / MERGED_FROM).read_text()) == {
+        "base_model": summary["base_model_path"], "revision": None, "adapter": str(adapter.resolve())}
 
 
 def test_full_finetune_zero3_lowers_the_loss(zero3_runs, monkeypatch):

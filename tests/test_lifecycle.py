@@ -1,5 +1,7 @@
 """Stopping cleanly: SIGTERM (what docker stop, systemd and Kubernetes send) ends `llmc serve` and
-`llmc finetune` as Ctrl-C does: exit status 0, no traceback, and no process of the run left behind.
+`llmc finetune` as Ctrl-C does: no traceback, and no process of the run left behind. The exit status says whether
+the work finished: serving runs until stopped (0); an interrupted fine-tune exits 130 (SIGINT) or 143 (SIGTERM),
+its last line naming the signal and where its checkpoints stay.
 
 Each command runs on its own embedded Ray (RAY_ADDRESS removed), in a process session of its own, so
 "nothing left" means: no process of that session (raylet, GCS, dashboard, agents, workers, engines).
@@ -12,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -69,14 +72,39 @@ def kill_session(sid: int) -> None:
             pass
 
 
-def assert_stopped_cleanly(returncode: int | None, output: str, sid: int) -> None:
+def assert_stopped_cleanly(returncode: int | None, output: str, sid: int, status: int = 0,
+                           last_line: str = "[llmc] stopped") -> None:
     left = leftovers(sid)
     kill_session(sid)  # a failed run must not leave its processes to the rest of the suite
     tail = output[-6000:]
-    assert returncode == 0, f"exit status {returncode}:\n{tail}"
+    assert returncode == status, f"exit status {returncode}, not {status}:\n{tail}"
     assert not [marker for marker in UNCLEAN if marker in output], tail
-    assert "[llmc] stopped" in output, tail
+    assert last_line in output, tail
     assert not left, "left behind:\n" + "\n".join(f"{pid} {args[:160]}" for pid, args in left)
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_entry_point_stopped_by_a_signal_exits_128_plus_it_saying_what_was_kept(sig, status):
+    """The entry point itself, no Ray: the signal arrives while the command works; its note is the last line."""
+    code = textwrap.dedent(f"""
+        import os, time
+        from workloads.entrypoint import run_entrypoint
+
+        def command():
+            try:
+                os.kill(os.getpid(), {int(sig)})
+                time.sleep(30)
+            except KeyboardInterrupt as exc:
+                exc.add_note("its checkpoints stay in /tmp/somewhere")
+                raise
+            return 0
+
+        raise SystemExit(run_entrypoint(command))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"[llmc] interrupted by {sig.name} before it finished: its "
+                                                     "checkpoints stay in /tmp/somewhere"), done.stderr
 
 
 @pytest.mark.slow
@@ -104,16 +132,21 @@ def test_sigterm_stops_serve_deploying_on_embedded_ray_cleanly(tiny_model_dir, t
     assert_stopped_cleanly(returncode, output, sid)
 
 
-@pytest.mark.slow
-def test_sigterm_stops_finetune_mid_training_cleanly(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    log = tmp_path / "finetune.log"
+def start_finetune(run_dir: Path, log: Path) -> subprocess.Popen:
+    """`llmc finetune` of the tiny LoRA recipe, long enough never to finish, in a process session of its own."""
     command = [sys.executable, "-m", "workloads.cli", "finetune", str(FINETUNE_RECIPE), "--output-dir", str(run_dir),
                "--set", "train.max_steps=100000", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000",
                "--set", "deepspeed.enabled=false"]  # DDP: the stop path is Ray Train's, DeepSpeed only adds start-up
     with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=embedded_env(), stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, cwd=REPO, env=embedded_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_finetune_mid_training_cleanly(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "finetune.log"
+    proc = start_finetune(run_dir, log)
     sid = proc.pid
     try:
         first = wait_for_checkpoint(run_dir, proc, timeout_s=600)
@@ -124,9 +157,33 @@ def test_sigterm_stops_finetune_mid_training_cleanly(tiny_model_dir, tmp_path):
         if proc.poll() is None:
             kill_session(sid)
     output = log.read_text()
-    assert "training stopped; its checkpoints stay in" in output, output[-6000:]
     assert not (run_dir / "summary.json").exists()  # stopped mid-run, not finished
-    assert_stopped_cleanly(returncode, output, sid)
+    assert_stopped_cleanly(returncode, output, sid, status=143, last_line=(
+        f"[llmc] interrupted by SIGTERM before it finished: training stopped; its checkpoints stay in "
+        f"{run_dir / 'checkpoints' / 'tiny-lora'} (continue with --set run.resume_from=latest)"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_finetune_as_its_workers_start_cleanly(tiny_model_dir, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole foreground process group: driver and embedded Ray), early:
+    while Ray Train starts the run, so this costs an embedded Ray's start and stop rather than a checkpoint."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "finetune.log"
+    proc = start_finetune(run_dir, log)
+    sid = proc.pid
+    try:
+        deadline = time.monotonic() + 600
+        while "[llmc] run tiny-lora: dashboard" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-6000:]
+            time.sleep(0.5)
+        assert len(session_processes(sid)) > 5  # embedded Ray really runs in this session
+        os.killpg(sid, signal.SIGINT)
+        returncode = proc.wait(timeout=EXIT_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            kill_session(sid)
+    assert_stopped_cleanly(returncode, log.read_text(), sid, status=130, last_line=(
+        "[llmc] interrupted by SIGINT before it finished: training stopped; its checkpoints stay in"))
 
 
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout_s: float) -> Path | None:

@@ -64,15 +64,52 @@ def test_validate_print_shows_the_resolved_recipe():
 
 
 def test_merge_writes_a_plain_model_equal_to_base_plus_adapter(tiny_model_dir, tmp_path):
-    from peft import PeftModel
+    """As the run's recipe says: the base at its `model.revision` (a hub cache, offline, whose `main` is another
+    model), the tokenizer with its `model.chat_template`, both read from the recipe.yaml the run saved beside the
+    adapter; where it came from recorded beside the merged model."""
+    import json
+    import shutil
 
-    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
-    result = run_llmc("merge", str(adapter), "--output", str(tmp_path / "merged"))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from workloads.config import ModelConfig
+    from workloads.models import MERGED_FROM
+
+    repo = tmp_path / "hub" / "models--llmc--tiny"  # huggingface_hub's cache layout: refs name snapshots
+    revisions = {"main": "a" * 40, "v2": "b" * 40}
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / revisions["v2"])
+    other = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        for weight in other.parameters():
+            weight.mul_(0.5)
+    other.save_pretrained(repo / "snapshots" / revisions["main"])
+    shutil.copytree(repo / "snapshots" / revisions["v2"], repo / "snapshots" / revisions["main"],
+                    ignore=shutil.ignore_patterns("*.safetensors", "config.json"), dirs_exist_ok=True)
+    for ref, commit in revisions.items():
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    adapter = random_adapter(tiny_model_dir, tmp_path / "run" / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "llmc/tiny"}))
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    trained_as = ModelConfig(name="llmc/tiny", revision="v2", chat_template=template)
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump({"kind": "finetune",
+                                                                  "model": trained_as.model_dump(mode="json")}))
+    result = run_llmc("merge", str(adapter), "--output", str(tmp_path / "merged"),
+                      env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
+    assert "into llmc/tiny at revision v2" in result.stdout, result.stdout
     batch = load_tokenizer(str(tiny_model_dir))(["What is 2 plus 3?"], return_tensors="pt")
     with torch.no_grad():
         merged = load_model(str(tmp_path / "merged"))(**batch).logits
         tuned = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(adapter)).eval()(**batch).logits
+        on_main = PeftModel.from_pretrained(other, str(adapter)).eval()(**batch).logits
     torch.testing.assert_close(merged, tuned, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(merged, on_main, atol=1e-2)  # main's model would have given other weights
+    saved = load_tokenizer(str(tmp_path / "merged"))
+    assert saved.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi"
+    assert json.loads((tmp_path / "merged" / MERGED_FROM).read_text()) == {
+        "base_model": "llmc/tiny", "revision": "v2", "adapter": str(adapter.resolve())}
     missing = run_llmc("merge", str(tmp_path), "--output", str(tmp_path / "m2"))
     assert missing.returncode == 2 and "not a PEFT adapter directory" in missing.stderr

@@ -3,13 +3,21 @@ a trained reward model as a term; and the ppo/grpo recipe rules, each naming its
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 import pytest
 
 from tests.conftest import REPO, run_llmc
 from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
-from workloads.align.rewards import BUILTINS, build_reward, exact_answer, length_penalty, resolve_function
+from workloads.align.rewards import (
+    BUILTINS,
+    build_reward,
+    exact_answer,
+    import_rewards,
+    length_penalty,
+    resolve_function,
+)
 from workloads.config import RecipeError, load_recipe
 
 GRPO = REPO / "workloads/configs/tiny-grpo.yaml"
@@ -143,3 +151,46 @@ def test_a_missing_reward_function_fails_before_any_work(tmp_path):
     assert "module 'mypkg' not found" in result.stderr, result.stderr
     assert "Ray" not in result.stdout + result.stderr and not out.exists()
 
+
+
+def test_validating_a_recipe_runs_none_of_its_reward_module_until_the_run_starts(tmp_path, monkeypatch):
+    """A `module:function` reward is checked from its source: the package's and the module's import-time code (each
+    writes a marker file) do not run when the recipe is loaded, nor when it names a missing function; the run's
+    start imports it (the driver's check, then the reward the workers build)."""
+    package = tmp_path / "untrusted"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"open({str(tmp_path / 'package-ran')!r}, 'w').close()\n")
+    (package / "rewards.py").write_text(textwrap.dedent(f"""
+        open({str(tmp_path / 'module-ran')!r}, 'w').close()
+
+        def shouts(prompt, completion, reference, bonus=1.0):
+            return bonus if completion.isupper() else 0.0
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    term = "rewards=[{function: 'untrusted.rewards:shouts', args: {bonus: 2.0}}]"
+    recipe = load_recipe(GRPO, [term], kind="align")
+    for missing, field, said in [
+        ("untrusted.rewards:nope", "rewards.0.function", "module 'untrusted.rewards' has no 'nope'"),
+        ("untrusted.other:shouts", "rewards.0.function", "module 'untrusted.other' not found"),
+    ]:
+        with pytest.raises(RecipeError) as info:
+            load_recipe(GRPO, [f"rewards=[{{function: '{missing}'}}]"], kind="align")
+        assert f"field '{field}'" in str(info.value) and said in str(info.value), str(info.value)
+    with pytest.raises(RecipeError, match="got an unexpected keyword argument 'unit'"):  # the def's own parameters
+        load_recipe(GRPO, [term.replace("bonus: 2.0", "unit: 2")], kind="align")
+    assert not (tmp_path / "package-ran").exists() and not (tmp_path / "module-ran").exists()
+    assert "untrusted" not in sys.modules
+
+    import_rewards(recipe.rewards)  # the run starts (workloads.align.run)
+    assert (tmp_path / "package-ran").exists() and (tmp_path / "module-ran").exists()
+    assert build_reward(recipe.rewards).score([PROMPT] * 2, ["YES", "no"], ["", ""])[0] == [2.0, 0.0]
+
+
+def test_a_reward_that_only_the_import_shows_is_bad_fails_at_the_run_start_naming_the_field(tmp_path, monkeypatch):
+    """Bound, but not by a plain def (here a dict): validation cannot tell; the run's start refuses it, exit 2's
+    error, before any cluster work."""
+    (tmp_path / "table_rewards.py").write_text("SCORES = {'a': 1.0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = load_recipe(GRPO, ["rewards=[{function: exact_answer}, {function: 'table_rewards:SCORES'}]"])
+    with pytest.raises(RecipeError, match=r"field 'rewards.1.function': 'table_rewards:SCORES' is not callable"):
+        import_rewards(recipe.rewards)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
+import threading
+
 import pytest
 
-from tests.conftest import WATCHED_STEPS, run_llmc
+from tests.conftest import REPO, WATCHED_STEPS, run_llmc
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +87,68 @@ def _job_package_and_env(ray_cluster, output: str) -> tuple[list[str], dict]:
     package = _internal_kv_get(info.runtime_env["working_dir"])
     names = zipfile.ZipFile(io.BytesIO(package)).namelist()
     return names, info.runtime_env.get("env_vars", {})
+
+
+FOLLOWED_JOB = '''
+import time
+
+print("follow-me 1", flush=True)
+time.sleep(1)
+print("follow-me 2", flush=True)
+time.sleep(600)
+'''
+
+
+def test_ctrl_c_on_a_followed_job_leaves_it_running_or_stops_it(ray_cluster, tmp_path):
+    """The job's log streams while it runs; Ctrl-C stops following (exit 130) and says the job goes on, and how to
+    follow or stop it (the stock commands printed are run here); with --stop-on-interrupt the job is stopped. The
+    job is a stand-in `workloads/cli.py` in the uploaded working dir: what is tested is the local side."""
+    import shlex
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.jobs import auth_headers
+
+    work = tmp_path / "work"
+    (work / "workloads").mkdir(parents=True)
+    (work / "workloads/__init__.py").write_text("")
+    (work / "workloads/cli.py").write_text(FOLLOWED_JOB)
+    client = JobSubmissionClient(ray_cluster.dashboard_url, headers=auth_headers())
+
+    def follow_then_interrupt(*flags: str) -> tuple[str, str, str]:
+        proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", "submit", "--address",
+                                 ray_cluster.dashboard_url, "--working-dir", str(work), *flags, "--", "status"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = []
+        watchdog = threading.Timer(300, proc.kill)  # a job that never prints must not hang the suite
+        watchdog.start()
+        try:
+            for line in proc.stdout:  # streamed while the job runs: its second line comes a second after its first
+                seen.append(line)
+                if line.startswith("follow-me 2"):
+                    break
+            proc.send_signal(signal.SIGINT)
+            rest, err = proc.communicate(timeout=120)
+        finally:
+            watchdog.cancel()
+            proc.kill()
+        output = "".join(seen) + rest
+        assert proc.returncode == 130, output + err
+        assert output.count("follow-me 1") == 1 and output.count("follow-me 2") == 1, output
+        job_id = re.search(r"submitted (\S+) to", output).group(1)
+        return job_id, output, err.strip().splitlines()[-1]
+
+    job_id, _, last = follow_then_interrupt()
+    follow, stop = re.findall(r"`([^`]+)`", last)[:2]  # `VAR=value ray job ...`, run through `env`
+    assert last.startswith(f"[llmc] interrupted by SIGINT before it finished: job {job_id} goes on on the "
+                           "cluster"), last
+    assert client.get_job_status(job_id) == JobStatus.RUNNING
+    logs = subprocess.run(["env", *shlex.split(follow.replace(" --follow", ""))], capture_output=True, text=True,
+                          timeout=120)  # (following would wait for the job's end)
+    assert "follow-me 2" in logs.stdout, logs.stdout + logs.stderr
+    subprocess.run(["env", *shlex.split(stop)], capture_output=True, timeout=120, check=True)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED
+
+    job_id, _, last = follow_then_interrupt("--stop-on-interrupt")
+    assert last == f"[llmc] interrupted by SIGINT before it finished: job {job_id} stopped on the cluster (STOPPED)"
+    assert client.get_job_status(job_id) == JobStatus.STOPPED

@@ -17,12 +17,13 @@ from pathlib import Path
 import workloads.align.recipe  # noqa: F401  (registers kind align)
 import workloads.hparam_search  # noqa: F401  (registers kind hparam_search)
 import workloads.prompting.recipe  # noqa: F401  (registers kinds eval, prompt_search and optimize)
-from workloads.config import load_recipe
+from workloads.config import ModelConfig, load_recipe
 from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
 
-STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly and exits 0: a serving "
-            "app is deleted, a training run aborted (its checkpoints kept), an embedded Ray shut down with every "
-            "process it started.")
+STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly: a serving app is deleted, "
+            "a training run aborted (its checkpoints kept), an embedded Ray shut down with every process it started. "
+            "Work that did not finish exits 130 (Ctrl-C) or 143 (SIGTERM); `llmc serve` runs until stopped, so it "
+            "exits 0.")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -63,9 +64,31 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     base = args.base or json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
         raise RecipeError("field '--base': the adapter does not name its base model: pass --base MODEL")
-    out = merge_adapter(base, args.adapter, args.output, dtype=args.dtype)
-    print(f"[llmc] merged {args.adapter} into {base} -> {out}")
+    model, recipe = _merge_model(args, base)
+    out = merge_adapter(base, args.adapter, args.output, model)
+    print(f"[llmc] merged {args.adapter} into {base}" + (f" at revision {model.revision}" if model.revision else "")
+          + (f" (model.revision, model.chat_template and model.dtype of {recipe})" if recipe else "") + f" -> {out}")
     return 0
+
+
+def _merge_model(args: argparse.Namespace, base: str) -> tuple[ModelConfig, Path | None]:
+    """The `model` section `llmc merge` merges as (revision, chat template, dtype): `--recipe`'s, else that of the
+    recipe the run saved beside the adapter (`<run dir>/recipe.yaml`), else the schema's defaults; `--dtype` wins.
+    Returns it with the recipe it came from (None: none)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from workloads.config import RecipeError
+
+    recipe = Path(args.recipe) if args.recipe else Path(args.adapter).resolve().parent / "recipe.yaml"
+    if args.recipe and not recipe.is_file():
+        raise RecipeError(f"field '--recipe': {args.recipe} is not a file")
+    fields = (yaml.safe_load(recipe.read_text()) or {}).get("model", {}) if recipe.is_file() else {}
+    try:
+        model = ModelConfig.model_validate({**fields, "name": base, **({"dtype": args.dtype} if args.dtype else {})})
+    except ValidationError as exc:
+        raise RecipeError(f"field '--recipe': the model section of {recipe} is not valid: {exc}") from None
+    return model, (recipe if fields else None)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -88,7 +111,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="serve")
     from workloads.serve import run
 
-    run(recipe, address=args.address, port=args.port)
+    try:
+        run(recipe, address=args.address, port=args.port)
+    except KeyboardInterrupt:  # serving runs until stopped: Ctrl-C or SIGTERM is its normal end (the app deleted)
+        print("[llmc] stopped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -153,7 +179,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     entrypoint = "python -m workloads.cli " + shlex.join(command)
     job_id, status, _url = submit(entrypoint, address=args.address, working_dir=args.working_dir,
-                                  env_vars=env, excludes=SECRET_EXCLUDES + held_back, wait=not args.no_wait)
+                                  env_vars=env, excludes=SECRET_EXCLUDES + held_back, wait=not args.no_wait,
+                                  stop_on_interrupt=args.stop_on_interrupt)
     print(f"[llmc] job {job_id}: {status}")
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
 
@@ -225,7 +252,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             p.add_argument("adapter", help="PEFT adapter directory (e.g. runs/tiny-lora/adapter)"),
             p.add_argument("--output", required=True, help="directory for the merged model"),
             p.add_argument("--base", default=None, help="base model (default: the one the adapter names)"),
-            p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+            p.add_argument("--recipe", default=None,
+                           help="the run's recipe: its model.revision, chat_template and dtype (default: the "
+                                "recipe.yaml the run saved beside the adapter, if there)"),
+            p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                           help="weights dtype (default: the recipe's model.dtype)"),
         ),
         _cmd_merge,
     ),
@@ -287,6 +318,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             p.add_argument("--address", default=None, help="dashboard URL (default RAY_ADDRESS or :8265)"),
             p.add_argument("--working-dir", default=".", help="uploaded as the job's working dir"),
             p.add_argument("--no-wait", action="store_true", help="return once submitted"),
+            p.add_argument("--stop-on-interrupt", action="store_true",
+                           help="Ctrl-C while following the job stops it on the cluster (default: it goes on)"),
             p.add_argument("--env", action="append", default=[], metavar="NAME",
                            help="forward this environment variable to the job, e.g. HF_TOKEN (repeatable)"),
             p.add_argument("command", nargs=argparse.REMAINDER, help="-- <llmc command and args>"),

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,7 +134,8 @@ def _print_answers(answers: list[dict], fields: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workloads.entrypoint import output_options, set_output
+    from cluster.stopping import stop_on_sigterm
+    from workloads.entrypoint import output_options, report_interrupt, set_output
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[output_options()])
     parser.add_argument("--output-dir", default="runs/demo", help="fine-tuning run directory")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir).resolve()
     from cluster import runtime
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C's path; cluster.runtime renews it after ray.init
+    stop_on_sigterm()  # Ctrl-C's path; cluster.runtime renews it after ray.init
     try:
         summary = finetune_stage(out, args.overrides, args.address)
         adapters = {"fine_tuned": Path(summary["artifact"])}
@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if aligned is not None:
             adapters["aligned"] = Path(aligned["artifact"])
         tally = None if args.skip_serve else serve_stage(adapters, out, address=args.address)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (taking the same path): a requested stop, exit 0 as llmc does
-        print("[demo] stopped", flush=True)
-        return 0
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (taking the same path): stopped cleanly, not finished
+        return report_interrupt(exc, "[demo]")
     finally:
         runtime.shutdown()  # the embedded Ray and every process it started
     if tally is not None:

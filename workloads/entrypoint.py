@@ -1,7 +1,8 @@
 """What every entry point shares (`llmc`, `python -m workloads.finetune`, the demo): output, errors, stopping.
 
 A recipe error exits 2 with its message; any other error is one line on the terminal with the file holding its
-traceback (and Ray's log dir); Ctrl-C or SIGTERM is a requested stop, exit 0; an embedded Ray is always shut down.
+traceback (and Ray's log dir); Ctrl-C or SIGTERM stops the work cleanly and exits 130 or 143 (128 + the signal: it did
+not finish), with one line saying what was kept; an embedded Ray is always shut down.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import signal
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
 
+from cluster.stopping import interrupted_exit_status, stop_on_sigterm, stop_signal
 from workloads.config import RecipeError
 
 EXIT_BAD_RECIPE = 2
@@ -74,10 +75,19 @@ def report_failure(exc: BaseException) -> None:
     print(f"llmc: traceback in {handle.name}" + (f"; Ray's logs in {logs}" if logs else ""), file=sys.stderr)
 
 
+def report_interrupt(exc: KeyboardInterrupt, prefix: str = "[llmc]") -> int:
+    """The line an interrupted command ends with (the signal, and what the work kept: the exception's notes, added
+    on its way out), and the exit status that says it did not finish."""
+    kept = "; ".join(getattr(exc, "__notes__", ()))
+    print(f"{prefix} interrupted by {stop_signal().name} before it finished" + (f": {kept}" if kept else ""),
+          file=sys.stderr, flush=True)
+    return interrupted_exit_status()
+
+
 def run_entrypoint(command: Callable[[], int], verbose: bool = False) -> int:
     """Run a command as an entry point: its exit status, with errors and stops handled as the module says."""
     set_output(verbose)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C's path; cluster.runtime renews it after ray.init
+    stop_on_sigterm()  # Ctrl-C's path; cluster.runtime renews it after ray.init
     try:
         return command()
     except RecipeError as exc:
@@ -88,9 +98,8 @@ def run_entrypoint(command: Callable[[], int], verbose: bool = False) -> int:
             raise
         report_failure(exc)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.runtime makes it take this path): a requested stop
-        print("[llmc] stopped", file=sys.stderr, flush=True)
-        return 0
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM taking its path: the work stopped cleanly, unfinished
+        return report_interrupt(exc)
     finally:
         if "cluster.runtime" in sys.modules:  # Ray was used: disconnect, and stop an embedded Ray entirely
             sys.modules["cluster.runtime"].shutdown()

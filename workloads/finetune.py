@@ -224,7 +224,7 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
         tracking.reset(recipe.tracking, run_dir)
     print(f"[llmc] run {recipe.run.name}: dashboard {cluster_train.run_url() or '(none)'}", flush=True)
     started = time.perf_counter()
-    with _say_where_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
+    with note_checkpoints_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
             reporting.TrainProgress(prepared.total_steps) as progress:
         result = fit(recipe, run_dir, prepared, resume_from=resume_from, resume=resume, on_report=progress.update)
     wall = time.perf_counter() - started
@@ -346,13 +346,14 @@ def _continues(resume_from: str | None, location: str) -> bool:
 
 
 @contextlib.contextmanager
-def _say_where_on_stop(checkpoints: str) -> Iterator[None]:
-    """A requested stop (Ctrl-C, SIGTERM) aborts the run and keeps its checkpoints: say where, then let it through."""
+def note_checkpoints_on_stop(checkpoints: str) -> Iterator[None]:
+    """A requested stop (Ctrl-C, SIGTERM) aborts the run and keeps its checkpoints: the KeyboardInterrupt goes on
+    with a note saying where (the entry point's last line; fine-tuning's and align's runs)."""
     try:
         yield
-    except KeyboardInterrupt:
-        print(f"[llmc] training stopped; its checkpoints stay in {checkpoints} "
-              "(continue with --set run.resume_from=latest)", flush=True)
+    except KeyboardInterrupt as exc:
+        exc.add_note(f"training stopped; its checkpoints stay in {checkpoints} (continue with "
+                     "--set run.resume_from=latest)")
         raise
 
 
@@ -418,7 +419,7 @@ def write_outputs(recipe: FinetuneRecipe, run_dir: Path, model_path: str, result
     shutil.copytree((best or result.checkpoint_dir) / "model", artifact)
     merged = None
     if is_adapter and recipe.run.merge_adapter:
-        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
+        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", recipe.model))
     train_seconds = sum(r["step_seconds"] for r in history)
     total = state["total_steps"]
     summary = {

@@ -289,13 +289,20 @@ def attach_lora(model, cfg: LoraConfig, quantized: bool = False, gradient_checkp
     return get_peft_model(model, peft_lora_config(cfg))
 
 
-def merge_adapter(base_path: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Write base+adapter as one plain model. Merges into a full-precision base, never a 4-bit one."""
+MERGED_FROM = "merged_from.json"  # beside a merged model: the base (and its revision) and the adapter it holds
+
+
+def merge_adapter(base_path: str, adapter_dir: str | Path, out_dir: str | Path, model: ModelConfig) -> Path:
+    """Write base+adapter as one plain model, as the recipe's `model` trained it: the base at `model.revision` in
+    `model.dtype` (full precision, never 4-bit), the tokenizer with `model.chat_template` when set (the template
+    training rendered chats with), and MERGED_FROM naming base, revision and adapter."""
     from peft import PeftModel
 
-    base = load_model(base_path, dtype=dtype)
+    base = load_model(base_path, dtype=model.dtype, revision=model.revision)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(out)
-    load_tokenizer(base_path).save_pretrained(out)
+    load_tokenizer(base_path, model.revision, model.chat_template).save_pretrained(out)
+    (out / MERGED_FROM).write_text(json.dumps({"base_model": base_path, "revision": model.revision,
+                                               "adapter": str(Path(adapter_dir).resolve())}, indent=2))
     return out

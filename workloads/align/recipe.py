@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from workloads.align.rewards import import_function, resolve_function, term_name
+from workloads.align.rewards import check_arguments, check_function, term_name
 from workloads.config import (
     RECIPES,
     DeepSpeedConfig,
@@ -128,8 +128,9 @@ class DpoOptions(StrictModel):
 class RewardTerm(StrictModel):
     """One term of the reward: a function (built-in or `module:function`) or a trained reward model, weighted.
 
-    A function is called as `fn(prompt, completion, reference, **args) -> float` (workloads.align.rewards); it is
-    imported and its signature checked when the recipe is validated.
+    A function is called as `fn(prompt, completion, reference, **args) -> float` (workloads.align.rewards). The
+    recipe is checked without running it: the module's source must define the function (and a plain `def` take the
+    args); it is imported only when the run starts.
     """
 
     function: str | None = Field(
@@ -154,15 +155,15 @@ class RewardTerm(StrictModel):
                                  "adapter_config.json)")
             if self.args:
                 raise ValueError("args are for a function; a reward model takes none")
-        else:
-            resolve_function(str(self.function), self.args)  # its signature, with the args given
+        elif (signature := check_function(str(self.function))) is not None:
+            check_arguments(str(self.function), signature, self.args)  # its parameters, with the args given
         return self
 
     @field_validator("function")
     @classmethod
     def _imports(cls, value: str | None) -> str | None:
         if value is not None:
-            import_function(value)  # a missing module or function fails here, naming this field
+            check_function(value)  # a missing module or function fails here, naming this field (nothing runs)
         return value
 
 

@@ -176,7 +176,7 @@ def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, state: di
     artifact = run_dir / ("adapter" if recipe.train.method == "lora" else "model")
     merged = None
     if recipe.run.merge_adapter:
-        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
+        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", recipe.model))
     summary = summarize(recipe, rows, state)
     summary |= {"model": recipe.model.name, "base_model_path": model_path, "train_method": recipe.train.method,
                 "start_adapter": recipe.rl.adapter, "wall_seconds": wall, "artifact": str(artifact),

@@ -14,8 +14,9 @@ from cluster import train as cluster_train
 from workloads import multinode, reporting
 from workloads.align.preference import split_pairs
 from workloads.align.recipe import RL_METHODS, AlignRecipe
+from workloads.align.rewards import import_rewards
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
-from workloads.finetune import refuse_to_replace, worker_scaling
+from workloads.finetune import note_checkpoints_on_stop, refuse_to_replace, worker_scaling
 from workloads.models import load_tokenizer, merge_adapter, resolve_model_path
 
 # What each method's curves show beside the loss: (train metric, held-out metric, axis label).
@@ -32,8 +33,11 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
     refuse_to_replace(run_dir, recipe.run, overwrite, resumable=recipe.method in RL_METHODS)
     if recipe.method in RL_METHODS:
         from workloads.align import rl_run
+        from workloads.align.rl_checkpoints import checkpoint_dir
 
-        return rl_run.run(recipe, run_dir, address)
+        import_rewards(recipe.rewards)  # the run starts: only now does a reward module's code run
+        with note_checkpoints_on_stop(str(checkpoint_dir(recipe, run_dir))):
+            return rl_run.run(recipe, run_dir, address)
     train, held_out = split_pairs(recipe.data, recipe.train.seed)  # bad pairs fail here, naming field and row
     model_path = resolve_model_path(recipe.model)
     load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)  # a missing model fails here
@@ -45,7 +49,8 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
     multinode.check_training(recipe.run.storage_path, storage, model_path)
     started = time.perf_counter()
-    with reporting.TrainProgress(recipe.train.max_steps, description=recipe.method) as progress:
+    with note_checkpoints_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
+            reporting.TrainProgress(recipe.train.max_steps, description=recipe.method) as progress:
         result = cluster_train.fit(
             train_worker, {"recipe": recipe.model_dump(mode="json"), "model_path": model_path},
             name=recipe.run.name, storage_path=storage, scaling=worker_scaling(recipe),  # type: ignore[arg-type]
@@ -67,7 +72,7 @@ def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, checkpoin
     shutil.copytree(checkpoint / MODEL_DIR, artifact)
     merged = None
     if recipe.run.merge_adapter:
-        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", dtype=recipe.model.dtype))
+        merged = str(merge_adapter(model_path, artifact, run_dir / "merged", recipe.model))
     summary = {"method": recipe.method, **method_summary(recipe, state, initial, final),
                "initial_eval_loss": initial["eval_loss"], "final_eval_loss": final["eval_loss"],
                "initial_train_loss": history[0]["loss"], "final_train_loss": history[-1]["loss"],
