@@ -72,9 +72,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """A directory or hub id for `from_pretrained`; builds the tiny model on first use."""
-    if cfg.name == "tiny":
+    """A directory or hub id for `from_pretrained`; builds the tiny model, or converts a real model's GGUF, on first
+    use."""
+    from workloads.real_models import resolve_gguf_model
+
+    if cfg.name == "tiny" and cfg.gguf is None:
         return str(build_tiny_model(cfg.tiny))
+    if (converted := resolve_gguf_model(cfg.name, cfg.gguf)) is not None:
+        return converted
     local = Path(cfg.name).expanduser()
     return str(local.resolve()) if local.exists() else cfg.name
 
