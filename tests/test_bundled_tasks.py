@@ -7,7 +7,7 @@ import json
 import re
 
 from workloads.bundled import make_tasks
-from workloads.bundled.make_tasks import SPLITS, TASKS, generate, task_path
+from workloads.bundled.make_tasks import SPLITS, TASKS, generate, preference_pairs, preference_path, task_path
 
 
 def _rows(task: str, split: str) -> list[dict]:
@@ -21,6 +21,10 @@ def test_the_committed_files_are_what_the_generator_writes():
             rows = _rows(task, split)
             assert rows == generated[task][split] and len(rows) == n
             assert len({r["input"] for r in rows}) == n  # no case twice within a split
+    for split in ("train", "test"):
+        pairs = [json.loads(line) for line in preference_path(split).read_text().splitlines()]
+        assert pairs == preference_pairs(generated["sentiment"][split])
+        assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
 
 
 def _entities(task: str, row: dict) -> set[str]:

@@ -6,7 +6,8 @@ own fields) in `<task>_{train,dev,test}.jsonl`:
 - `sentiment`: a short product review -> `positive` or `negative`;
 - `word_problems`: a one-step word problem (add or take away) -> a worked line ending in the number;
 - `addition`: two 2-digit numbers -> `a + b = s`.
-The splits share no entity (names, products, objects, operand pairs) and no sentence template, so a few-shot
+`sentiment_preference_{train,test}.jsonl` holds the sentiment rows as preference pairs (the right label chosen, the
+other rejected) for reward models and DPO. The splits share no entity (names, products, objects, operand pairs) and no sentence template, so a few-shot
 demonstration or a fine-tune on train says nothing about a test item's particulars.
 """
 
@@ -153,6 +154,18 @@ def task_path(task: str, split: str) -> Path:
     return HERE / f"{task}_{split}.jsonl"
 
 
+def preference_pairs(rows: list[dict]) -> list[dict]:
+    """Sentiment rows as DPO / reward-model pairs: the question, the right label chosen, the other rejected."""
+    other = {"positive": "negative", "negative": "positive"}
+    return [{"prompt": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
+             "chosen": [{"role": "assistant", "content": r["label"]}],
+             "rejected": [{"role": "assistant", "content": other[r["label"]]}]} for r in rows]
+
+
+def preference_path(split: str) -> Path:
+    return HERE / f"sentiment_preference_{split}.jsonl"
+
+
 def main() -> None:
     for task, splits in generate().items():
         for split, rows in splits.items():
@@ -160,6 +173,10 @@ def main() -> None:
                      for r in rows]
             task_path(task, split).write_text("\n".join(lines) + "\n")
             print(f"{task_path(task, split).name}: {len(rows)} rows")
+            if task == "sentiment" and split != "dev":
+                pairs = preference_pairs(rows)
+                preference_path(split).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+                print(f"{preference_path(split).name}: {len(pairs)} pairs")
 
 
 if __name__ == "__main__":
