@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from workloads.bundled.make_tasks import TASKS
 from workloads.config import ModelConfig, RecipeError, load_recipe
-from workloads.models import resolve_model_path
+from workloads.models import read_skill_card, resolve_model_path
 from workloads.real_models import NAMED_MODELS, SOURCE_CARD, ModelSourceError, converted_dir, named_gguf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +41,8 @@ def test_smollm2_by_name_is_converted_once_and_answers_a_factual_question(smollm
     before = weights.stat().st_mtime_ns
     assert resolve_model_path(ModelConfig(name="smollm2-135m")) == str(smollm2_dir)  # cached, not converted again
     assert weights.stat().st_mtime_ns == before
+    skills = read_skill_card(smollm2_dir)  # the measured card in the repository, found by the file's digest
+    assert skills["model"] == "smollm2-135m" and set(skills["tasks"]) == set(TASKS)
     rendered, reply = _greedy_reply(smollm2_dir, "What is the capital of Japan?")
     assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
     assert "Tokyo" in reply, reply

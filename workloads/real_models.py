@@ -166,17 +166,22 @@ def _convert(gguf_path: Path, digest: str, target: Path) -> None:
         card = {"gguf": name, "sha256": digest, "converter_version": CONVERTER_VERSION, **facts,
                 "parameters": sum(p.numel() for p in model.parameters())}
         (staging / SOURCE_CARD).write_text(json.dumps(card, indent=2) + "\n")
-        named = [n for n, spec in NAMED_MODELS.items() if spec.sha256 == digest]
-        if named and (SKILL_CARDS / f"{named[0]}.json").exists():
-            from workloads.models import SKILL_CARD
-
-            shutil.copy(SKILL_CARDS / f"{named[0]}.json", staging / SKILL_CARD)
         for path in staging.iterdir():  # save_pretrained writes 0600; a shared cache is read by other users' jobs
             os.chmod(path, 0o644)
         os.chmod(staging, 0o755)
         staging.rename(target)  # atomic: a reader never sees a half-written model
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def named_skill_card(model_dir: str | Path) -> Path | None:
+    """The measured skill card (scripts/measure_skills.py) of a converted named model, found by its digest."""
+    source = Path(model_dir) / SOURCE_CARD
+    if not source.exists():
+        return None
+    digest = json.loads(source.read_text())["sha256"]
+    card = next((SKILL_CARDS / f"{n}.json" for n, spec in NAMED_MODELS.items() if spec.sha256 == digest), None)
+    return card if card is not None and card.exists() else None
 
 
 def resolve_gguf_model(name: str | None, gguf_path: str | None) -> str | None:
