@@ -7,8 +7,9 @@ own fields) in `<task>_{train,dev,test}.jsonl`:
 - `word_problems`: a one-step word problem (add or take away) -> a worked line ending in the number;
 - `addition`: two 2-digit numbers -> `a + b = s`.
 `sentiment_preference_{train,test}.jsonl` holds the sentiment rows as preference pairs (the right label chosen, the
-other rejected) for reward models and DPO. The splits share no entity (names, products, objects, operand pairs) and no sentence template, so a few-shot
-demonstration or a fine-tune on train says nothing about a test item's particulars.
+other rejected) for reward models and DPO. The splits share no entity (names, products, objects, operand pairs) and
+no sentence template, so a few-shot demonstration or a fine-tune on train says nothing about a test item's
+particulars.
 """
 
 from __future__ import annotations
