@@ -4,9 +4,10 @@
                                                              # rewrite the README's blocks
     python scripts/readme_numbers.py                         # rewrite the blocks from bench/results/*.json
 
-The benchmark block comes from `bench/results/finetune.json`, `serve.json` and `prompt.json` (the sentences are
-written by `bench.finetune_report`, `bench.serve_report` and `bench.prompt_bench`); `python -m bench.finetune_bench`,
-`bench.serve_bench` and `bench.prompt_bench` rewrite it after a full run.
+The real model's skill table comes from its card (`workloads/bundled/skill_cards/smollm2-135m.json`, written by
+`scripts/measure_skills.py`). The benchmark block comes from `bench/results/finetune.json`, `serve.json` and
+`prompt.json` (the sentences are written by `bench.finetune_report`, `bench.serve_report` and `bench.prompt_bench`);
+`python -m bench.finetune_bench`, `bench.serve_bench` and `bench.prompt_bench` rewrite it after a full run.
 
 A demo run holds its answers (`demo_answers.json`) and its fine-tuning summary, which names the base model whose
 `skill.json` has the pretraining and the measured skill.
@@ -26,6 +27,8 @@ README = REPO / "README.md"
 BEGIN, END = "<!-- demo-numbers:begin (scripts/readme_numbers.py) -->", "<!-- demo-numbers:end -->"
 BENCH_BEGIN, BENCH_END = "<!-- bench-numbers:begin (scripts/readme_numbers.py) -->", "<!-- bench-numbers:end -->"
 BENCH_RESULTS = tuple(REPO / "bench" / "results" / f"{name}.json" for name in ("finetune", "serve", "prompt"))
+SKILLS_BEGIN, SKILLS_END = "<!-- skills:begin (scripts/readme_numbers.py) -->", "<!-- skills:end -->"
+SKILL_CARD = REPO / "workloads" / "bundled" / "skill_cards" / "smollm2-135m.json"
 
 
 def record(run_dir: Path) -> dict:
@@ -113,6 +116,15 @@ def rewrite_bench_block() -> None:
     print(f"rewrote the benchmark numbers in {README.relative_to(REPO)}")
 
 
+def rewrite_skills(readme: str, card: dict) -> str:
+    """`readme` with the real model's skill table (scripts/measure_skills.py's card) between the skills markers."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from scripts.measure_skills import table
+
+    return _replace_block(readme, SKILLS_BEGIN, SKILLS_END, table(card).rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-run", type=Path, help="a demo run directory to record first (e.g. runs/demo)")
@@ -123,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     README.write_text(rewrite(README.read_text(), json.loads(RESULTS.read_text())))
     print(f"rewrote the demo numbers in {README.relative_to(REPO)}")
     rewrite_bench_block()
+    README.write_text(rewrite_skills(README.read_text(), json.loads(SKILL_CARD.read_text())))
     return 0
 
 

@@ -80,6 +80,15 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF in its PyPI wheel (about 30 s the first time on a machine)."""
+    from workloads.config import ModelConfig
+    from workloads.models import resolve_model_path
+
+    return Path(resolve_model_path(ModelConfig(name="smollm2-135m")))
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tiny_model_dir) -> RayCluster:
     """A local head node with 8 logical CPUs (training workers, Serve ingress and engines share it).
 

@@ -169,10 +169,12 @@ def test_library_errors_name_the_field_and_allowed_values(tmp_path):
     ({"type": "json_schema", "schema": {"type": "object", "required": ["sum"],
                                         "properties": {"sum": {"type": "integer"}}}},
      'Here: ```json\n{"sum": 89}\n```', '{"sum": "89"}'),
+    ({"type": "json_match", "reference_field": "record"}, 'Sure: {"name": "Ana Lund", "age": 41}',
+     '{"name": "Ana Lund", "age": "41"}'),
 ])
 def test_scorers_on_positive_and_negative_cases(spec, good, bad):
     scorer = build_scorer(spec)
-    case = CASE | {"value": 3.14159, "label": "positive"}
+    case = CASE | {"value": 3.14159, "label": "positive", "record": '{"name": "Ana Lund", "age": 41}'}
     assert scorer(good, case) == 1.0
     assert scorer(bad, case) == 0.0
     assert scorer("", case) == 0.0
@@ -188,7 +190,8 @@ def test_scorer_helpers():
 
 
 def test_scorer_recipe_errors_name_the_field_and_allowed_values():
-    with pytest.raises(ScorerError, match="field 'type': got 'fuzzy'; allowed: choice, contains, exact, json_schema"):
+    allowed = "allowed: choice, contains, exact, json_match, json_schema"
+    with pytest.raises(ScorerError, match=f"field 'type': got 'fuzzy'; {allowed}"):
         build_scorer({"type": "fuzzy"})
     with pytest.raises(ScorerError, match="field 'tolerance': got -1"):
         build_scorer({"type": "numeric", "tolerance": -1})

@@ -18,3 +18,10 @@ def test_the_readme_bench_numbers_are_the_committed_results():
     results = [json.loads(path.read_text()) for path in BENCH_RESULTS]
     readme = README.read_text()
     assert rewrite_bench(readme, *results) == readme, "run: python scripts/readme_numbers.py"
+
+
+def test_the_readme_real_model_skills_are_the_measured_card():
+    from scripts.readme_numbers import SKILL_CARD, rewrite_skills
+
+    readme = README.read_text()
+    assert rewrite_skills(readme, json.loads(SKILL_CARD.read_text())) == readme, "run: python scripts/readme_numbers.py"

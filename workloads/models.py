@@ -72,9 +72,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """A directory or hub id for `from_pretrained`; builds the tiny model on first use."""
-    if cfg.name == "tiny":
+    """A directory or hub id for `from_pretrained`; builds the tiny model, or converts a real model's GGUF, on first
+    use."""
+    from workloads.real_models import resolve_gguf_model
+
+    if cfg.name == "tiny" and cfg.gguf is None:
         return str(build_tiny_model(cfg.tiny))
+    if (converted := resolve_gguf_model(cfg.name, cfg.gguf)) is not None:
+        return converted
     local = Path(cfg.name).expanduser()
     return str(local.resolve()) if local.exists() else cfg.name
 
@@ -111,9 +116,14 @@ def tiny_model_path(cfg: TinyModelConfig) -> Path:
 
 
 def read_skill_card(model_dir: str | Path) -> dict | None:
-    """The tiny model's measured skill (`skill.json` beside its weights); None for other models."""
+    """A model's measured skill: the tiny model's `skill.json` beside its weights, a named real model's card from
+    the repository (workloads/bundled/skill_cards); None for other models."""
+    from workloads.real_models import named_skill_card
+
     path = Path(model_dir) / SKILL_CARD
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        path = named_skill_card(model_dir)
+    return json.loads(path.read_text()) if path is not None else None
 
 
 def _build_into(cfg: TinyModelConfig, target: Path) -> None:

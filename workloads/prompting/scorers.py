@@ -220,6 +220,24 @@ class JsonSchemaScorer(_Scorer):
         return float(jsonschema.validators.validator_for(self.json_schema)(self.json_schema).is_valid(value))
 
 
+class JsonMatchScorer(_Scorer):
+    """1 when the prediction holds JSON (`parse_json_reply`) equal to the reference's (a JSON text or a value):
+    strict extraction, every field and type right, nothing extra."""
+
+    type: Literal["json_match"] = "json_match"
+
+    def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
+        expected = self._reference(case)
+        try:
+            expected = json.loads(expected) if isinstance(expected, str) else expected
+        except ValueError:
+            raise ScorerError(f"scorer json_match: reference {expected!r} is not JSON") from None
+        try:
+            return float(parse_json_reply(prediction) == expected)
+        except ValueError:
+            return 0.0
+
+
 _JUDGE_SYSTEM = "You grade answers strictly against a rubric. Reply with a line 'Score: N' and nothing after it."
 
 
@@ -279,12 +297,14 @@ class BoundJudge:
 
 
 ScorerConfig = Annotated[
-    ExactScorer | ContainsScorer | RegexScorer | NumericScorer | ChoiceScorer | JsonSchemaScorer | JudgeScorer,
+    ExactScorer | ContainsScorer | RegexScorer | NumericScorer | ChoiceScorer | JsonSchemaScorer | JsonMatchScorer
+    | JudgeScorer,
     Field(discriminator="type"),
 ]  # for recipe schemas that embed a scorer
 SCORER_TYPES: dict[str, type[_Scorer]] = {
     cls.model_fields["type"].default: cls
-    for cls in (ExactScorer, ContainsScorer, RegexScorer, NumericScorer, ChoiceScorer, JsonSchemaScorer, JudgeScorer)
+    for cls in (ExactScorer, ContainsScorer, RegexScorer, NumericScorer, ChoiceScorer, JsonSchemaScorer,
+                JsonMatchScorer, JudgeScorer)
 }
 Scorer = Callable[[str, Mapping[str, Any]], float]
 
