@@ -8,15 +8,10 @@ import json
 import pytest
 import yaml
 
+from workloads.answers import canonical_answer, last_number
 from workloads.bundled.make_arithmetic import INSTRUCTION, task_prompt
-from workloads.prompting.consistency import AnswerExtraction, canonical_answer, extract_answer, majority_vote, vote
-from workloads.prompting.scorers import (
-    ScorerError,
-    build_scorer,
-    last_number,
-    pick_label,
-    wilson_interval,
-)
+from workloads.prompting.consistency import AnswerExtraction, extract_answer, majority_vote, vote
+from workloads.prompting.scorers import pick_label, wilson_interval
 from workloads.prompting.templates import (
     KINDS,
     Lineage,
@@ -26,6 +21,7 @@ from workloads.prompting.templates import (
     save_version,
     select_demonstrations,
 )
+from workloads.scoring import ScorerError, build_scorer
 
 CASE = {"instruction": INSTRUCTION, "input": "17 + 72", "output": "The sum of 17 and 72 is 89."}
 
@@ -188,7 +184,8 @@ def test_scorer_helpers():
 
 
 def test_scorer_recipe_errors_name_the_field_and_allowed_values():
-    with pytest.raises(ScorerError, match="field 'type': got 'fuzzy'; allowed: choice, contains, exact, json_schema"):
+    with pytest.raises(ScorerError, match="field 'type': got 'fuzzy'; allowed: choice, contains, exact, "
+                                          "final_number, json_schema"):
         build_scorer({"type": "fuzzy"})
     with pytest.raises(ScorerError, match="field 'tolerance': got -1"):
         build_scorer({"type": "numeric", "tolerance": -1})

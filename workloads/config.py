@@ -426,8 +426,10 @@ class EvalConfig(StrictModel):
     )
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Most tokens generated per reply.")
     scorer: Literal["final_number", "exact"] = Field(
-        "final_number", description="final_number: the reply's last integer equals the reference's (arithmetic, "
-        "GSM8K-style answers); exact: reply and reference are equal after stripping whitespace."
+        "final_number", description="A scorer of workloads.scoring's registry. final_number: the reply's answer "
+        "number (after '#### ', 'Answer:' or 'The answer is', else its last number; sign, thousands commas and "
+        "decimals read) equals the reference's (arithmetic, GSM8K-style answers); exact: reply and reference are "
+        "equal ignoring case, punctuation and spacing."
     )
     metric: Literal["eval_loss", "eval_perplexity", "eval_exact_match"] = Field(
         "eval_loss", description="What early stopping and keep_best follow; lower is better for eval_loss and "

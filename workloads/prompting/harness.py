@@ -21,8 +21,9 @@ from workloads.prompting.client import AsyncLLMClient, Result
 from workloads.prompting.consistency import AnswerExtraction, majority_vote
 from workloads.prompting.endpoint import Endpoint
 from workloads.prompting.recipe import EvalRecipe, TestSetConfig, VariantConfig
-from workloads.prompting.scorers import Scorer, build_scorer, wilson_interval
+from workloads.prompting.scorers import wilson_interval
 from workloads.prompting.templates import PromptLibrary, PromptTemplate, load_library, select_demonstrations
+from workloads.scoring import Scorer, build_scorer
 
 PASS_SCORE = 0.5  # a case passes when its first scorer gives at least this (exact scorers give 0 or 1)
 
