@@ -148,14 +148,14 @@ class _DatasetSource(StrictModel):
     @field_validator("path", "eval_path")
     @classmethod
     def _file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not _paths_checked(info) and resolve_path(value) is None:
+        if value is not None and not paths_checked(info) and resolve_path(value) is None:
             raise ValueError(f"file not found (looked in {Path.cwd()} and {REPO_ROOT})")
         return value
 
     @field_validator("data_files")
     @classmethod
     def _files_match(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        missing = [pattern for pattern in value or [] if not _paths_checked(info) and not resolve_files(pattern)]
+        missing = [pattern for pattern in value or [] if not paths_checked(info) and not resolve_files(pattern)]
         if missing:
             raise ValueError(f"no file matches {missing} (looked in {Path.cwd()} and {REPO_ROOT})")
         return value
@@ -281,7 +281,8 @@ _FALLBACKS_SAID: set[str] = set()
 PATHS_CHECKED = {"paths_checked": True}
 
 
-def _paths_checked(info: ValidationInfo) -> bool:
+def paths_checked(info: ValidationInfo) -> bool:
+    """Whether a validator is told (`PATHS_CHECKED`) that the driver has already looked its paths up."""
     return bool(info.context and info.context.get("paths_checked"))
 
 
