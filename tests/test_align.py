@@ -116,6 +116,19 @@ def test_bad_align_recipe_is_refused_naming_the_field():
         assert f"field '{field}'" in str(info.value) and said in str(info.value), str(info.value)
 
 
+def test_a_worker_takes_the_pairs_the_driver_checked_without_looking_for_the_files():
+    """The driver hands its checked rows to the TRL workers (`fit(shared=...)`); a worker, maybe on another node
+    where the data files do not exist, validates the recipe with its paths already checked."""
+    from workloads.align.recipe import AlignRecipe
+    from workloads.config import PATHS_CHECKED, RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="field 'data.path'.*file not found"):
+        load_recipe(CONFIGS / "tiny-dpo.yaml", ["data.path=/on/the/driver/only.jsonl"], kind="align")
+    sent = load_recipe(CONFIGS / "tiny-dpo.yaml", kind="align").model_dump(mode="json")
+    sent["data"] |= {"path": "/on/the/driver/only.jsonl", "eval_path": "/on/the/driver/held-out.jsonl"}
+    assert AlignRecipe.model_validate(sent, context=PATHS_CHECKED).data.path == "/on/the/driver/only.jsonl"
+
+
 def test_bad_align_recipe_exits_2_before_any_work(tmp_path):
     """Through the CLI: a method that does not fit the data, and a data file whose rows lack a key: exit 2 naming
     the field, no Ray started, no run directory."""

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
+from workloads.answers import final_number
 from workloads.config import DataConfig
 from workloads.data import IGNORE_INDEX, build_datasets, collate, load_records, pack, tokenize_chat, write_jsonl
 from workloads.models import load_tokenizer
-from workloads.scoring import final_number
 
 
 @pytest.fixture(scope="module")

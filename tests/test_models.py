@@ -23,9 +23,9 @@ def test_tiny_model_is_cached_and_loads_with_from_pretrained(tiny_model_dir):
 
 
 def test_tiny_model_can_add_in_its_own_phrasing_but_not_in_the_bundled_tasks(tiny_model_dir):
+    from workloads.answers import final_number
     from workloads.bundled.make_arithmetic import pretraining_prompt, split_pairs, task_prompt
     from workloads.pretrain import greedy_answers
-    from workloads.scoring import final_number
 
     card = read_skill_card(tiny_model_dir)
     assert card["held_out_own_phrasing"]["accuracy"] >= 0.9, card

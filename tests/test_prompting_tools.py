@@ -20,6 +20,7 @@ from starlette.routing import Route
 from workloads.bundled.make_arithmetic import REACT_SYSTEM
 from workloads.objectstore import free_port
 from workloads.prompting.client import AdaptiveLimiter, AsyncLLMClient, request_key
+from workloads.prompting.harness import _run_agents
 from workloads.prompting.react import (
     arun_react,
     parse_reply,
@@ -27,6 +28,7 @@ from workloads.prompting.react import (
     run_react,
     run_tool_calling,
 )
+from workloads.prompting.recipe import VariantConfig
 from workloads.prompting.tools import (
     CalculatorLimits,
     CorpusSearch,
@@ -247,6 +249,7 @@ class _Server:
         self.arrays = True
         self.models: list[dict] | None = list(_MODELS)  # the `/v1/models` cards; None: the route answers 404
         self.models_read = 0
+        self.sent_usage: dict[str, list[tuple[int, int]]] | None = None  # question -> usage sent, when recorded
         app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                 Route("/v1/completions", self.completions, methods=["POST"]),
                                 Route("/v1/models", self.list_models, methods=["GET"])])
@@ -258,9 +261,11 @@ class _Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def reset(self, script: list[int] = (), arrays: bool = True) -> None:
+    def reset(self, script: list[int] = (), arrays: bool = True, sent_usage: bool = False) -> None:
+        """`sent_usage`: each chat answer's usage is its messages' and reply's lengths, recorded by question."""
         self.script, self.received, self.max_in_flight, self.arrays = list(script), 0, 0, arrays
         self.models, self.models_read = list(_MODELS), 0
+        self.sent_usage = {} if sent_usage else None
 
     async def list_models(self, request: Request) -> JSONResponse:
         self.models_read += 1
@@ -278,9 +283,15 @@ class _Server:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(0.01)
+            usage = (5, 3)
+            if self.sent_usage is not None and "messages" in body:
+                usage = (sum(len(m["content"] or "") for m in body["messages"]),
+                         sum(len(c["message"]["content"]) for c in choices))
+                question = next(m["content"] for m in body["messages"] if m["role"] == "user")
+                self.sent_usage.setdefault(question, []).append(usage)
             return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": choices,
-                                 "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+                                 "choices": choices, "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                                                               "total_tokens": sum(usage)}})
         finally:
             self.in_flight -= 1
 
@@ -458,6 +469,28 @@ def test_client_completions_and_react_through_the_endpoint(server: _Server, tmp_
     assert result.final_answer == "42" and result.tool_calls == 1
     with pytest.raises(ValueError, match="exactly one of"):
         client.run_all([{"model": "tiny"}])
+    client.close()
+
+
+def test_concurrent_agent_episodes_count_only_their_own_tokens(server: _Server, tmp_path: Path) -> None:
+    """Episodes run side by side on one client; each reports the usage of its own responses (the server's usage
+    differs per response), and together they make the client's totals."""
+    server.reset(sent_usage=True)
+    client = _client(server, tmp_path, cache=False)
+    questions = [f"What is 40 + 2?{' Please.' * i}" for i in range(6)]
+    requests = [{"model": "tiny", "temperature": 0.0, "max_tokens": 32,
+                 "messages": [{"role": "system", "content": REACT_SYSTEM}, {"role": "user", "content": q}]}
+                for q in questions]
+    variant = VariantConfig(name="agent", prompt="arithmetic-react", agent="react", max_steps=3)
+    results = _run_agents(client, variant, requests, {})
+    assert [r.text for r in results] == ["42"] * 6 and server.max_in_flight > 1  # they did overlap
+    for question, result in zip(questions, results, strict=True):
+        sent = server.sent_usage[question]
+        assert len(sent) == 2  # the action, then the final answer
+        assert (result.prompt_tokens, result.completion_tokens) == tuple(map(sum, zip(*sent, strict=True)))
+    assert len({r.prompt_tokens for r in results}) == 6  # each its own, not one shared difference
+    assert sum(r.prompt_tokens for r in results) == client.stats.prompt_tokens
+    assert sum(r.completion_tokens for r in results) == client.stats.completion_tokens
     client.close()
 
 

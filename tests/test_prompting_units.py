@@ -8,15 +8,10 @@ import json
 import pytest
 import yaml
 
+from workloads.answers import canonical_answer, last_number
 from workloads.bundled.make_arithmetic import INSTRUCTION, task_prompt
-from workloads.prompting.consistency import AnswerExtraction, canonical_answer, extract_answer, majority_vote, vote
-from workloads.prompting.scorers import (
-    ScorerError,
-    build_scorer,
-    last_number,
-    pick_label,
-    wilson_interval,
-)
+from workloads.prompting.consistency import AnswerExtraction, extract_answer, majority_vote, vote
+from workloads.prompting.scorers import pick_label, wilson_interval
 from workloads.prompting.templates import (
     KINDS,
     Lineage,
@@ -26,6 +21,7 @@ from workloads.prompting.templates import (
     save_version,
     select_demonstrations,
 )
+from workloads.scoring import ScorerError, build_scorer
 
 CASE = {"instruction": INSTRUCTION, "input": "17 + 72", "output": "The sum of 17 and 72 is 89."}
 
@@ -190,7 +186,7 @@ def test_scorer_helpers():
 
 
 def test_scorer_recipe_errors_name_the_field_and_allowed_values():
-    allowed = "allowed: choice, contains, exact, json_match, json_schema"
+    allowed = "allowed: choice, contains, exact, final_number, json_match, json_schema"
     with pytest.raises(ScorerError, match=f"field 'type': got 'fuzzy'; {allowed}"):
         build_scorer({"type": "fuzzy"})
     with pytest.raises(ScorerError, match="field 'tolerance': got -1"):

@@ -66,7 +66,7 @@ def test_reward_terms_are_weighted_and_kept_apart(tmp_path, monkeypatch):
     ("nosuch_pkg.rewards:fn", "module 'nosuch_pkg' not found"),
     ("workloads.scoring:no_such_fn", "module 'workloads.scoring' has no 'no_such_fn'"),
     ("workloads.scoring:SCORERS", "is not callable (a dict)"),
-    ("workloads.scoring:final_number", "cannot be called as fn(prompt, completion, reference, **args)"),
+    ("workloads.answers:final_number", "cannot be called as fn(prompt, completion, reference, **args)"),
     ("exact", "not a built-in reward (exact_answer, format, length_penalty)"),
     ("workloads.scoring:", "expected module:function"),
 ])
@@ -105,7 +105,7 @@ RL_SCHEMA_ERRORS = {  # override -> (field named, what the message says)
         ("rewards.1.function", "'workloads.scoring:nope': module 'workloads.scoring' has no 'nope'"),
     "rewards=[{function: length_penalty, args: {limit: 5, unit: chars}}]":
         ("rewards.0", "got an unexpected keyword argument 'unit'"),
-    "rewards=[{function: 'workloads.scoring:final_number_match'}]":
+    "rewards=[{function: 'workloads.scoring:build_scorer'}]":
         ("rewards.0", "cannot be called as fn(prompt, completion, reference, **args)"),
     "rewards=[{function: exact_answer, model: runs/rm}]": ("rewards.0", "exactly one of function or model"),
     "rewards=[{model: no/such/dir}]": ("rewards.0", "not a saved reward model"),

@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 from tests.conftest import ALLOWED_ORIGIN, REPO, Server, run_llmc
+from workloads.answers import final_number
 from workloads.config import load_recipe
 from workloads.plan import serve_plan
 from workloads.reporting import percentile
-from workloads.scoring import final_number
 
 RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 GPU_RECIPE = REPO / "workloads/configs/llama3-8b-serve.yaml"
@@ -208,8 +208,8 @@ def test_adapter_by_name_answers_differently_from_the_base_model(server):
 def test_the_grpo_aligned_adapter_is_served_and_answers_held_out_sums(server, grpo_run):
     """`llmc align`'s GRPO adapter (the `grpo_run` fixture), served by name beside the others: asked held-out task
     questions as the RL loop asked them (chat, greedy), it answers most with the right final number."""
+    from workloads.answers import final_number
     from workloads.data import prompt_messages
-    from workloads.scoring import final_number
 
     client = server.client()
     rows = [json.loads(line) for line in (REPO / "workloads/bundled/arithmetic_test.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 from workloads import finetune, schedule
 from workloads.config import RecipeError, load_recipe
 from workloads.evaluation import EarlyStopping, GenerationCase, generation_cases, generation_score, perplexity
-from workloads.scoring import SCORERS
+from workloads.scoring import SCORERS, ExactScorer, build_scorer
 from workloads.strategy import lr_lambda
 
 TINY = REPO / "workloads/configs/tiny-lora.yaml"
@@ -116,8 +116,9 @@ def test_warmup_ratio_works_off_the_resolved_step_count():
 
 
 def test_scorers_exact_and_final_number():
-    exact, final = SCORERS["exact"], SCORERS["final_number"]
-    assert exact(" The sum is 5.\n", "The sum is 5.") and not exact("The sum is 5", "The sum is 5.")
+    exact, final = build_scorer({"type": "exact"}).score, build_scorer({"type": "final_number"}).score
+    assert exact(" The sum is 5.\n", "The sum is 5.") and not exact("The sum is 6", "The sum is 5.")
+    assert exact("the SUM is 5", "The sum is 5.")  # case and punctuation aside, as prompt evaluation compares
     assert final("The sum of 17 and 72 is 89.", "The sum of 17 and 72 is 89.")
     assert final("89", "The sum of 17 and 72 is 89.") and not final("The sum of 17 and 72 is 99.", "... 89.")
     assert not final("no number", "no number either")  # a reference without a number matches nothing
@@ -149,7 +150,7 @@ def test_exact_match_is_maximized_and_a_missing_value_is_no_improvement():
 # -- generation score on the tiny model ------------------------------------------------------------
 
 
-def test_generation_score_greedy_replies_scored_and_shared_between_ranks(tiny_model_dir):
+def test_generation_score_greedy_replies_scored_and_shared_between_ranks(tiny_model_dir, monkeypatch):
     from workloads.models import load_model, load_tokenizer
     from workloads.pretrain import greedy_answers
 
@@ -171,3 +172,13 @@ def test_generation_score_greedy_replies_scored_and_shared_between_ranks(tiny_mo
     assert generation_score(model, tokenizer, mixed, recipe.eval, rank=0, world_size=2) == pytest.approx(2 / 3)
     assert generation_score(model, tokenizer, mixed, recipe.eval, rank=1, world_size=2) == pytest.approx(1 / 2)
     assert model.training is False
+    seen = []  # eval.scorer is looked up in the one scorer table, as prompt evaluation and RL rewards do
+
+    class Recorded(ExactScorer):
+        def score(self, prediction, reference):
+            seen.append(reference)
+            return super().score(prediction, reference)
+
+    monkeypatch.setitem(SCORERS, "exact", Recorded)
+    assert generation_score(model, tokenizer, own[:2], recipe.eval, batch_size=2) == 1.0
+    assert seen == [case.reference for case in own[:2]]

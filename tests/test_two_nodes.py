@@ -43,6 +43,7 @@ from workloads.serve import ServeProcess
 NODE2_IP = "127.0.0.2"  # a second loopback address: another machine, as far as the driver can tell by IP
 BUCKET = "llmc-two-nodes"
 LORA_RECIPE = REPO / "workloads/configs/tiny-lora.yaml"
+DPO_RECIPE, GRPO_RECIPE = REPO / "workloads/configs/tiny-dpo.yaml", REPO / "workloads/configs/tiny-grpo.yaml"
 STEPS, CHECKPOINT_EVERY = 12, 3
 SMALL_DATA = "workloads/bundled/arithmetic_test.jsonl"
 
@@ -237,6 +238,22 @@ def _refused_case(case: str, two_nodes: TwoNodes, out: Path) -> tuple[list[str],
         return [*finetune, "--set", f"model.name={only}/tiny", "--set", f"run.storage_path={only}/checkpoints"], {}, [
             f"field 'model.name': {only}/tiny is on this machine but not on the cluster's nodes at {NODE2_IP}",
             f"field 'run.storage_path': {only}/checkpoints is on this machine but not on the cluster's nodes"]
+    if case == "dpo-driver-only-start-adapter":  # the pairs go to the workers; the start adapter they read
+        adapter = _driver_only_files(only / "start-adapter", "adapter_config.json")
+        return ["align", str(DPO_RECIPE), "--output-dir", str(out), "--set", f"run.storage_path=s3://{BUCKET}/dpo",
+                "--set", f"dpo.adapter={adapter}"], {}, [
+            f"field 'dpo.adapter': {adapter} is on this machine but not on the cluster's nodes at {NODE2_IP}"]
+    if case == "grpo-driver-only-adapter-reward-model-and-run-dir":
+        adapter = _driver_only_files(only / "start-adapter", "adapter_config.json")
+        reward_model = _driver_only_files(only / "reward-model", "config.json")
+        run_dir = only / "grpo-run"
+        return ["align", str(GRPO_RECIPE), "--output-dir", str(run_dir), "--set", "rl.rollout=generate",
+                "--set", f"run.storage_path={run_dir}-checkpoints", "--set", f"rl.adapter={adapter}",
+                "--set", f"rewards=[{{function: exact_answer}}, {{model: '{reward_model}'}}]"], {}, [
+            f"field 'rewards.1.model': {reward_model} is on this machine but not on the cluster's nodes at {NODE2_IP}",
+            f"field 'rl.adapter': {adapter} is on this machine but not on the cluster's nodes at {NODE2_IP}",
+            f"field 'run.output_dir': {run_dir} is on this machine but not on the cluster's nodes at {NODE2_IP}",
+            f"field 'run.storage_path': {run_dir}-checkpoints is on this machine but not on the cluster's nodes"]
     assert case == "serve-loopback-url-and-driver-only-model"
     return [*serve, "--set", "adapters.endpoint_url=http://localhost:9000", "--set", f"model.name={only}/tiny"], {}, [
         "field 'adapters.endpoint_url': http://localhost:9000 is this machine's loopback, which replicas on the "
@@ -244,9 +261,19 @@ def _refused_case(case: str, two_nodes: TwoNodes, out: Path) -> tuple[list[str],
         f"field 'model.name': {only}/tiny is on this machine but not on the cluster's nodes at {NODE2_IP}"]
 
 
+def _driver_only_files(directory: Path, name: str) -> Path:
+    """A directory on the driver's disk only holding `name` (a LoRA rank-8 adapter's config, or a model's): enough
+    for the recipe schema, which only looks for the file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    return directory
+
+
 REFUSED_CASES = ("serve-local-store", "finetune-run-dir-storage", "finetune-loopback-s3", "finetune-driver-only-paths",
-                 "serve-loopback-url-and-driver-only-model")
-NEEDS_DRIVER_ONLY = ("finetune-driver-only-paths", "serve-loopback-url-and-driver-only-model")
+                 "serve-loopback-url-and-driver-only-model", "dpo-driver-only-start-adapter",
+                 "grpo-driver-only-adapter-reward-model-and-run-dir")
+NEEDS_DRIVER_ONLY = ("finetune-driver-only-paths", "serve-loopback-url-and-driver-only-model",
+                     "dpo-driver-only-start-adapter", "grpo-driver-only-adapter-reward-model-and-run-dir")
 
 
 @pytest.mark.slow

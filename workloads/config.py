@@ -176,14 +176,14 @@ class _DatasetSource(StrictModel):
     @field_validator("path", "eval_path")
     @classmethod
     def _file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not _paths_checked(info) and resolve_path(value) is None:
+        if value is not None and not paths_checked(info) and resolve_path(value) is None:
             raise ValueError(f"file not found (looked in {Path.cwd()} and {REPO_ROOT})")
         return value
 
     @field_validator("data_files")
     @classmethod
     def _files_match(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        missing = [pattern for pattern in value or [] if not _paths_checked(info) and not resolve_files(pattern)]
+        missing = [pattern for pattern in value or [] if not paths_checked(info) and not resolve_files(pattern)]
         if missing:
             raise ValueError(f"no file matches {missing} (looked in {Path.cwd()} and {REPO_ROOT})")
         return value
@@ -309,7 +309,8 @@ _FALLBACKS_SAID: set[str] = set()
 PATHS_CHECKED = {"paths_checked": True}
 
 
-def _paths_checked(info: ValidationInfo) -> bool:
+def paths_checked(info: ValidationInfo) -> bool:
+    """Whether a validator is told (`PATHS_CHECKED`) that the driver has already looked its paths up."""
     return bool(info.context and info.context.get("paths_checked"))
 
 
@@ -454,8 +455,10 @@ class EvalConfig(StrictModel):
     )
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Most tokens generated per reply.")
     scorer: Literal["final_number", "exact"] = Field(
-        "final_number", description="final_number: the reply's last integer equals the reference's (arithmetic, "
-        "GSM8K-style answers); exact: reply and reference are equal after stripping whitespace."
+        "final_number", description="A scorer of workloads.scoring's registry. final_number: the reply's answer "
+        "number (after '#### ', 'Answer:' or 'The answer is', else its last number; sign, thousands commas and "
+        "decimals read) equals the reference's (arithmetic, GSM8K-style answers); exact: reply and reference are "
+        "equal ignoring case, punctuation and spacing."
     )
     metric: Literal["eval_loss", "eval_perplexity", "eval_exact_match"] = Field(
         "eval_loss", description="What early stopping and keep_best follow; lower is better for eval_loss and "

@@ -26,10 +26,10 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from workloads.answers import final_number
 from workloads.config import REPO_ROOT, load_recipe
 from workloads.data import prompt_messages
 from workloads.prompting.endpoint import Endpoint
-from workloads.scoring import final_number
 
 FINETUNE_RECIPE = REPO_ROOT / "workloads/configs/tiny-lora.yaml"
 EVAL_RECIPE = REPO_ROOT / "workloads/configs/tiny-eval.yaml"

@@ -15,7 +15,7 @@ import torch
 from workloads.collectives import sum_across
 from workloads.config import EVAL_METRIC_MODES, EvalConfig, FinetuneRecipe
 from workloads.data import eval_records, record_tools, to_messages
-from workloads.scoring import SCORERS
+from workloads.scoring import build_scorer
 from workloads.strategy import Strategy
 
 
@@ -87,7 +87,7 @@ def generation_score(model, tokenizer, cases: list[GenerationCase], cfg: EvalCon
     mine = cases[rank::world_size]
     counted = len(mine)
     mine = mine + [cases[0]] * (share - counted)
-    accept, stop = SCORERS[cfg.scorer], _stop_ids(model, tokenizer)
+    scorer, stop = build_scorer({"type": cfg.scorer}), _stop_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     right = 0
@@ -98,7 +98,7 @@ def generation_score(model, tokenizer, cases: list[GenerationCase], cfg: EvalCon
                              max_new_tokens=cfg.max_new_tokens, do_sample=False, synced_gpus=synced,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
         replies = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        right += sum(accept(reply, case.reference)
+        right += sum(scorer.score(reply, case.reference)
                      for i, (reply, case) in enumerate(zip(replies, batch, strict=True)) if start + i < counted)
     model.train(was_training)
     right_sum, counted_sum = sum_across([right, counted])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,6 +23,9 @@ from workloads.config import AdaptersConfig, RecipeError
 S3_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _MODEL_REMEDY = ("name a model every node reaches (a hub id) or a directory every node mounts at that path; the "
                  "tiny model is built into $LLMC_CACHE, which can be such a mount")
+_READ_REMEDY = "put it in a directory every node mounts at the same path"
+_DIR_REMEDY = ("point it (the run directory: --output-dir, or run.output_dir) at a directory every node mounts at "
+               "the same path")
 
 
 def is_loopback(host: str | None) -> bool:
@@ -47,13 +51,17 @@ def loopback_adapter_store(adapters: AdaptersConfig) -> str | None:
     return None
 
 
-def check_training(storage_path: str | None, storage: str, model_path: str) -> None:
-    """Before a Ray Train run: every node must share its checkpoint storage and reach its base model.
+def check_training(storage_path: str | None, storage: str, model_path: str, reads: Mapping[str, str] | None = None,
+                   shared_dirs: Mapping[str, str] | None = None) -> None:
+    """Before a Ray Train run: every node must share its checkpoint storage and reach its base model, and whatever
+    else its workers read (`reads`: recipe field -> a local file or directory, such as a start adapter or a reward
+    model) or read and write beside the driver (`shared_dirs`: field -> directory, such as the RL run directory the
+    engines load synced weights from).
 
     An unset `run.storage_path` (the run directory on this machine) is refused; an `s3://` one when this process
-    reaches S3 through a loopback endpoint (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL); a local one unless every
-    node sees a marker file written there (a shared mount), as Ray Train itself checks only at a worker's first
-    checkpoint. Every problem found is named at once.
+    reaches S3 through a loopback endpoint (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL); a local one, and each
+    `shared_dirs` directory, unless every node sees a marker file written there (a shared mount), as Ray Train
+    itself checks only at a worker's first checkpoint. Every problem found is named at once.
     """
     others = _other_machines()
     if not others:
@@ -71,17 +79,20 @@ def check_training(storage_path: str | None, storage: str, model_path: str) -> N
                             f"machine's loopback, which the workers on the cluster's nodes at {nodes} cannot reach: "
                             f"set {var} (here and on every node) to an S3 endpoint every node reaches")
     paths = {"model.name": (model_path, _MODEL_REMEDY)} if Path(model_path).is_dir() else {}
-    marker = None
+    paths |= {field: (path, _READ_REMEDY) for field, path in (reads or {}).items() if Path(path).exists()}
+    dirs = {field: (path, _DIR_REMEDY) for field, path in (shared_dirs or {}).items()}
     if storage_path is not None and "://" not in storage_path:
-        marker = Path(storage_path) / f".llmc-shared-{uuid.uuid4().hex[:12]}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        paths["run.storage_path"] = (str(marker), "set run.storage_path to an s3:// URI or a directory every node "
+        dirs["run.storage_path"] = (storage_path, "set run.storage_path to an s3:// URI or a directory every node "
                                                   "mounts at the same path")
+    markers = {field: Path(path) / f".llmc-shared-{uuid.uuid4().hex[:12]}" for field, (path, _) in dirs.items()}
     try:
-        problems += _not_shared(paths)
+        for field, marker in markers.items():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            paths[field] = (str(marker), dirs[field][1])
+        problems += _not_shared(paths, markers=set(markers))
     finally:
-        if marker is not None:
+        for marker in markers.values():
             marker.unlink(missing_ok=True)
     if problems:
         raise RecipeError("\n".join(problems))
@@ -99,7 +110,7 @@ def check_serving(adapters: AdaptersConfig, model_source: str) -> None:
                         f"{', '.join(others)} cannot reach: set adapters.endpoint_url to an S3 endpoint every node "
                         "reaches (null for AWS S3) and adapters.store_uri to a bucket there")
     if Path(model_source).is_dir():
-        problems += _not_shared({"model.name": (model_source, _MODEL_REMEDY)})
+        problems += _not_shared({"model.name": (model_source, _MODEL_REMEDY)}, markers=set())
     if problems:
         raise RecipeError("\n".join(problems))
 
@@ -112,8 +123,9 @@ def _other_machines() -> list[str]:
     return [ip for ip in ips if ip != here]
 
 
-def _not_shared(paths: dict[str, tuple[str, str]]) -> list[str]:
-    """A problem for each field whose local path (field -> (path, remedy)) some other machine does not see."""
+def _not_shared(paths: dict[str, tuple[str, str]], markers: set[str]) -> list[str]:
+    """A problem for each field whose local path (field -> (path, remedy)) some other machine does not see; for the
+    fields in `markers` the path is a marker file, named by its directory."""
     if not paths:
         return []
     from cluster.runtime import missing_on_other_machines
@@ -123,7 +135,7 @@ def _not_shared(paths: dict[str, tuple[str, str]]) -> list[str]:
     for field, (path, remedy) in paths.items():
         nodes = [ip for ip, lacking in missing.items() if path in lacking]
         if nodes:
-            shown = Path(path).parent if field == "run.storage_path" else path  # the marker's directory
+            shown = Path(path).parent if field in markers else path
             problems.append(f"field '{field}': {shown} is on this machine but not on the cluster's nodes at "
                             f"{', '.join(nodes)}, whose workers would read or write it there: {remedy}")
     return problems

@@ -2,7 +2,7 @@
 
 Rows are TRL's preference format, standard (`prompt`, `chosen`, `rejected` strings) or conversational (lists of
 `{role, content}` messages); `prompt` may be left out when it is inside both answers. The driver reads them before
-any Ray work, so a bad file fails in seconds naming field, row and key; the workers read them again the same way.
+any Ray work, so a bad file fails in seconds naming field, row and key, and hands the rows it checked to the workers.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from workloads.config import (
     RunConfig,
     ScalingConfig,
     StrictModel,
+    paths_checked,
     resolve_path,
 )
 
@@ -54,8 +55,8 @@ class AlignDataConfig(StrictModel):
 
     @field_validator("path", "eval_path")
     @classmethod
-    def _file_exists(cls, value: str | None) -> str | None:
-        if value is not None and resolve_path(value) is None:
+    def _file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not paths_checked(info) and resolve_path(value) is None:
             raise ValueError(f"file not found (looked in {Path.cwd()} and the repository)")
         return value
 

@@ -26,15 +26,16 @@ from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
 from typing import Protocol
 
-from workloads.scoring import final_number_match
+from workloads.scoring import build_scorer
 
 RewardFunction = Callable[..., float]  # (prompt: list[dict], completion: str, reference: str, **args) -> float
 _ANSWER_LINE = re.compile(r"^[ \t]*Answer:[ \t]*\S", re.MULTILINE)
 
 
 def exact_answer(prompt: list[dict], completion: str, reference: str) -> float:
-    """1.0 when the completion's final number is the reference's (workloads.scoring's rule), else 0.0."""
-    return float(final_number_match(completion, reference))
+    """1.0 when the completion's final number is the reference's (the `final_number` scorer of
+    workloads.scoring), else 0.0."""
+    return build_scorer({"type": "final_number"}).score(completion, reference)
 
 
 def answer_format(prompt: list[dict], completion: str, reference: str) -> float:

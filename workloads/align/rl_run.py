@@ -33,7 +33,7 @@ from workloads.align.rl_checkpoints import (
     resume_source,
     write_checkpoint,
 )
-from workloads.config import PATHS_CHECKED, RESUME_LATEST
+from workloads.config import PATHS_CHECKED, RESUME_LATEST, resolve_path
 from workloads.finetune import worker_scaling
 from workloads.models import merge_adapter, resolve_model_path
 from workloads.plan import rl_engine_bundles
@@ -61,7 +61,8 @@ def run(recipe: AlignRecipe, run_dir: Path, address: str | None = None) -> dict:
           + f"; rollouts: {rl.ROLLOUTS[recipe.rl.rollout]}"
           + (f" ({recipe.rl.engine.engines} engine actor(s))" if engine else ""), flush=True)
     print(f"[llmc] {connect(address)}", flush=True)
-    multinode.check_training(recipe.run.storage_path, str(checkpoints), model_path)
+    multinode.check_training(recipe.run.storage_path, str(checkpoints), model_path, _worker_reads(recipe),
+                             {"run.output_dir": str(run_dir)})  # engines load the synced weights from the run dir
     if source is not None:
         resumed = json.loads((source / rl.TRAINER_STATE).read_text())["iteration"]
         print(f"[llmc] resumed from {source}: iteration {resumed}", flush=True)
@@ -145,6 +146,15 @@ class _Progress:
 
     def __exit__(self, *exc) -> None:
         self._bar.close()
+
+
+def _worker_reads(recipe: AlignRecipe) -> dict[str, str]:
+    """The local paths the workers read themselves, by recipe field: the start adapter and reward models (the
+    prompts are handed to them)."""
+    paths = {f"rewards.{i}.model": term.model for i, term in enumerate(recipe.rewards) if term.model is not None}
+    if recipe.rl.adapter is not None:
+        paths["rl.adapter"] = recipe.rl.adapter
+    return {field: str(resolve_path(path) or path) for field, path in paths.items()}
 
 
 def _engine_recipe(recipe: AlignRecipe):

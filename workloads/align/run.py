@@ -1,4 +1,5 @@
-"""`llmc align RECIPE`: the driver. Validate and read the pairs, connect, run the workers on Ray Train, then write
+"""`llmc align RECIPE`: the driver. Validate and read the pairs, connect, run the workers on Ray Train (the pairs
+handed to them, not read again from their own disks), then write
 the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory. PPO and GRPO have a driver
 of their own (workloads.align.rl_run: Train workers and vLLM engine actors), with the same outputs.
 """
@@ -16,6 +17,7 @@ from workloads.align.preference import split_pairs
 from workloads.align.recipe import RL_METHODS, AlignRecipe
 from workloads.align.rewards import import_rewards
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
+from workloads.config import resolve_path
 from workloads.finetune import note_checkpoints_on_stop, refuse_to_replace, worker_scaling
 from workloads.models import load_tokenizer, merge_adapter, resolve_model_path
 
@@ -47,13 +49,15 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
           f"{len(held_out)} held out", flush=True)
     print(f"[llmc] {connect(address)}", flush=True)
     storage = recipe.run.storage_path or str(run_dir / "checkpoints")
-    multinode.check_training(recipe.run.storage_path, storage, model_path)
+    reads = {"dpo.adapter": str(resolve_path(recipe.dpo.adapter))} if recipe.dpo.adapter is not None else {}
+    multinode.check_training(recipe.run.storage_path, storage, model_path, reads)  # the pairs go to the workers
     started = time.perf_counter()
     with note_checkpoints_on_stop(cluster_train.experiment_path(storage, recipe.run.name)), \
             reporting.TrainProgress(recipe.train.max_steps, description=recipe.method) as progress:
         result = cluster_train.fit(
             train_worker, {"recipe": recipe.model_dump(mode="json"), "model_path": model_path},
-            name=recipe.run.name, storage_path=storage, scaling=worker_scaling(recipe),  # type: ignore[arg-type]
+            shared={"train_pairs": train, "held_out_pairs": held_out}, name=recipe.run.name, storage_path=storage,
+            scaling=worker_scaling(recipe),  # type: ignore[arg-type]
             max_failures=recipe.run.max_failures, keep_checkpoints=1,
             local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None, on_report=progress.update,
         )

@@ -18,8 +18,8 @@ import torch
 from transformers import TrainerCallback
 
 from cluster import train as cluster_train
-from workloads.align.preference import split_pairs
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
+from workloads.config import PATHS_CHECKED
 from workloads.models import load_model, load_tokenizer, peft_lora_config
 from workloads.plan import deepspeed_config
 
@@ -108,12 +108,12 @@ def train_worker(config: dict) -> None:
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
-    recipe = AlignRecipe.model_validate(config["recipe"])
+    recipe = AlignRecipe.model_validate(config["recipe"], context=PATHS_CHECKED)  # its pairs came with `config`
     _, _, world_size = cluster_train.world()
     torch.set_num_threads(recipe.scaling.cpus_per_worker)
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(config["model_path"], recipe.model.revision, recipe.model.chat_template)
-    train, held_out = split_pairs(recipe.data, recipe.train.seed)
+    train, held_out = config["train_pairs"], config["held_out_pairs"]  # as the driver read and checked them
     history = History(recipe.train.log_every)
     build = reward_trainer if recipe.method == "reward" else dpo_trainer
     with tempfile.TemporaryDirectory(prefix="llmc-align-") as scratch:

@@ -1,9 +1,10 @@
 """Self-consistency: pull an answer out of each of n sampled replies and take the majority vote.
 
-Extraction tries, in order: the recipe's regex (alone, when given); the last `Final Answer:` / `Answer:` /
-`the answer is` marker; the last sentence starting with `Therefore`; the last number. Answers are compared
-in a canonical form (numbers by value, text lower-cased without punctuation). A reply with no answer is
-unparseable: it votes for nothing but still counts in n, so the winner's share is a conservative confidence.
+Extraction is the recipe's regex (alone, when given), else `workloads.answers.answer_text` (the last `#### `,
+`Final Answer:`, `Answer:` or `the answer is` marker; the last sentence starting with `Therefore`; the last
+number). Answers are compared in a canonical form (`canonical_answer`: numbers by value, text lower-cased without
+punctuation). A reply with no answer is unparseable: it votes for nothing but still counts in n, so the winner's
+share is a conservative confidence.
 """
 
 from __future__ import annotations
@@ -14,15 +15,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workloads.prompting.scorers import last_number, normalize_text
-
-_END = r"(?:\.(?:\s|$)|\n|$)"  # a sentence ends at a period before a space or the end, or at a line end
-_MARKER = re.compile(
-    rf"(?:\b(?:final\s+)?answer\s*:|\bthe\s+(?:final\s+)?answer\s+is\s*:?)[ \t*]*(?P<answer>[^\n]*?){_END}",
-    re.IGNORECASE,
-)
-_THEREFORE = re.compile(rf"\btherefore\b[,:]?\s*(?P<answer>[^\n]*?){_END}", re.IGNORECASE)
-_NUMERIC = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?%?")
+from workloads.answers import answer_text, canonical_answer, last_number
 
 
 class AnswerExtraction(BaseModel):
@@ -62,15 +55,6 @@ class Vote:
     answers: tuple[str | None, ...]  # each sample's canonical answer, in sample order
 
 
-def canonical_answer(text: str) -> str | None:
-    """The form answers are compared in: a number by value ("1,000.0" -> "1000"), else normalized text."""
-    text = text.strip().strip("*`\"' ").rstrip(".!")
-    if _NUMERIC.fullmatch(text):
-        value = float(text.replace(",", "").replace("$", "").rstrip("%"))
-        return str(int(value)) if value.is_integer() else repr(value)
-    return normalize_text(text) or None
-
-
 def extract_answer(text: str, extraction: AnswerExtraction | None = None) -> str | None:
     """The canonical answer in one reply, or None when it has none."""
     extraction = extraction or AnswerExtraction()
@@ -79,7 +63,7 @@ def extract_answer(text: str, extraction: AnswerExtraction | None = None) -> str
         matches = list(re.finditer(extraction.pattern, text))
         raw = _group(matches[-1]) if matches else None
     else:
-        raw = _marked(text)
+        raw = answer_text(text)
     if raw is not None and extraction.numeric:
         number = last_number(raw)
         raw = None if number is None else str(number)
@@ -90,22 +74,6 @@ def _group(match: re.Match[str]) -> str:
     if "answer" in match.re.groupindex:
         return match.group("answer") or ""
     return (match.group(1) or "") if match.re.groups else match.group(0)
-
-
-def _marked(text: str) -> str | None:
-    """Markers first, then `Therefore`, then the last number."""
-    markers = [m.group("answer") for m in _MARKER.finditer(text) if m.group("answer").strip()]
-    if markers:
-        return markers[-1]
-    therefore = [m.group("answer") for m in _THEREFORE.finditer(text) if m.group("answer").strip()]
-    if therefore:
-        number = last_number(therefore[-1])
-        if number is not None:
-            return str(number)
-        words = re.findall(r"\w+", therefore[-1])
-        return words[-1] if words else None
-    number = last_number(text)
-    return None if number is None else str(number)
 
 
 def vote(answers: Sequence[str | None]) -> Vote:

@@ -21,8 +21,9 @@ from workloads.prompting.client import AsyncLLMClient, Result
 from workloads.prompting.consistency import AnswerExtraction, majority_vote
 from workloads.prompting.endpoint import Endpoint
 from workloads.prompting.recipe import EvalRecipe, TestSetConfig, VariantConfig
-from workloads.prompting.scorers import Scorer, build_scorer, wilson_interval
+from workloads.prompting.scorers import wilson_interval
 from workloads.prompting.templates import PromptLibrary, PromptTemplate, load_library, select_demonstrations
+from workloads.scoring import Scorer, build_scorer
 
 PASS_SCORE = 0.5  # a case passes when its first scorer gives at least this (exact scorers give 0 or 1)
 
@@ -173,6 +174,7 @@ def _run_agents(client: AsyncLLMClient, variant: VariantConfig, requests: list[d
     import asyncio
 
     from workloads.prompting.react import (
+        Usage,
         arun_react,
         arun_tool_calling,
         react_completer,
@@ -187,19 +189,17 @@ def _run_agents(client: AsyncLLMClient, variant: VariantConfig, requests: list[d
         messages = request["messages"]
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         params = {"model": request["model"], "temperature": request["temperature"], "max_tokens": request["max_tokens"]}
-        before = (client.stats.prompt_tokens, client.stats.completion_tokens)
-        start = time.monotonic()
+        usage, start = Usage(), time.monotonic()  # this episode's own tokens: the others run beside it
         if protocol == "tools":
-            outcome = await arun_tool_calling(messages[-1]["content"], tool_call_completer(client, **params), registry,
-                                              system_prompt=system, max_steps=variant.max_steps)
+            outcome = await arun_tool_calling(messages[-1]["content"], tool_call_completer(client, usage, **params),
+                                              registry, system_prompt=system, max_steps=variant.max_steps)
         else:
-            outcome = await arun_react(messages[-1]["content"], react_completer(client, **params), registry,
+            outcome = await arun_react(messages[-1]["content"], react_completer(client, usage, **params), registry,
                                        system_prompt=system, max_steps=variant.max_steps)
         transcript = {"messages": outcome.messages, "steps": len(outcome.steps), "stop_reason": outcome.stop_reason,
                       "tool_calls": outcome.tool_calls, "format_errors": outcome.format_errors, "protocol": protocol}
-        return Result([outcome.final_answer or ""], [outcome.stop_reason], client.stats.prompt_tokens - before[0],
-                      client.stats.completion_tokens - before[1], time.monotonic() - start, response=transcript,
-                      error=outcome.error)
+        return Result([outcome.final_answer or ""], [outcome.stop_reason], usage.prompt_tokens,
+                      usage.completion_tokens, time.monotonic() - start, response=transcript, error=outcome.error)
 
     async def every() -> list[Result]:
         try:

@@ -40,7 +40,6 @@ from workloads.prompting.harness import (
     read_cases,
 )
 from workloads.prompting.recipe import EvalRecipe, OptimizeRecipe, ProposerConfig, TestSetConfig, VariantConfig
-from workloads.prompting.scorers import Scorer
 from workloads.prompting.templates import (
     Lineage,
     PromptLibrary,
@@ -49,6 +48,7 @@ from workloads.prompting.templates import (
     load_library,
     save_version,
 )
+from workloads.scoring import Scorer
 
 METHOD = "bootstrap_few_shot"
 AS_IS = "00-as-is"  # the candidate that is the target unchanged: the score to beat

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from workloads.prompting.tools import ToolRegistry
 
 if TYPE_CHECKING:
-    from workloads.prompting.client import AsyncLLMClient
+    from workloads.prompting.client import AsyncLLMClient, Result
 
 REACT_STOP = ["\nObservation:"]  # a real model must stop before writing the Observation itself
 
@@ -270,12 +270,32 @@ async def arun_tool_calling(question: str, create: Callable[[Messages, list[dict
     return await _adrive(_tool_calling_episode(question, registry, system_prompt, max_steps), create)
 
 
-def react_completer(client: AsyncLLMClient, **params: Any) -> Callable[[Messages], Awaitable[str]]:
-    """An async `complete` for `arun_react` from the client (stops before "Observation:" unless told otherwise)."""
+@dataclass
+class Usage:
+    """The tokens of one episode's own requests, counted as they are answered: episodes running side by side share
+    the client, so a difference of its totals would count the others' tokens too. Cache hits count none, as in the
+    client's totals."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, result: Result) -> Result:
+        """Count `result`'s tokens (unless it came from the cache) and hand it back."""
+        if not result.cached:
+            self.prompt_tokens += result.prompt_tokens
+            self.completion_tokens += result.completion_tokens
+        return result
+
+
+def react_completer(client: AsyncLLMClient, usage: Usage | None = None,
+                    **params: Any) -> Callable[[Messages], Awaitable[str]]:
+    """An async `complete` for `arun_react` from the client (stops before "Observation:" unless told otherwise);
+    each answer's tokens go to `usage` when given."""
     params.setdefault("stop", REACT_STOP)
+    count = usage.add if usage is not None else (lambda result: result)
 
     async def complete(messages: Messages) -> str:
-        return (await client.chat(messages, **params)).text
+        return count(await client.chat(messages, **params)).text
 
     return complete
 
@@ -297,10 +317,12 @@ async def supports_tool_calling(client: AsyncLLMClient, model: str, registry: To
     return True
 
 
-def tool_call_completer(client: AsyncLLMClient, **params: Any) -> Callable[..., Awaitable[dict[str, Any]]]:
-    """An async `create` for `arun_tool_calling` from the client."""
+def tool_call_completer(client: AsyncLLMClient, usage: Usage | None = None,
+                        **params: Any) -> Callable[..., Awaitable[dict[str, Any]]]:
+    """An async `create` for `arun_tool_calling` from the client; each answer's tokens go to `usage` when given."""
+    count = usage.add if usage is not None else (lambda result: result)
 
     async def create(messages: Messages, tools: list[dict[str, Any]]) -> dict[str, Any]:
-        return (await client.chat(messages, tools=tools, **params)).message
+        return count(await client.chat(messages, tools=tools, **params)).message
 
     return create

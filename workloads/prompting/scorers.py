@@ -1,8 +1,10 @@
-"""Scorers for the evaluation harness: each maps (prediction, case) to a float in [0, 1].
+"""The prompt-evaluation scorers (contains, regex, choice, json_schema, judge), registered in the one scorer table
+(`workloads.scoring.SCORERS`, which holds exact and numeric too); each maps (prediction, case) to a float in [0, 1].
 
-A recipe names a scorer as a mapping such as `{type: numeric, tolerance: 0.01}`; `build_scorer` validates it
-(errors name the field and what it allows) and returns a callable. The reference answer is read from the case's
-`reference_field` (`output`, as in the bundled JSONL). `wilson_interval` puts a 95% interval on an accuracy.
+A recipe names a scorer as a mapping such as `{type: numeric, tolerance: 0.01}`; `workloads.scoring.build_scorer`
+validates it (errors name the field and what it allows) and returns a callable. The reference answer is read from
+the case's `reference_field` (`output`, as in the bundled JSONL). `wilson_interval` puts a 95% interval on an
+accuracy.
 """
 
 from __future__ import annotations
@@ -11,35 +13,13 @@ import json
 import math
 import re
 import threading
-import unicodedata
-from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from workloads.config import format_errors
-
-Complete = Callable[[list[dict[str, str]]], str]  # chat messages in, the reply's text out
-# A number as written in prose: a sign only where no word precedes it ("5-3" is 5 and 3, "x = -3" is -3),
-# thousands commas, decimals, an exponent.
-_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?<!\d)\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
-
-
-class ScorerError(ValueError):
-    """A scorer recipe that cannot be built, or a case it cannot score; the message names the field."""
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed: what normalized exact match compares."""
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in (text or "").lower())
-    return " ".join(text.split())
-
-
-def last_number(text: str) -> float | None:
-    """The last number written in `text` (sign, commas and decimals read), or None when it has none."""
-    numbers = _NUMBER.findall(text or "")
-    return float(numbers[-1].replace(",", "")) if numbers else None
+from workloads.scoring import SCORERS, Complete, Scorer, ScorerError, ScorerSpec, register_scorer
 
 
 def pick_label(prediction: str, labels: list[str], case_sensitive: bool = False) -> str | None:
@@ -86,37 +66,12 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 
 # ---------------------------------------------------------------------------------------------
-# Scorer recipes: each config validates its fields and scores with `__call__`
+# Scorer recipes: each config validates its fields and scores with `score(prediction, reference)`
 # ---------------------------------------------------------------------------------------------
 
 
-class _Scorer(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str
-    reference_field: str = Field("output", min_length=1, description="The case field holding the reference answer.")
-
-    @property
-    def name(self) -> str:
-        return self.type
-
-    def _reference(self, case: Mapping[str, Any]) -> Any:
-        if self.reference_field not in case:
-            raise ScorerError(f"scorer {self.name}: the case has no field {self.reference_field!r} "
-                              f"(reference_field); its fields: {', '.join(sorted(case))}")
-        return case[self.reference_field]
-
-
-class ExactScorer(_Scorer):
-    """1 when the prediction equals the reference after `normalize_text`."""
-
-    type: Literal["exact"] = "exact"
-
-    def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
-        return float(normalize_text(prediction) == normalize_text(str(self._reference(case))))
-
-
-class ContainsScorer(_Scorer):
+@register_scorer
+class ContainsScorer(ScorerSpec):
     """1 when the prediction contains `value` (or, without one, the case's reference)."""
 
     type: Literal["contains"] = "contains"
@@ -124,12 +79,16 @@ class ContainsScorer(_Scorer):
     case_sensitive: bool = Field(False, description="Compare case as written (whitespace is always collapsed).")
 
     def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
-        needle = self.value if self.value is not None else str(self._reference(case))
+        return self.score(prediction, None if self.value is not None else self._reference(case))
+
+    def score(self, prediction: str, reference: Any) -> float:
+        needle = self.value if self.value is not None else str(reference)
         fold = (lambda s: " ".join(s.split())) if self.case_sensitive else (lambda s: " ".join(s.lower().split()))
         return float(fold(needle) in fold(prediction or ""))
 
 
-class RegexScorer(_Scorer):
+@register_scorer
+class RegexScorer(ScorerSpec):
     """1 when `pattern` matches somewhere in the prediction (the whole of it with `fullmatch`)."""
 
     type: Literal["regex"] = "regex"
@@ -147,32 +106,17 @@ class RegexScorer(_Scorer):
         return value
 
     def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
+        return self.score(prediction, None)  # no reference needed
+
+    def score(self, prediction: str, reference: Any) -> float:
         flags = re.IGNORECASE if self.ignore_case else 0
         text = (prediction or "").strip()
         found = re.fullmatch(self.pattern, text, flags) if self.fullmatch else re.search(self.pattern, text, flags)
         return float(found is not None)
 
 
-class NumericScorer(_Scorer):
-    """1 when the prediction's last number is within `tolerance` of the reference (its last number, if text)."""
-
-    type: Literal["numeric"] = "numeric"
-    tolerance: float = Field(0.0, ge=0, description="Largest accepted difference (absolute, or relative).")
-    relative: bool = Field(False, description="tolerance is a fraction of |reference| instead of absolute.")
-
-    def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
-        reference = self._reference(case)
-        expected = float(reference) if isinstance(reference, int | float) else last_number(str(reference))
-        if expected is None:
-            raise ScorerError(f"scorer numeric: the case's {self.reference_field!r} has no number: {reference!r}")
-        got = last_number(prediction)
-        if got is None:
-            return 0.0
-        allowed = self.tolerance * abs(expected) if self.relative else self.tolerance
-        return float(abs(got - expected) <= allowed + 1e-12 * max(1.0, abs(expected)))
-
-
-class ChoiceScorer(_Scorer):
+@register_scorer
+class ChoiceScorer(ScorerSpec):
     """1 when the label picked from the prediction (`pick_label`) is the case's reference label."""
 
     type: Literal["choice"] = "choice"
@@ -186,8 +130,8 @@ class ChoiceScorer(_Scorer):
             raise ValueError("labels must be non-empty and distinct (ignoring case)")
         return value
 
-    def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
-        reference = str(self._reference(case))
+    def score(self, prediction: str, reference: Any) -> float:
+        reference = str(reference)
         expected = pick_label(reference, self.labels, self.case_sensitive)
         if expected is None:
             raise ScorerError(f"scorer choice: the case's {self.reference_field!r} is {reference!r}, not one of "
@@ -195,7 +139,8 @@ class ChoiceScorer(_Scorer):
         return float(pick_label(prediction, self.labels, self.case_sensitive) == expected)
 
 
-class JsonSchemaScorer(_Scorer):
+@register_scorer
+class JsonSchemaScorer(ScorerSpec):
     """1 when the prediction holds JSON (`parse_json_reply`) that is valid against `schema`."""
 
     type: Literal["json_schema"] = "json_schema"
@@ -213,6 +158,9 @@ class JsonSchemaScorer(_Scorer):
         return value
 
     def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
+        return self.score(prediction, None)  # no reference needed
+
+    def score(self, prediction: str, reference: Any) -> float:
         try:
             value = parse_json_reply(prediction)
         except ValueError:
@@ -220,14 +168,15 @@ class JsonSchemaScorer(_Scorer):
         return float(jsonschema.validators.validator_for(self.json_schema)(self.json_schema).is_valid(value))
 
 
-class JsonMatchScorer(_Scorer):
+@register_scorer
+class JsonMatchScorer(ScorerSpec):
     """1 when the prediction holds JSON (`parse_json_reply`) equal to the reference's (a JSON text or a value):
     strict extraction, every field and type right, nothing extra."""
 
     type: Literal["json_match"] = "json_match"
 
-    def __call__(self, prediction: str, case: Mapping[str, Any]) -> float:
-        expected = self._reference(case)
+    def score(self, prediction: str, reference: Any) -> float:
+        expected = reference
         try:
             expected = json.loads(expected) if isinstance(expected, str) else expected
         except ValueError:
@@ -241,7 +190,8 @@ class JsonMatchScorer(_Scorer):
 _JUDGE_SYSTEM = "You grade answers strictly against a rubric. Reply with a line 'Score: N' and nothing after it."
 
 
-class JudgeScorer(_Scorer):
+@register_scorer
+class JudgeScorer(ScorerSpec):
     """An LLM judge: the rubric, question, reference and prediction go to `complete`; its `Score: N` is scaled."""
 
     type: Literal["judge"] = "judge"
@@ -278,6 +228,12 @@ class JudgeScorer(_Scorer):
             return None
         return (raw - self.min_score) / (self.max_score - self.min_score)
 
+    def bind(self, complete: Complete | None) -> Scorer:
+        """The judge asking through `complete`."""
+        if complete is None:
+            raise ScorerError("scorer judge: needs a `complete(messages) -> str` callable (the judge endpoint)")
+        return BoundJudge(self, complete)
+
 
 class BoundJudge:
     """A judge scorer bound to a `complete` callable; counts its calls and the replies it could not parse."""
@@ -297,33 +253,6 @@ class BoundJudge:
 
 
 ScorerConfig = Annotated[
-    ExactScorer | ContainsScorer | RegexScorer | NumericScorer | ChoiceScorer | JsonSchemaScorer | JsonMatchScorer
-    | JudgeScorer,
+    Union[tuple(dict.fromkeys(SCORERS.values()))],  # noqa: UP007  (every registered scorer, exact and numeric too)
     Field(discriminator="type"),
 ]  # for recipe schemas that embed a scorer
-SCORER_TYPES: dict[str, type[_Scorer]] = {
-    cls.model_fields["type"].default: cls
-    for cls in (ExactScorer, ContainsScorer, RegexScorer, NumericScorer, ChoiceScorer, JsonSchemaScorer,
-                JsonMatchScorer, JudgeScorer)
-}
-Scorer = Callable[[str, Mapping[str, Any]], float]
-
-
-def build_scorer(spec: Mapping[str, Any] | _Scorer, complete: Complete | None = None) -> Scorer:
-    """A scorer from its recipe mapping (`{type: ..., ...}`); a judge also needs `complete`."""
-    if isinstance(spec, _Scorer):
-        config = spec
-    else:
-        kind = spec.get("type") if isinstance(spec, Mapping) else None
-        if kind not in SCORER_TYPES:
-            raise ScorerError(f"scorer: field 'type': got {kind!r}; allowed: {', '.join(sorted(SCORER_TYPES))}")
-        try:
-            config = SCORER_TYPES[kind].model_validate(dict(spec))
-        except ValidationError as exc:
-            fields = ", ".join(info.alias or name for name, info in SCORER_TYPES[kind].model_fields.items())
-            raise ScorerError(f"{format_errors(exc, f'scorer {kind}')}\n  fields of scorer {kind}: {fields}") from None
-    if isinstance(config, JudgeScorer):
-        if complete is None:
-            raise ScorerError("scorer judge: needs a `complete(messages) -> str` callable (the judge endpoint)")
-        return BoundJudge(config, complete)
-    return config
