@@ -4,8 +4,9 @@
 
 For each task, a weak and a strong prompt variant (zero-shot against few-shot, a one-word answer against a free
 one, ...) answer the first `--items` test cases greedily with plain transformers in this process, and each answer is
-scored by its task's rule. The card goes to workloads/bundled/skill_cards/<model>.json, where `read_skill_card`
-finds it for the converted model, and a Markdown table beside it.
+scored by its task's scorer from the registry (json_match, choice, numeric). The card goes to
+workloads/bundled/skill_cards/<model>.json, where `read_skill_card` finds it for the converted model, and a Markdown
+table beside it.
 """
 
 from __future__ import annotations
@@ -40,19 +41,21 @@ def _messages(case: dict, ask: str, demos: list[dict]) -> list[dict]:
     return [*turns, user(case)]
 
 
-def score(task: str, reply: str, case: dict) -> float:
-    """1.0 when the reply carries the case's answer by the task's rule, else 0.0."""
-    from workloads.prompting.scorers import last_number, parse_json_reply, pick_label
+# Each task's scorer from the one registry (workloads.scoring), as its eval recipes name it.
+SCORERS = {
+    "json_extraction": {"type": "json_match"},
+    "sentiment": {"type": "choice", "labels": ["positive", "negative"], "reference_field": "label"},
+    "word_problems": {"type": "numeric", "tolerance": 0, "reference_field": "answer"},
+    "addition": {"type": "numeric", "tolerance": 0, "reference_field": "answer"},
+}
 
-    if task == "json_extraction":
-        try:
-            value = parse_json_reply(reply)
-        except ValueError:
-            return 0.0
-        return float(value == {"name": case["name"], "age": case["age"]})
-    if task == "sentiment":
-        return float(pick_label(reply, ["positive", "negative"]) == case["label"])
-    return float(last_number(reply) == case["answer"])
+
+def score(task: str, reply: str, case: dict) -> float:
+    """The reply's score by its task's registered scorer: 1.0 when it carries the case's answer."""
+    import workloads.prompting.scorers  # noqa: F401  (registers json_match and choice)
+    from workloads.scoring import build_scorer
+
+    return build_scorer(SCORERS[task])(reply, case)
 
 
 def _generate(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch: int = 16) -> list[str]:
