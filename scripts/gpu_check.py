@@ -8,9 +8,10 @@ workers print are reduced by the workloads' own code, over a process group start
 (its `TorchConfig(backend=...)` read from cluster/train.py; world size 1; env:// rendezvous, as Ray Train does).
 
 Ray is not installed on the device machine, so `cluster.train` and `cluster.actors` are replaced, for this process
-only, by a one-worker stand-in (`_one_worker_train`): it starts the process group and calls the worker in this
-process, keeps reported checkpoints in the run's storage (newest `keep_checkpoints`) and hands the newest to a
-resumed run, as Ray Train does for one worker. Anything else a worker asks of `cluster.train` fails loudly.
+only, by a one-worker stand-in (`_one_worker_train`): its `fit` calls the worker in this process, keeps reported
+checkpoints in the run's storage (newest `keep_checkpoints`) and hands the newest to a resumed run, as Ray Train
+does for one worker. Anything else a worker asks of `cluster.train` fails loudly. The process group is started once
+for all steps (Ray Train starts one per worker process; DeepSpeed here keeps the first group it sees).
 
     python scripts/gpu_check.py [--wheels DIR] [--out bench/results/gpu_check.json]   # on one CUDA device
     python scripts/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json                 # here: gloo, CPU
@@ -19,13 +20,14 @@ Writes the device, versions and each step's outcome (passed, failed or skipped, 
 exits 1 if any step failed. `--cpu-smoke` runs the same code on CPU over gloo; QLoRA is skipped there (needs CUDA).
 
 The device machine has torch and nothing else of this project and reaches no package index, so the rest travels with
-the working tree (64 MiB a call in all): `python scripts/gpu_check.py --pack .gpu-carry --cuda 13.0` (here, where
-the project is installed) puts in `.gpu-carry/` the wheels of the versions installed here (`WHEELS`: transformers,
-tokenizers, safetensors, huggingface_hub and its needs, peft, accelerate, deepspeed built as a pure wheel,
-bitsandbytes cut to the CUDA build of `--cuda`, pydantic, PyYAML, numpy...) and the tiny model (`cache/`), and
-prints the total size. On the device: carry `.gpu-carry` and run
-`python scripts/gpu_check.py --wheels .gpu-carry --out bench/results/gpu_check.json`: it installs the wheels
-with `pip install --no-index --no-deps --target .gpu-carry/site` and reads the tiny model from `.gpu-carry/cache`.
+the working tree (64 MiB a call in all). Here, where the project is installed, `python scripts/gpu_check.py --pack
+.gpu-carry --cuda X.Y` (X.Y: the device torch's `torch.version.cuda`) puts in `.gpu-carry/` the wheels of the
+versions installed here (`WHEELS`: transformers, tokenizers, safetensors, huggingface_hub and its needs, peft,
+accelerate, deepspeed built as a pure wheel, bitsandbytes cut to the CUDA build of `--cuda`, pydantic, PyYAML,
+numpy...) and the tiny model (`cache/`), and prints the total size (exit 1 at 60 MiB or more, leaving the working
+tree room in the 64). On the device: carry `.gpu-carry` and run `python scripts/gpu_check.py --wheels .gpu-carry
+--out bench/results/gpu_check.json`: it installs the wheels with `pip install --no-index --no-deps --target
+.gpu-carry/site` and reads the tiny model from `.gpu-carry/cache`.
 """
 
 from __future__ import annotations
