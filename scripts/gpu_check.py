@@ -19,15 +19,15 @@ for all steps (Ray Train starts one per worker process; DeepSpeed here keeps the
 Writes the device, versions and each step's outcome (passed, failed or skipped, losses, error text) to `--out`;
 exits 1 if any step failed. `--cpu-smoke` runs the same code on CPU over gloo; QLoRA is skipped there (needs CUDA).
 
-The device machine has torch and nothing else of this project and reaches no package index, so the rest travels with
-the working tree (64 MiB a call in all). Here, where the project is installed, `python scripts/gpu_check.py --pack
-.gpu-carry --cuda X.Y` (X.Y: the device torch's `torch.version.cuda`) puts in `.gpu-carry/` the wheels of the
-versions installed here (`WHEELS`: transformers, tokenizers, safetensors, huggingface_hub and its needs, peft,
-accelerate, deepspeed built as a pure wheel, bitsandbytes cut to the CUDA build of `--cuda`, pydantic, PyYAML,
-numpy...) and the tiny model (`cache/`), and prints the total size (exit 1 at 60 MiB or more, leaving the working
-tree room in the 64). On the device: carry `.gpu-carry` and run `python scripts/gpu_check.py --wheels .gpu-carry
---out bench/results/gpu_check.json`: it installs the wheels with `pip install --no-index --no-deps --target
-.gpu-carry/site` and reads the tiny model from `.gpu-carry/cache`.
+The device machine has torch and nothing else of this project and reaches no package index, so the rest travels with the
+working tree (64 MiB a call in all). Here, where the project is installed, `python scripts/gpu_check.py --pack
+.gpu-carry --cuda X.Y` (X.Y: the device torch's `torch.version.cuda`) puts in `.gpu-carry/` the wheels of the versions
+installed here (`ROOTS` and what they require, less what torch requires: transformers, peft, accelerate, deepspeed built
+as a pure wheel, bitsandbytes cut to the CUDA build of `--cuda`, pydantic, PyYAML, numpy, huggingface_hub and its
+needs...) and the tiny model (`cache/`), and prints the total size (exit 1 at 60 MiB or more, leaving the working tree
+room in the 64). On the device: carry `.gpu-carry` and run `python scripts/gpu_check.py --wheels .gpu-carry --out
+bench/results/gpu_check.json`: it installs the wheels with `pip install --no-index --no-deps --target .gpu-carry/site`
+and reads the tiny model from `.gpu-carry/cache`.
 """
 
 from __future__ import annotations
@@ -53,12 +53,9 @@ from datetime import timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Distributions the worker code imports (directly or through transformers, peft, deepspeed), beyond torch's own.
-WHEELS = ("transformers", "tokenizers", "safetensors", "huggingface_hub", "hf-xet", "httpx", "httpcore", "h11",
-          "anyio", "idna", "certifi", "sniffio", "typer", "click", "shellingham", "rich", "markdown-it-py", "mdurl",
-          "pygments", "peft", "accelerate", "bitsandbytes", "deepspeed", "hjson", "py-cpuinfo", "msgpack", "ninja",
-          "einops", "psutil", "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "PyYAML", "regex",
-          "numpy", "tqdm", "packaging")
+# What the worker code imports beyond torch; --pack carries these and their requirements, less torch's own.
+ROOTS = ("transformers", "tokenizers", "safetensors", "peft", "accelerate", "bitsandbytes", "deepspeed", "pydantic",
+         "PyYAML")
 STEPS_FINETUNE = {"full-zero2": ("tiny-full.yaml", ["deepspeed.enabled=true", "deepspeed.stage=2"]),
                   "full-zero3": ("tiny-full.yaml", ["deepspeed.enabled=true", "deepspeed.stage=3"]),
                   "lora": ("tiny-lora.yaml", []),
@@ -317,7 +314,8 @@ def pack(out: Path, cuda: str) -> int:
     from workloads.models import build_tiny_model, cache_dir
 
     out.mkdir(parents=True, exist_ok=True)
-    pinned = [f"{name}=={version(name)}" for name in WHEELS if name != "deepspeed"]
+    carried = _requirements(ROOTS) - _requirements(("torch",))
+    pinned = [f"{name}=={version(name)}" for name in sorted(carried) if name != "deepspeed"]
     pip = [sys.executable, "-m", "pip"]
     subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(out), *pinned], check=True)
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
@@ -330,6 +328,30 @@ def pack(out: Path, cuda: str) -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB")
     return 0 if size < 60 * 2**20 else 1
+
+
+def _requirements(roots: tuple[str, ...]) -> set[str]:
+    """`roots` and every distribution they require (as installed here, extras left out), by normalized name."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, todo = set(), [canonicalize_name(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in needs:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return found
 
 
 def _keep_cuda_build(wheel: Path, keep: str) -> None:
