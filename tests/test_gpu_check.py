@@ -28,6 +28,13 @@ def test_the_check_starts_the_process_group_with_the_backend_the_shipped_code_gi
     assert "gloo" in check._shipped_backend(use_gpu=False)
 
 
+def test_pack_carries_what_the_roots_require_as_installed_here_less_torch_and_its_requirements():
+    check = _script()
+    carried = check._requirements(check.ROOTS) - check._requirements(("torch",))
+    assert {"transformers", "peft", "deepspeed", "bitsandbytes", "huggingface-hub", "numpy", "pyyaml"} <= carried
+    assert not {"torch", "filelock", "sympy", "ray"} & carried, carried
+
+
 @pytest.mark.slow  # trains (DeepSpeed on CPU), but in one process with no Ray cluster
 def test_cpu_smoke_runs_every_step_through_the_worker_code_and_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "gpu_check.json"
