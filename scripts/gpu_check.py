@@ -27,7 +27,8 @@ as a pure wheel, bitsandbytes cut to the CUDA build of `--cuda`, pydantic, PyYAM
 needs...) and the tiny model (`cache/`), and prints the total size (exit 1 at 60 MiB or more, leaving the working tree
 room in the 64). On the device: carry `.gpu-carry` and run `python scripts/gpu_check.py --wheels .gpu-carry --out
 bench/results/gpu_check.json`: it installs the wheels with `pip install --no-index --no-deps --target .gpu-carry/site`
-and reads the tiny model from `.gpu-carry/cache`.
+and reads the tiny model from `.gpu-carry/cache` and
+what the driver would hand the workers (read with `datasets`, which is too big to carry) from `driver_data.pkl`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ STEPS_FINETUNE = {"full-zero2": ("tiny-full.yaml", ["deepspeed.enabled=true", "d
                   "qlora": ("tiny-qlora.yaml", [])}
 STEPS_RL = {"ppo": "tiny-ppo.yaml", "grpo": "tiny-grpo.yaml"}
 NEEDS_CUDA = {"qlora": "skipped: needs CUDA (bitsandbytes 4-bit on CUDA)"}
+DRIVER_DATA = "driver_data.pkl"  # in --pack's directory
 FIRST, THEN = 3, 5  # steps (iterations) of the first run, and where the resumed run ends
 
 
@@ -87,6 +89,7 @@ class _Run:
     reports: list[dict]
     published: list[dict]
     backend: str
+    carried: Path | None = None  # --wheels: the driver's data made by --pack
 
 
 _RUN = _Run()
@@ -205,9 +208,37 @@ def _one_worker_train() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _overrides(use_gpu: bool) -> list[str]:
-    common = ["scaling.num_workers=1", f"scaling.use_gpu={str(use_gpu).lower()}"]
-    return common + (["model.dtype=bfloat16"] if use_gpu else [])
+def _recipe(name: str, use_gpu: bool, length: int, work: Path):
+    """Step `name`'s tiny recipe, on one worker, checkpointing every step, `length` steps (iterations) long."""
+    from workloads.align.recipe import AlignRecipe  # noqa: F401 (registers kind align)
+    from workloads.config import load_recipe
+
+    common = ["scaling.num_workers=1", f"scaling.use_gpu={str(use_gpu).lower()}", "data.max_samples=160",
+              "train.checkpoint_every=1", "train.keep_checkpoints=2", f"train.eval_every={FIRST}",
+              f"run.name=gpu-check-{name}", *(["model.dtype=bfloat16"] if use_gpu else [])]
+    if name in STEPS_FINETUNE:
+        recipe_file, extra = STEPS_FINETUNE[name]
+        return load_recipe(REPO / "workloads/configs" / recipe_file, [*common, *extra, "train.log_every=1",
+                           f"run.storage_path={work / 'storage'}", f"train.max_steps={length}"], kind="finetune")
+    return load_recipe(REPO / "workloads/configs" / STEPS_RL[name], [
+        *common, "rl.rollout=generate", "rl.prompts_per_iteration=8", "rl.group_size=4", "rl.eval_prompts=16",
+        f"rl.iterations={length}"], kind="align")
+
+
+def _driver_data(name: str, recipe):
+    """What the driver hands the workers: fine-tuning's tokenized examples and eval cases, or RL's training and held-out
+    prompts. Read with `datasets` (which the device lacks), so `--pack` makes them here and `--wheels` reads them."""
+    if _RUN.carried is not None:
+        import pickle
+
+        return pickle.loads(_RUN.carried.read_bytes())[name]
+    if name in STEPS_FINETUNE:
+        from workloads import finetune
+
+        return finetune.prepare(recipe).data
+    from workloads.align.prompts import split_prompts
+
+    return split_prompts(recipe.data, recipe.train.seed)
 
 
 def _finite(rows: list[dict], keys: tuple[str, ...]) -> bool:
@@ -217,17 +248,12 @@ def _finite(rows: list[dict], keys: tuple[str, ...]) -> bool:
 def finetune_step(name: str, use_gpu: bool, work: Path) -> dict:
     """`FIRST` optimizer steps with a checkpoint at each, then a resumed run to step `THEN`; the reduced rows."""
     from workloads import finetune
-    from workloads.config import load_recipe
+    from workloads.models import resolve_model_path
 
-    recipe_file, extra = STEPS_FINETUNE[name]
-    base = [*_overrides(use_gpu), *extra, "train.checkpoint_every=1", "train.keep_checkpoints=2",
-            f"train.eval_every={FIRST}", "train.log_every=1", f"run.name=gpu-check-{name}",
-            f"run.storage_path={work / 'storage'}"]
     runs = []
     for steps, resume in ((FIRST, False), (THEN, True)):
-        recipe = load_recipe(REPO / "workloads/configs" / recipe_file, [*base, f"train.max_steps={steps}"],
-                             kind="finetune")
-        prepared = finetune.prepare(recipe)
+        recipe = _recipe(name, use_gpu, steps, work)
+        prepared = finetune.Prepared(resolve_model_path(recipe.model), steps, _driver_data(name, recipe))
         result = finetune.fit(recipe, work / name, prepared, resume=resume)
         runs.append(json.loads((result.checkpoint_dir / finetune.TRAINER_STATE).read_text()))
     first, resumed = runs
@@ -244,19 +270,13 @@ def rl_step(method: str, use_gpu: bool, work: Path) -> dict:
     """`FIRST` iterations with a checkpoint at each, then a resumed run to iteration `THEN`, through `rl_worker`."""
     from workloads import finetune
     from workloads.align import rl, rl_run
-    from workloads.align.prompts import split_prompts
     from workloads.align.rl_checkpoints import checkpoint_dir, list_checkpoints
-    from workloads.config import load_recipe
     from workloads.models import resolve_model_path
 
-    base = [*_overrides(use_gpu), "rl.rollout=generate", "rl.prompts_per_iteration=8", "rl.group_size=4",
-            "rl.eval_prompts=16", f"train.eval_every={FIRST}", "train.checkpoint_every=1",
-            "train.keep_checkpoints=2", f"run.name=gpu-check-{method}"]
     run_dir, rows = work / method, None
     for iterations in (FIRST, THEN):
-        recipe = load_recipe(REPO / "workloads/configs" / STEPS_RL[method], [*base, f"rl.iterations={iterations}"],
-                             kind="align")
-        train_prompts, held_out = split_prompts(recipe.data, recipe.train.seed)
+        recipe = _recipe(method, use_gpu, iterations, work)
+        train_prompts, held_out = _driver_data(method, recipe)
         checkpoints = checkpoint_dir(recipe, run_dir)
         config = {"recipe": recipe.model_dump(mode="json"), "model_path": resolve_model_path(recipe.model),
                   "run_dir": str(run_dir), "checkpoints": str(checkpoints), "source": None, "engines": []}
@@ -307,7 +327,8 @@ def run_steps(names: list[str], use_gpu: bool) -> dict[str, dict]:
 
 
 def pack(out: Path, cuda: str) -> int:
-    """Wheels of the versions installed here (bitsandbytes cut to CUDA `cuda`'s build) and the tiny model."""
+    """Wheels of the versions installed here (bitsandbytes cut to CUDA `cuda`'s build), the driver's data of every
+    step and the tiny model."""
     from importlib.metadata import version
 
     from workloads.config import TinyModelConfig
@@ -322,6 +343,10 @@ def pack(out: Path, cuda: str) -> int:
                     f"deepspeed=={version('deepspeed')}"], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
     for wheel in out.glob("bitsandbytes-*.whl"):
         _keep_cuda_build(wheel, f"cuda{cuda.replace('.', '')}")
+    import pickle
+
+    made = {name: _driver_data(name, _recipe(name, False, THEN, out)) for name in [*STEPS_FINETUNE, *STEPS_RL]}
+    (out / DRIVER_DATA).write_bytes(pickle.dumps(made))
     model = build_tiny_model(TinyModelConfig())  # copied under its cache key, found there through LLMC_CACHE
     shutil.rmtree(out / "cache", ignore_errors=True)
     shutil.copytree(model, out / "cache" / model.relative_to(cache_dir()))
@@ -383,6 +408,7 @@ def _use_carried(wheels: Path) -> None:
     sys.path.insert(0, str(site))
     if (wheels / "cache").is_dir():
         os.environ["LLMC_CACHE"] = str(wheels / "cache")
+    _RUN.carried = wheels / DRIVER_DATA
 
 
 def _versions() -> dict[str, str | None]:
@@ -407,11 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack", type=Path, metavar="DIR", help="(here) put the wheels and tiny model into DIR")
     parser.add_argument("--cuda", default="13.0", help="with --pack: the CUDA version of the device's torch")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
     if args.pack:
         return pack(args.pack, args.cuda)
     if args.wheels:
         _use_carried(args.wheels)
-    sys.path.insert(0, str(REPO))
     _one_worker_train()
     import torch
 
