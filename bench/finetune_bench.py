@@ -59,7 +59,7 @@ RESULTS = REPO_ROOT / "bench" / "results"
 WORK_DIR = REPO_ROOT / "runs" / "bench-finetune"  # run outputs and logs (gitignored)
 PARTIAL = WORK_DIR / "partial"  # where --only / --quick runs write their results
 BASE_RECIPE = "workloads/configs/tiny-lora.yaml"
-# The 76M-class model of DESIGN.md's baselines: 12 layers x 768, fp32, built by the tiny-model factory.
+# A 76M-class model: 12 layers x 768, fp32, built by the tiny-model factory.
 BIG_MODEL = TinyModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, pretrain_steps=0)
 GLOBAL_BATCH, SEQ_LEN, THREADS = 8, 64, 2
 PROBE_PREFIX = "PROBE_RESULT "
@@ -195,7 +195,7 @@ def bench_recipe(
     if not cadence:
         overrides += [f"train.eval_every={steps}", f"train.checkpoint_every={steps}", f"train.log_every={steps}",
                       "data.eval_path=null", "data.eval_fraction=0"]
-    if packed:  # every example exactly SEQ_LEN tokens: batch 8 x 64, as in DESIGN.md's baseline
+    if packed:  # every example exactly SEQ_LEN tokens: GLOBAL_BATCH x SEQ_LEN
         overrides += ["data.packing=true", "data.max_samples=600"]
     return load_recipe(BASE_RECIPE, [*overrides, *extra], kind="finetune")
 

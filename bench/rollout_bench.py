@@ -36,7 +36,6 @@ RECIPE = REPO / "workloads/configs/tiny-ppo.yaml"
 IN_PROCESS = ["scaling.num_workers=1", "deepspeed.enabled=false"]  # one worker's loop, in this process
 PROMPTS = 64
 TARGET = 3.0  # vLLM rollout tokens/s over model.generate's, on the same batch
-ANCHORS = {"verl NCCL weight sync": 0.3, "TRL weight sync, 0.6B model": 0.18}  # seconds (DESIGN.md)
 POLICIES = {"lora": "LoRA adapter (the engine applies it per request)", "full": "full weights (no LoRA)"}
 PHASES = {"generation_s": "generation", "scoring_s": "scoring", "logprobs_s": "log-probs", "training_s": "training",
           "weight_sync_s": "weight sync"}
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                      "iterations": args.iterations,
                      "iteration_completions": rl.prompts_per_iteration * rl.group_size},
         "throughput": {**sides, "target": TARGET},
-        "weight_sync": {**sync, "anchors_s": ANCHORS},
+        "weight_sync": sync,
         "iteration_phases_s": phases,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -159,7 +158,6 @@ def render(r: dict) -> str:
     s, t, w = r["settings"], r["throughput"], r["weight_sync"]
     rows = "".join(f"| {label} | {r['iteration_phases_s']['generate'][key]} | {r['iteration_phases_s']['vllm'][key]} "
                    f"|\n" for key, label in PHASES.items())
-    anchors = "; ".join(f"{name} {seconds} s" for name, seconds in w["anchors_s"].items())
     return (f"# Rollout benchmark ({r['machine']}, load average {r['load_average'][0]} -> {r['load_average'][1]})\n\n"
             f"{s['prompts']} prompts x {s['group_size']} completions of at most {s['max_new_tokens']} tokens "
             f"(temperature {s['temperature']}), {s['model']} model, policy: {s['policy']}; model.generate on "
@@ -170,7 +168,7 @@ def render(r: dict) -> str:
             + f"\nFor the shipped recipe's LoRA policy the engine samples **{t['lora']['ratio']}x** the tokens per "
             f"second of model.generate (target {t['target']}x).\n\n"
             f"Weight sync into the engine, median of {s['syncs']}: LoRA adapter {w['lora']['median_s']} s, full "
-            f"weights {w['full']['median_s']} s (anchors: {anchors}).\n\n"
+            f"weights {w['full']['median_s']} s.\n\n"
             f"One PPO iteration of the LoRA policy ({s['iteration_completions']} completions), seconds per phase "
             f"(median of {s['iterations']}, after a warm-up iteration):\n\n"
             f"| phase | model.generate | vLLM engine |\n| --- | --- | --- |\n{rows}\n"

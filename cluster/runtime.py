@@ -19,8 +19,8 @@ import ray
 
 from cluster.stopping import on_sigterm, stop_on_sigterm
 
-# Serve runs an ingress and one engine per replica beside training workers; on a 2-core laptop the
-# logical CPU count is what lets them share the machine (DESIGN.md: ray.init(num_cpus=8)).
+# Serve runs an ingress and one engine per replica beside training workers; on a 2-core laptop a logical CPU
+# count of 8 (ray.init(num_cpus=8)) is what lets them share the machine.
 DEFAULT_LOCAL_CPUS = 8
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30
 # Driver-side loggers of Ray's libraries: per-request and per-deployment INFO lines, kept in log files.

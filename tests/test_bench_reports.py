@@ -152,3 +152,12 @@ def test_serve_reading_compares_ours_stock_and_the_engine(tmp_path):
     assert "0.80x the stock Ray Serve LLM app" in serve_report.readme_sentences(results)
     del run["stock_app"]
     assert "The stock Ray Serve LLM app: not measured in this run." in serve_report.notes(results)
+
+
+def test_rollout_report_is_rendered_from_its_results_file_alone():
+    """Every figure in rollout.md comes from rollout.json (no typed constants beside the results)."""
+    from bench import rollout_bench
+
+    results = json.loads((rollout_bench.RESULTS / "rollout.json").read_text())
+    assert (rollout_bench.RESULTS / "rollout.md").read_text() == rollout_bench.render(results)
+    assert "anchors" not in json.dumps(results) and "anchors" not in rollout_bench.render(results)

@@ -64,15 +64,13 @@ class TinyModelConfig(StrictModel):
     max_position_embeddings: int = Field(512, ge=64, description="Longest sequence the model accepts.")
     seed: int = Field(0, description="Seed for weights, tokenizer and pretraining order: same seed, same model.")
     pretrain_steps: int = Field(
-        1500, ge=0, description="Optimizer steps of pretraining on the generated corpus; 0: random weights (1,500: "
-        "the demo's LoRA reaches the same 45 of 50 as after 2,000; after 1,000, 34 of 50)."
+        1500, ge=0, description="Optimizer steps of pretraining on the generated corpus; 0: random weights."
     )
     pretrain_batch_size: int = Field(32, ge=1, description="Conversations per pretraining step.")
     pretrain_learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak AdamW learning rate (cosine).")
     pretrain_warmup_steps: int = Field(100, ge=0, description="Linear warmup before the cosine decay.")
     pretrain_threads: int = Field(
-        1, ge=1, description="torch threads while pretraining; fixed, so a rebuild gives the same weights (1: a "
-        "second thread made these small steps ~10x slower on a busy 2-core machine)."
+        1, ge=1, description="torch threads while pretraining; fixed, so a rebuild gives the same weights."
     )
 
     @model_validator(mode="after")
@@ -152,7 +150,7 @@ class _DatasetSource(StrictModel):
     )
     hub: str | None = Field(
         None, description="A Hugging Face hub dataset id, read with `datasets.load_dataset(hub, subset, split=split)`"
-        "; needs a reachable hub (checked with a 5 s timeout) or, with HF_HUB_OFFLINE=1, its local cache."
+        "; needs a reachable hub (probed with a short timeout first) or, with HF_HUB_OFFLINE=1, its local cache."
     )
     subset: str | None = Field(None, description="The hub dataset's configuration (subset) name.")
     split: str = Field(

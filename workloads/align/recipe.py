@@ -2,7 +2,7 @@
 
 `method` picks what is trained: from preference pairs, `reward` (a reward model, TRL's RewardTrainer) or `dpo` (a
 policy, TRL's DPOTrainer); from prompts with reference answers, `ppo` or `grpo` (a policy trained on its own sampled
-completions, scored by the recipe's `rewards`; workloads.align.rl, one process for now).
+completions, scored by the recipe's `rewards`; workloads.align.rl on Ray Train workers).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ class RlOptions(StrictModel):
                                                  "advantages are normalized in).")
     rollout: Literal["generate", "vllm"] = Field(
         "generate", description="What samples the completions (and the held-out greedy answers): generate, the "
-        "policy's own model.generate; vllm, an in-process vLLM engine (rl.engine), given the policy's weights after "
+        "policy's own model.generate; vllm, vLLM engine actors (rl.engine), given the policy's weights after "
         "every update (a LoRA adapter under a new LoRA id, full weights reloaded in place), timed as weight_sync_s."
     )
     engine: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig, description="rollout: vllm's engine.")

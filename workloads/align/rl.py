@@ -1,4 +1,4 @@
-"""PPO and GRPO (`llmc align` with `method: ppo | grpo`): one RL loop, two advantage estimators, in one process.
+"""PPO and GRPO (`llmc align` with `method: ppo | grpo`): one RL loop, two advantage estimators.
 
 Each iteration: sample `rl.group_size` completions for each of `rl.prompts_per_iteration` training prompts, score
 them with the recipe's rewards, take the policy's and the reference's log-probs of every completion token (and,
@@ -9,14 +9,15 @@ coefficient. Held-out prompts are answered greedily and scored before the first 
 and after the last.
 
 Rollouts (and the held-out answers) come from `rl.rollout`: `generate`, the policy's own `model.generate`, or `vllm`,
-an in-process vLLM engine (workloads.align.vllm_rollout) given the policy's weights after every update and after a
-checkpoint is restored, the seconds of that sync in each iteration's `weight_sync_s`. The old log-probs the update is
+vLLM engines (workloads.align.vllm_rollout: Ray actors under `llmc align`, else one in this process) given the
+policy's weights after every update and after a checkpoint is restored, the seconds of that sync in each iteration's
+`weight_sync_s`. The old log-probs the update is
 clipped against are always recomputed by the policy's own forward, so the engine's numerics never enter the loss.
 
 Every `train.checkpoint_every` iterations (and after the last) a checkpoint goes to `<run dir>/checkpoints/<run.name>/
 checkpoint_<iteration>` (written beside it, then renamed into place; the newest `train.keep_checkpoints` kept): the
 trained weights, the critic, optimizer, schedule, KL coefficient, prompt order, RNG states and the metrics rows so far.
-`run.resume_from: latest | DIR` continues from the next iteration as if never stopped.
+`run.resume_from: latest | DIR` continues from the next iteration.
 
 Plain PyTorch, no Ray: the trainer runs in one process, or as each of several Ray Train workers
 (workloads.align.rl_run), which find each other through torch.distributed: each takes an equal share of every

