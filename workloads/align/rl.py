@@ -400,13 +400,14 @@ def _rng_state() -> dict:
 
 def _set_rng_state(path: Path) -> None:
     """Back to the generators `_rng_state` saved in `path` (this worker's own file); a worker without one (a run
-    resumed on more workers than saved it) keeps the generators seeded at its start."""
+    resumed on more workers than saved it) keeps the generators seeded at its start, and CUDA's are restored only
+    where as many devices are seen as saved them."""
     if not path.is_file():
         return
     state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["cpu"])
     random.setstate(state["python"])
-    if state["cuda"]:
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
