@@ -222,8 +222,9 @@ def lora_run(ray_cluster, tmp_path_factory) -> dict:
             "adapter": Path(summary["artifact"])}
 
 
-# Run in a process of its own (this one keeps no Ray connection): once the run's first checkpoint is in place, the
-# rollout engine actor named by the prefix is killed (`ray.kill`), so the run must replace it and restart.
+# Run in a process of its own (this one keeps no Ray connection): as soon as the run writes its first checkpoint (its
+# hidden partial directory appears: the engine is not called again before the next iteration), the rollout engine
+# actor named by the prefix is killed (`ray.kill`), so the run must replace it and restart from that checkpoint.
 ENGINE_KILLER = """
 import sys, time
 from pathlib import Path
@@ -235,10 +236,11 @@ while not named and time.monotonic() < deadline:
     named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     time.sleep(0.2)
 engine = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
-while not checkpoint.is_dir() and time.monotonic() < deadline:
-    time.sleep(0.05)
+partial = checkpoint.with_name(f".{checkpoint.name}.partial")
+while not (partial.is_dir() or checkpoint.is_dir()) and time.monotonic() < deadline:
+    time.sleep(0.02)
 ray.kill(engine, no_restart=True)
-print("killed", named[0]["name"], "after", checkpoint.name)
+print("killed", named[0]["name"], "at", checkpoint.name)
 """
 
 
