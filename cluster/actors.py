@@ -2,14 +2,15 @@
 
 The driver `start`s a group and hands its `handles` to the train loop in the run's config (actor handles travel
 in it); a worker wraps one in `Remote`, whose method calls block until the actor answers, so the loop calls it as
-it would a local object and never imports Ray. `stop` ends the actors and frees their resources. As OpenRLHF and
+it would a local object and never imports Ray. Before a restarted loop gets the handles, `ensure` checks every
+actor and replaces a dead one on its own bundles. `stop` ends the actors and frees their resources. As OpenRLHF and
 verl keep theirs, this is a thin shell: what an actor does is the plain class it is built from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -29,6 +30,8 @@ class ActorGroup:
 
     handles: list[Any]  # ray.actor.ActorHandle, one per actor
     group: Any  # ray.util.placement_group.PlacementGroup
+    spawn: Callable[[int, str], Any] = field(repr=False)  # (index, name suffix) -> a new actor on index's bundles
+    replaced: int = 0  # actors `ensure` has started in place of dead ones
 
 
 def start(cls: type, count: int, bundles: Sequence[dict[str, float]], *, args: tuple = (),
@@ -47,23 +50,45 @@ def start(cls: type, count: int, bundles: Sequence[dict[str, float]], *, args: t
         raise ActorStartError(f"{name}: the cluster has no room for {list(bundles)} ({strategy}) after "
                               f"{START_TIMEOUT_S} s (ray status shows what is free)")
     per_actor = len(bundles) // count
-    handles = []
-    for index in range(count):
+
+    def spawn(index: int, suffix: str = "") -> Any:
         own = dict(actor_resources if actor_resources is not None else bundles[index * per_actor])
         options = {"num_cpus": own.pop("CPU", 0), "num_gpus": own.pop("GPU", 0), "resources": own or None,
-                   "name": f"{name}-{index}-{group.id.hex()[:8]}", "max_restarts": 0,
+                   "name": f"{name}-{index}-{group.id.hex()[:8]}{suffix}", "max_restarts": 0,
                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
                        group, placement_group_bundle_index=index * per_actor,
                        placement_group_capture_child_tasks=True)}
-        handles.append(ray.remote(cls).options(**options).remote(*args))
+        return ray.remote(cls).options(**options).remote(*args)
+
+    started = ActorGroup([spawn(index) for index in range(count)], group, spawn)
     if not wait:
-        return ActorGroup(handles, group)
+        return started
     try:
-        ray.get([h.__ray_ready__.remote() for h in handles], timeout=START_TIMEOUT_S)
+        ray.get([h.__ray_ready__.remote() for h in started.handles], timeout=START_TIMEOUT_S)
     except Exception as error:
-        stop(ActorGroup(handles, group))
+        stop(started)
         raise ActorStartError(f"{name}: an actor failed to start: {error}") from error
-    return ActorGroup(handles, group)
+    return started
+
+
+def ensure(group: ActorGroup) -> list[int]:
+    """Every actor of `group` alive (one still starting is waited for): a dead one is replaced by a new actor of the
+    same class and arguments on its bundles, which the caller hands on without waiting for it. Returns the indices
+    replaced. An actor that failed in its constructor is not replaced (a new one would fail the same way): that, and
+    one that does not answer in START_TIMEOUT_S, is an ActorStartError."""
+    replaced = []
+    for index, handle in enumerate(group.handles):
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=START_TIMEOUT_S)
+        except ray.exceptions.RayActorError as error:
+            if error.actor_init_failed:
+                raise ActorStartError(f"actor {index} failed in its constructor: {error}") from error
+            group.replaced += 1
+            group.handles[index] = group.spawn(index, f"-{group.replaced}")
+            replaced.append(index)
+        except ray.exceptions.GetTimeoutError as error:
+            raise ActorStartError(f"actor {index} did not answer in {START_TIMEOUT_S} s") from error
+    return replaced
 
 
 def stop(group: ActorGroup, close: str | None = "close") -> None:

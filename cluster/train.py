@@ -68,6 +68,7 @@ def fit(
     resume: bool = False,
     callbacks: Sequence[UserCallback] = (),
     shared: dict[str, Any] | None = None,
+    prepare: Callable[[], dict] | None = None,
 ) -> FitResult:
     """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics.
 
@@ -81,6 +82,8 @@ def fit(
     `callbacks`: more Ray Train callbacks for the run (e.g. `cluster.tune.train_reporter` inside a Tune trial).
     `shared`: values every worker needs (e.g. the tokenized dataset), put in the object store once (or already
     there: `share`) and handed to `train_fn` in its config under their keys, instead of made again by each worker.
+    `prepare()`: called before the first start and before every restart (e.g. role actors health-checked and a dead
+    one replaced: `cluster.actors.ensure`); what it returns is merged into that attempt's config.
 
     The run's storage is `storage_path/name`. Ray Train V2 treats a snapshot found there as the same
     run and hands its newest checkpoint to the workers: with `resume` that is what is wanted (an error
@@ -98,7 +101,7 @@ def fit(
     def trainer() -> _StoppableTrainer:
         return _StoppableTrainer(
             loop,
-            train_loop_config=config,
+            train_loop_config={**config, **(prepare() if prepare else {})},
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=scaling.num_workers,
@@ -155,6 +158,9 @@ def _run_with_shared(train_fn: Callable[[dict], None], refs: dict[str, Any], con
 DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, NotImplementedError,
                         AssertionError, ImportError, SyntaxError, ZeroDivisionError, FileNotFoundError,
                         NotADirectoryError, IsADirectoryError, PermissionError)
+# Ray's errors that a restart cannot fix: the worker's environment cannot be built, or nothing can be placed.
+_UNFIXABLE_RAY_ERRORS = (ray.exceptions.RuntimeEnvSetupError, ray.exceptions.ActorUnschedulableError,
+                         ray.exceptions.TaskUnschedulableError)
 
 
 class TrainingFailed(RuntimeError):
@@ -193,15 +199,38 @@ def _why_not_retried(error: WorkerGroupError) -> str | None:
 
 
 def deterministic_failure(error: WorkerGroupError) -> BaseException | None:
-    """The worker error that no restart can fix, if the failure is one: running out of memory on any worker, or a
-    train-loop exception of a `DETERMINISTIC_ERRORS` type with no worker lost (a dead worker's peers fail too, with
-    runtime errors)."""
-    failures = list(error.worker_failures.values())
+    """The worker error that no restart can fix, if the failure is one: running out of memory on any worker, or an
+    error `restart_fixes` says no restart fixes with no process lost (a dead worker's or role actor's callers and
+    peers fail too, with runtime errors)."""
+    failures = [_cause(f) for f in error.worker_failures.values()]
     if (oom := next((f for f in failures if out_of_memory(f)), None)) is not None:
         return oom
-    if any(isinstance(f, ray.exceptions.RayError) for f in failures):
+    if any(isinstance(f, ray.exceptions.RayError) and restart_fixes(f) for f in failures):
         return None
-    return next((f for f in failures if isinstance(f, DETERMINISTIC_ERRORS)), None)
+    return next((f for f in failures if not restart_fixes(f)), None)
+
+
+def restart_fixes(failure: BaseException) -> bool:
+    """Whether a restart can fix what a worker raised, by what it is: a lost process, node or object (a Train
+    worker, or a role actor the restart replaces: `prepare`) and runtime errors can; an error of the recipe, data or
+    code (`DETERMINISTIC_ERRORS`, also raised inside an actor's method), running out of memory (`out_of_memory`), an
+    actor that failed in its constructor, a runtime environment that cannot be built or work that cannot be placed
+    cannot."""
+    failure = _cause(failure)
+    if out_of_memory(failure):
+        return False
+    if isinstance(failure, ray.exceptions.RayActorError):
+        return not failure.actor_init_failed
+    if isinstance(failure, _UNFIXABLE_RAY_ERRORS):
+        return False
+    return isinstance(failure, ray.exceptions.RayError) or not isinstance(failure, DETERMINISTIC_ERRORS)
+
+
+def _cause(failure: BaseException) -> BaseException:
+    """What a worker's failure wraps: an actor method's own exception (RayTaskError), a failed health check's."""
+    inner = getattr(failure, "cause", None) if isinstance(failure, ray.exceptions.RayTaskError) else \
+        getattr(failure, "health_check_failure", None)
+    return _cause(inner) if isinstance(inner, BaseException) else failure
 
 
 def out_of_memory(failure: BaseException) -> bool:

@@ -222,23 +222,53 @@ def lora_run(ray_cluster, tmp_path_factory) -> dict:
             "adapter": Path(summary["artifact"])}
 
 
+# Run in a process of its own (this one keeps no Ray connection): as soon as the run writes its first checkpoint (its
+# hidden partial directory appears: the engine is not called again before the next iteration), the rollout engine
+# actor named by the prefix is killed (`ray.kill`), so the run must replace it and restart from that checkpoint.
+ENGINE_KILLER = """
+import sys, time
+from pathlib import Path
+import ray
+prefix, checkpoint, deadline = sys.argv[1], Path(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+ray.init(log_to_driver=False)  # the session's cluster (RAY_ADDRESS)
+named = []
+while not named and time.monotonic() < deadline:
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    time.sleep(0.2)
+engine = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+partial = checkpoint.with_name(f".{checkpoint.name}.partial")
+while not (partial.is_dir() or checkpoint.is_dir()) and time.monotonic() < deadline:
+    time.sleep(0.02)
+ray.kill(engine, no_restart=True)
+print("killed", named[0]["name"], "at", checkpoint.name)
+"""
+
+
 @pytest.fixture(scope="session")
 def adapter_runs(ray_cluster, lora_run, tmp_path_factory, request) -> dict[str, tuple[Path, StartedLlmc]]:
     """The ReAct and GRPO runs behind `react_run` and `grpo_run`, started together (4 Train workers and an engine on
-    the 8 logical CPUs): each fixture waits for its own, so one run's start-up overlaps the other's work."""
-    runs = {}
+    the 8 logical CPUs): each fixture waits for its own, so one run's start-up overlaps the other's work. The GRPO
+    run's engine actor is killed after its first checkpoint (`ENGINE_KILLER`)."""
+    runs, killer = {}, None
     if wanted(request, "react_run"):
         react = tmp_path_factory.mktemp("react") / "run"
         runs["react"] = react, StartedLlmc("finetune", "workloads/configs/tiny-react.yaml", "--output-dir", str(react))
     if wanted(request, "grpo_run"):
         grpo = tmp_path_factory.mktemp("grpo") / "run"
         sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=2", "rl.prompts_per_iteration=4",
-                "rl.group_size=2", "rl.eval_prompts=9", "train.eval_every=1")
+                "rl.group_size=2", "rl.eval_prompts=9", "train.eval_every=1", "train.checkpoint_every=1")
         runs["grpo"] = grpo, StartedLlmc("align", "workloads/configs/tiny-grpo.yaml", "--output-dir", str(grpo),
                                          *[arg for o in sets for arg in ("--set", o)], timeout=600)
+        killer = subprocess.Popen([sys.executable, "-c", ENGINE_KILLER, "tiny-grpo-rollout-engine-0-",
+                                   str(grpo / "checkpoints/tiny-grpo/checkpoint_000001"), "600"], cwd=REPO,
+                                  env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        runs["grpo"][1].killer = killer
     yield runs
     for _, run in runs.values():
         run.stop()
+    if killer is not None and killer.poll() is None:
+        killer.kill()
+        killer.wait()
 
 
 @pytest.fixture(scope="session")
@@ -255,14 +285,16 @@ def react_run(adapter_runs) -> dict:
 @pytest.fixture(scope="session")
 def grpo_run(adapter_runs) -> dict:
     """A short run of the shipped GRPO recipe from `lora_run`'s adapter on the session's cluster (2 Train workers
-    sampling from a vLLM engine actor; 2 iterations of 4 prompts x 2, 9 held-out prompts): its adapter is the one the
-    test server serves as `tiny:aligned`."""
+    sampling from a vLLM engine actor; 2 iterations of 4 prompts x 2, 9 held-out prompts, a checkpoint after each),
+    whose engine actor is killed after the first checkpoint: its adapter is the one the test server serves as
+    `tiny:aligned`."""
     out, run = adapter_runs["grpo"]
     result = run.result()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    killed, _ = run.killer.communicate(timeout=60)
     summary = json.loads((out / "summary.json").read_text())
     return {"out": out, "stdout": result.stdout, "stderr": result.stderr, "summary": summary,
-            "adapter": Path(summary["artifact"])}
+            "adapter": Path(summary["artifact"]), "killed": killed}
 
 
 def _registered_checkpoint(snapshot: Path) -> bool:
@@ -372,6 +404,8 @@ def run_llmc(*args: str, timeout: float = 900, env: dict | None = None, cwd: Pat
 class StartedLlmc:
     """The real `llmc` entry point started in a subprocess now and waited for later (`result`), so that runs which do
     not depend on each other overlap: much of a run is one core's worth of imports, Ray worker and engine start-up."""
+
+    killer: subprocess.Popen | None = None  # a process that harms the run on purpose, waited for with it
 
     def __init__(self, *args: str, timeout: float = 900):
         # Files, not pipes: nobody reads this run's output while another one is waited for.

@@ -181,3 +181,58 @@ def test_rl_recipes_refuse_what_the_loop_cannot_place():
         load_recipe(PPO_GPU, ["deepspeed.stage=3"])
     with pytest.raises(RecipeError, match=r"rl\.engine\.tensor_parallel_size.*GPUs"):
         load_recipe(REPO / "workloads/configs/tiny-grpo.yaml", ["rl.engine.tensor_parallel_size=2"])
+
+
+# A bad value of each engine knob a serve recipe and a rollout engine share, and a good one.
+ENGINE_KNOBS = {"max_num_seqs": ("0", "32"), "kv_cache_gib": ("0", "2"), "gpu_memory_utilization": ("1.5", "0.5"),
+                "tensor_parallel_size": ("0", "1"), "max_num_batched_tokens": ("8", "2048"),
+                "enable_prefix_caching": ("maybe", "false"), "enforce_eager": ("maybe", "false")}
+
+
+def test_rollout_engines_take_the_serve_engines_knobs_with_the_same_checks():
+    """rl.engine is the serve engine's schema (one definition): each shared knob is refused, naming it, for the same
+    values with the same words in both recipe kinds, and accepted alike."""
+    from workloads.align.recipe import RolloutEngineConfig
+    from workloads.config import EngineConfig, EngineOptions, RecipeError
+
+    assert issubclass(RolloutEngineConfig, EngineOptions) and issubclass(EngineConfig, EngineOptions)
+    assert set(RolloutEngineConfig.model_fields) - set(EngineOptions.model_fields) == {"engines", "cpus_per_engine"}
+    assert set(ENGINE_KNOBS) == set(EngineOptions.model_fields)
+    serve_yaml, grpo_yaml = REPO / "workloads/configs/serve-tiny.yaml", REPO / "workloads/configs/tiny-grpo.yaml"
+    for knob, (bad, good) in ENGINE_KNOBS.items():
+        said, taken = [], []
+        for path, prefix in ((serve_yaml, "engine"), (grpo_yaml, "rl.engine")):
+            with pytest.raises(RecipeError) as info:
+                load_recipe(path, [f"{prefix}.{knob}={bad}"])
+            assert f"field '{prefix}.{knob}'" in str(info.value), str(info.value)
+            said.append(str(info.value).split(f"field '{prefix}.{knob}'", 1)[1])
+            accepted = load_recipe(path, [f"{prefix}.{knob}={good}"])
+            taken.append(getattr(accepted.engine if prefix == "engine" else accepted.rl.engine, knob))
+        assert said[0] == said[1] and taken[0] == taken[1] == yaml.safe_load(good), (knob, said, taken)
+
+
+def test_a_rollout_engines_arguments_follow_its_recipe():
+    """The vLLM arguments a rollout engine is built with (the serve engine's builder) are the recipe's: CUDA graphs on
+    the GPU twin, eager on the CPU recipe, each knob passed through; context and seed from data and train."""
+    from workloads.align.vllm_rollout import engine_recipe, policy_lora_rank
+    from workloads.plan import serve_engine_kwargs
+
+    def kwargs(path: Path, *overrides: str) -> dict:
+        recipe = load_recipe(path, list(overrides))
+        return serve_engine_kwargs(engine_recipe(recipe, policy_lora_rank(recipe)))
+
+    gpu = load_recipe(PPO_GPU)
+    assert kwargs(PPO_GPU) == {
+        "dtype": gpu.model.dtype, "max_model_len": gpu.data.max_length, "max_num_seqs": 512,
+        "tensor_parallel_size": 2, "pipeline_parallel_size": 1, "enable_prefix_caching": True,
+        "enforce_eager": False, "seed": gpu.train.seed, "trust_remote_code": False, "gpu_memory_utilization": 0.85,
+        "enable_lora": True, "max_lora_rank": 16, "max_loras": 1}
+    grpo = REPO / "workloads/configs/tiny-grpo.yaml"
+    assert kwargs(grpo)["enforce_eager"] is True and "gpu_memory_utilization" not in kwargs(grpo)
+    tuned = kwargs(grpo, "rl.engine.enforce_eager=false", "rl.engine.max_num_batched_tokens=2048",
+                   "rl.engine.enable_prefix_caching=false", "rl.engine.max_num_seqs=32", "data.max_length=96",
+                   "train.seed=7")
+    assert {k: tuned[k] for k in ("enforce_eager", "max_num_batched_tokens", "enable_prefix_caching", "max_num_seqs",
+                                  "max_model_len", "seed")} == {
+        "enforce_eager": False, "max_num_batched_tokens": 2048, "enable_prefix_caching": False, "max_num_seqs": 32,
+        "max_model_len": 96, "seed": 7}

@@ -157,11 +157,19 @@ def test_a_fresh_lora_policy_is_referenced_to_its_base(tiny_model_dir):
 def test_a_short_run_on_ray_samples_from_an_engine_actor_and_writes_the_run_outputs(grpo_run):
     """The shipped GRPO recipe on the session's cluster (the `grpo_run` fixture, from the SFT adapter): two Train
     workers share one vLLM engine actor, rank 0 syncs the adapter into it after every update (timed), the held-out
-    prompts are split between the workers. The server serves its adapter (tests/test_serve.py)."""
+    prompts are split between the workers. The engine actor killed after the first checkpoint is replaced by a new one
+    and the workers restart from that checkpoint: the run finishes with every row. The server serves its adapter
+    (tests/test_serve.py)."""
     out, stdout = grpo_run["out"], grpo_run["stdout"]
     assert "2 Train worker(s); rollouts: vLLM engine (1 engine actor(s))" in stdout
     assert "[llmc] grpo 2/2: reward" in stdout and "vLLM" not in grpo_run["stderr"]  # engine chatter in Ray's logs
+    assert re.search(r"^killed tiny-grpo-rollout-engine-0-\w+ at checkpoint_000001$", grpo_run["killed"],
+                     re.MULTILINE), grpo_run["killed"]
+    assert re.search(r"worker group failed: rank [\d, ]+: \S*Error: .*; restart 1 of 2 from the newest checkpoint",
+                     stdout), stdout
+    assert "[llmc] rollout engine 0 was lost: a new one starts" in stdout, stdout[-4000:]
     summary = grpo_run["summary"]
+    assert summary["restarts"] == [{"from_iteration": 1, "via": "restart"}], summary
     assert summary["method"] == "grpo" and summary["iterations"] == 2 and summary["held_out_prompts"] == 9
     assert summary["workers"] == 2 and summary["rollouts"] == "vLLM engine"
     for key in ("initial_mean_reward", "final_mean_reward", "final_kl", "total_generation_s", "total_training_s",

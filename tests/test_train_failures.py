@@ -125,3 +125,32 @@ def test_a_failing_progress_callback_is_shown_and_the_reports_go_on(ray_cluster,
     assert "the progress callback failed on a report; training goes on" in err
     assert "ValueError: the progress bar broke at step 2" in err and "at step 4" not in err  # one traceback
     assert "the progress callback failed on 2 report(s)" in err
+
+
+def test_what_a_restart_can_fix_is_told_by_the_error():
+    """A lost process (a Train worker's, or a rollout engine's, which the restart replaces) is retried, with its
+    callers' and peers' runtime errors; an actor's constructor failure, or a recipe/data error raised inside an actor's
+    method, is not: a restart would meet it again. The errors are Ray's own, as a worker's `ray.get` raises them."""
+    from ray.exceptions import ActorDiedError, RayTaskError, RuntimeEnvSetupError
+
+    def in_actor(error: Exception, method: str) -> RayTaskError:
+        return RayTaskError(f"RolloutEngine.{method}", f"Traceback: {error}", error).as_instanceof_cause()
+
+    engine_lost = ActorDiedError()  # killed, or its process or node gone
+    constructor_failed = ActorDiedError(RayTaskError("RolloutEngine.__init__", "Traceback", ValueError("no model"),
+                                                     actor_id="0" * 32))
+    bad_request = in_actor(ValueError("max_tokens must be at least 1"), "generate")
+    peer_gone = RuntimeError("Connection closed by peer")
+    assert cluster_train.restart_fixes(engine_lost) and cluster_train.restart_fixes(peer_gone)
+    assert cluster_train.restart_fixes(in_actor(RuntimeError("CUDA error: an illegal memory access"), "generate"))
+    assert not cluster_train.restart_fixes(constructor_failed) and not cluster_train.restart_fixes(bad_request)
+    assert not cluster_train.restart_fixes(RuntimeEnvSetupError("pip install failed"))
+
+    def group(*failures: Exception) -> WorkerGroupError:
+        return WorkerGroupError("workers failed", dict(enumerate(failures)))
+
+    assert cluster_train.deterministic_failure(group(engine_lost, peer_gone)) is None
+    assert cluster_train.deterministic_failure(group(ValueError("row 3"), ActorDiedError())) is None  # a worker lost
+    assert cluster_train.deterministic_failure(group(constructor_failed, peer_gone)) is constructor_failed
+    unwrapped = cluster_train.deterministic_failure(group(peer_gone, bad_request))
+    assert isinstance(unwrapped, ValueError) and str(unwrapped) == "max_tokens must be at least 1"

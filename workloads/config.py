@@ -672,19 +672,27 @@ def dump_recipe(recipe: BaseModel, path: Path) -> None:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-class EngineConfig(StrictModel):
-    """vLLM engine knobs; continuous batching is the engine's, these bound it."""
+class EngineOptions(StrictModel):
+    """vLLM engine knobs every engine of this project takes (a serve recipe's `engine`, PPO/GRPO's `rl.engine`);
+    continuous batching is the engine's, these bound it."""
 
-    model_id: str = Field("tiny", pattern=_NAME, description="Name clients send as `model`; adapters: MODEL_ID:NAME.")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs (engine workers) one replica shards over.")
-    pipeline_parallel_size: int = Field(1, ge=1, le=16, description="Pipeline stages per replica.")
-    max_model_len: int = Field(512, ge=16, description="Context length: prompt plus generated tokens.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs (engine workers) one engine shards over.")
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences batched together per engine step.")
     max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step; null: vLLM's default.")
     kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="CPU only: host RAM for the KV cache (GiB).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction for weights + KV.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
-    enforce_eager: bool = Field(True, description="No CUDA graphs / compilation: quicker start, slower steps.")
+    enforce_eager: bool = Field(True, description="No CUDA graphs / compilation: quicker start, slower steps (set "
+                                                  "false on GPUs for CUDA graphs).")
+
+
+class EngineConfig(EngineOptions):
+    """A serve recipe's engine: the shared knobs, and what only a served model has (its name, context, seed,
+    pipeline stages, tool-call parser)."""
+
+    model_id: str = Field("tiny", pattern=_NAME, description="Name clients send as `model`; adapters: MODEL_ID:NAME.")
+    pipeline_parallel_size: int = Field(1, ge=1, le=16, description="Pipeline stages per replica.")
+    max_model_len: int = Field(512, ge=16, description="Context length: prompt plus generated tokens.")
     seed: int = Field(0, description="Engine sampling seed.")
     tool_call_parser: str | None = Field(
         None, min_length=1, description="vLLM's tool-call parser for the model's chat template (hermes for the tiny "

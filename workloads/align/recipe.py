@@ -16,6 +16,7 @@ from workloads.align.rewards import check_arguments, check_function, term_name
 from workloads.config import (
     RECIPES,
     DeepSpeedConfig,
+    EngineOptions,
     LoraConfig,
     ModelConfig,
     RunConfig,
@@ -189,19 +190,14 @@ class KlOptions(StrictModel):
     )
 
 
-class RolloutEngineConfig(StrictModel):
+class RolloutEngineConfig(EngineOptions):
     """The vLLM engines of `rl.rollout: vllm`: Ray actors beside the Train workers (each worker samples from engine
-    `rank % engines`), their fields named as a serve recipe's `engine` block's; an engine's context is
-    data.max_length, its seed train.seed, and it serves LoRA when the policy is a LoRA adapter."""
+    `rank % engines`), with a serve recipe's engine knobs (workloads.config.EngineOptions: the same fields, bounds
+    and defaults); an engine's context is data.max_length, its seed train.seed, and it serves LoRA when the policy
+    is a LoRA adapter."""
 
     engines: int = Field(1, ge=1, le=256, description="vLLM engine actors (each holds the whole policy).")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine shards over (scaling.use_gpu).")
     cpus_per_engine: float = Field(1, gt=0, description="Logical CPUs per engine (per tensor-parallel shard on GPUs).")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction for weights + KV "
-                                                                      "(lower it when an engine shares its GPU).")
-    kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="CPU only: host RAM for the KV cache (GiB).")
-    max_num_seqs: int = Field(256, ge=1, le=4096, description="Most sequences batched together per engine step (a "
-                                                               "rollout's prompts x group_size at once, if it fits).")
 
 
 class RlOptions(StrictModel):

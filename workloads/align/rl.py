@@ -16,8 +16,8 @@ clipped against are always recomputed by the policy's own forward, so the engine
 
 Every `train.checkpoint_every` iterations (and after the last) a checkpoint goes to `<run dir>/checkpoints/<run.name>/
 checkpoint_<iteration>` (written beside it, then renamed into place; the newest `train.keep_checkpoints` kept): the
-trained weights, the critic, optimizer, schedule, KL coefficient, prompt order, RNG states and the metrics rows so far.
-`run.resume_from: latest | DIR` continues from the next iteration.
+trained weights, the critic, optimizer, schedule, KL coefficient, prompt order, each worker's RNG states and the
+metrics rows so far. `run.resume_from: latest | DIR` continues from the next iteration.
 
 Plain PyTorch, no Ray: the trainer runs in one process, or as each of several Ray Train workers
 (workloads.align.rl_run), which find each other through torch.distributed: each takes an equal share of every
@@ -64,7 +64,8 @@ from workloads.strategy import verify_manifest, write_manifest
 PHASES = ("generation_s", "scoring_s", "logprobs_s", "training_s", "weight_sync_s")  # seconds of each, per iteration
 CHECKPOINT = "checkpoint_"  # + the iteration: one checkpoint directory
 TRAINER_STATE = "trainer_state.json"  # in a checkpoint: iteration, metrics rows, KL coefficient, restarts
-TENSORS = "trainer.pt"  # in a checkpoint: trained weights, critic, optimizer, schedule, RNG states, prompt order
+TENSORS = "trainer.pt"  # in a checkpoint: trained weights, critic, optimizer, schedule, prompt order
+RNG_STATE = "rng-rank{rank}.pt"  # in a checkpoint: each worker's own random generators (CPU, CUDA, Python's)
 ROLLOUTS = {"generate": "model.generate", "vllm": "vLLM engine"}  # what samples, by rl.rollout
 DEEPSPEED_STATE = "deepspeed"  # in a checkpoint with deepspeed.enabled: the policy engine's own checkpoint
 
@@ -114,7 +115,7 @@ class RLTrainer:
         self.recipe, self.rl, self.ppo = recipe, recipe.rl, recipe.method == "ppo"
         self.rank, self.world = world()
         self.device = device or torch.device("cpu")
-        torch.manual_seed(recipe.train.seed + self.rank)  # sampling uses torch's global generator
+        torch.manual_seed(recipe.train.seed)  # the same initial weights on every worker (a fresh LoRA, PPO's critic)
         self.tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
         self.train_prompts = self._fitting(train)
         self.held_out = self._fitting(held_out)[: self.rl.eval_prompts]
@@ -132,6 +133,8 @@ class RLTrainer:
         self.sampler = self._setup_sampler(model_path, work_dir, engines)
         self._order: list[int] = []
         self._rng = random.Random(recipe.train.seed)
+        if self.rank:  # each worker samples its own completions with torch's global generator (rank 0 goes on)
+            torch.manual_seed(recipe.train.seed + self.rank)
 
     def _fitting(self, prompts: list[Prompt]) -> list[tuple[Prompt, list[int]]]:
         """Each prompt with its chat-rendered token ids; prompts that leave no room for a completion are left out."""
@@ -340,19 +343,21 @@ class RLTrainer:
         return artifact
 
     def save_checkpoint(self, directory: Path, state: dict) -> None:
-        """Everything `load_checkpoint` continues from, into `directory` (every worker calls it; rank 0 writes all but
-        the DeepSpeed engine's own state): `state` (iteration, rows, restarts) and the KL coefficient as JSON, tensors
-        and rank 0's RNG states in `trainer.pt`, under a SHA-256 manifest (as fine-tuning's)."""
+        """Everything `load_checkpoint` continues from, into `directory` (every worker calls it): each worker's random
+        generators (`rng-rank<r>.pt`) and its share of the DeepSpeed engine's state; from rank 0 `state` (iteration,
+        rows, restarts) and the KL coefficient as JSON and the tensors in `trainer.pt`, all under a SHA-256 manifest
+        (as fine-tuning's)."""
+        torch.save(_rng_state(), directory / RNG_STATE.format(rank=self.rank))
         if self.engine is not None:
             self.engine.save_checkpoint(str(directory / DEEPSPEED_STATE), tag="state", exclude_frozen_parameters=True)
-            barrier()
+        barrier()  # every worker's files are in place before rank 0's manifest lists them
         if self.rank != 0:
             return
         weights = {n: p.detach().cpu() for n, p in self.policy.model.named_parameters() if p.requires_grad}
         torch.save({"weights": weights, "critic": self.critic.state_dict() if self.critic is not None else None,
                     "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                    "torch_rng": torch.get_rng_state(), "prompt_rng": self._rng.getstate(),
+                    "prompt_rng": self._rng.getstate(),
                     "prompt_order": self._order}, directory / TENSORS)
         fits = {"method": self.recipe.method, "train_method": self.recipe.train.method}  # what resume_source checks
         (directory / TRAINER_STATE).write_text(json.dumps({**state, **fits, "kl_coef": self.kl.value}))
@@ -380,12 +385,31 @@ class RLTrainer:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
+        _set_rng_state(directory / RNG_STATE.format(rank=self.rank))
         self._rng.setstate(saved["prompt_rng"])
         self._order = list(saved["prompt_order"])
         state = json.loads((directory / TRAINER_STATE).read_text())
         self.kl.value = state["kl_coef"]
         return state
+
+
+def _rng_state() -> dict:
+    """This process's random generators: torch's CPU one, every CUDA device's (when there are any), Python's."""
+    return {"cpu": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(path: Path) -> None:
+    """Back to the generators `_rng_state` saved in `path` (this worker's own file); a worker without one (a run
+    resumed on more workers than saved it) keeps the generators seeded at its start, and CUDA's are restored only
+    where as many devices are seen as saved them."""
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(trainer: RLTrainer, on_row: Callable[[dict], None] = lambda row: None, rows: list[dict] | None = None,

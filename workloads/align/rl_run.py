@@ -5,8 +5,10 @@ engines (`rl.rollout: vllm`: `rl.engine.engines` vLLM engines as Ray actors in a
 OpenRLHF places its engines), and runs the loop on `scaling.num_workers` Ray Train workers (`rl_worker`; the
 policy in a DeepSpeed engine with `deepspeed.enabled`). Rank 0's row of every iteration reaches the driver as a
 report, for the progress bar and the log lines. A failed worker group restarts from the newest checkpoint, up to
-`run.max_failures` times. Then the driver writes summary.json, metrics.csv and curves.png; the workers have written
-the adapter (or model) and PPO's value head into the run directory.
+`run.max_failures` times (not for an error a restart cannot fix: `cluster.train.restart_fixes`); before each restart
+every engine is checked and a dead one replaced by a new one, which the restarted workers give the checkpoint's
+weights before their first rollout. Then the driver writes summary.json, metrics.csv and curves.png; the workers have
+written the adapter (or model) and PPO's value head into the run directory.
 
 Checkpoints are the loop's own (`workloads.align.rl_checkpoints`), in `<run.storage_path or run dir/checkpoints>/
 <run.name>`, a directory every worker must see (one machine, or a shared mount: `workloads.multinode` checks).
@@ -67,19 +69,31 @@ def run(recipe: AlignRecipe, run_dir: Path, address: str | None = None) -> dict:
         resumed = json.loads((source / rl.TRAINER_STATE).read_text())["iteration"]
         print(f"[llmc] resumed from {source}: iteration {resumed}", flush=True)
     started = time.perf_counter()
-    engines = _start_engines(recipe, engine, model_path) if engine else None
+    engines: list[actors.ActorGroup] = []  # started by the first attempt, checked before every restart
+
+    def prepare() -> dict:
+        """Each attempt's engines: started at first; on a restart each checked, a dead one replaced."""
+        if engine is None:
+            return {"engines": []}
+        if not engines:  # not waited for: they start while the Train workers do
+            engines.append(_start_engines(recipe, engine, model_path))
+            return {"engines": engines[0].handles}
+        for index in actors.ensure(engines[0]):
+            print(f"[llmc] rollout engine {index} was lost: a new one starts, given the restored policy's weights",
+                  flush=True)
+        return {"engines": engines[0].handles}
+
     config = {"recipe": recipe.model_dump(mode="json"), "model_path": model_path, "run_dir": str(run_dir),
-              "checkpoints": str(checkpoints), "source": str(source) if source else None,
-              "engines": engines.handles if engines else []}
+              "checkpoints": str(checkpoints), "source": str(source) if source else None}
     try:
         with _Progress(recipe) as progress:
             cluster_train.fit(rl_worker, config, name=recipe.run.name, storage_path=str(checkpoints.parent / ".ray"),
                               scaling=worker_scaling(recipe),  # type: ignore[arg-type]
                               max_failures=recipe.run.max_failures, on_report=progress.update,
-                              shared={"train_prompts": train_prompts, "held_out": held_out})
+                              shared={"train_prompts": train_prompts, "held_out": held_out}, prepare=prepare)
     finally:
-        if engines:
-            actors.stop(engines)
+        for group in engines:
+            actors.stop(group)
     final = list_checkpoints(checkpoints)[-1]  # the loop always checkpoints after its last iteration
     state = json.loads((final / rl.TRAINER_STATE).read_text())
     return write_outputs(recipe, run_dir, model_path, state, final, time.perf_counter() - started)

@@ -23,6 +23,7 @@ from workloads.align.rollout import Rollout, left_pad, make_rollout, stop_token_
 from workloads.config import (
     AdaptersConfig,
     EngineConfig,
+    EngineOptions,
     RecipeError,
     SamplingConfig,
     ServeRecipe,
@@ -37,8 +38,9 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def engine_recipe(recipe: AlignRecipe, lora_rank: int | None) -> ServeRecipe:
-    """The rollout engine as a serve recipe describes one: context data.max_length, seed train.seed, LoRA slots for
-    one adapter of up to `lora_rank` (None: no LoRA, full weights are synced)."""
+    """The rollout engine as a serve recipe describes one: rl.engine's engine knobs (the serve engine's own fields),
+    context data.max_length, seed train.seed, LoRA slots for one adapter of up to `lora_rank` (None: no LoRA, full
+    weights are synced)."""
     slots = [r for r in VLLM_LORA_RANKS if r >= (lora_rank or 0)]
     if not slots:
         raise RecipeError(f"field 'lora.r': vLLM rollouts serve LoRA ranks up to {max(VLLM_LORA_RANKS)}, not "
@@ -46,10 +48,8 @@ def engine_recipe(recipe: AlignRecipe, lora_rank: int | None) -> ServeRecipe:
     e = recipe.rl.engine
     return ServeRecipe(
         model=recipe.model,
-        engine=EngineConfig(max_model_len=recipe.data.max_length, max_num_seqs=e.max_num_seqs,
-                            kv_cache_gib=e.kv_cache_gib, seed=recipe.train.seed,
-                            tensor_parallel_size=e.tensor_parallel_size,
-                            gpu_memory_utilization=e.gpu_memory_utilization),
+        engine=EngineConfig(**e.model_dump(include=set(EngineOptions.model_fields)),
+                            max_model_len=recipe.data.max_length, seed=recipe.train.seed),
         resources=ServeResourcesConfig(use_gpu=recipe.scaling.use_gpu, cpus_per_worker=e.cpus_per_engine),
         adapters=AdaptersConfig(enabled=lora_rank is not None, max_lora_rank=min(slots), max_adapters_per_replica=1),
         generate=SamplingConfig(max_tokens=recipe.rl.max_new_tokens),
