@@ -57,7 +57,7 @@ def test_schema_errors_name_the_field_and_what_is_allowed(changes, field, allowe
 
 
 @pytest.mark.parametrize("changes, field, allowed", [
-    ({"target": "nope"}, "target", "it has: arithmetic-bundled"),
+    ({"target": "nope"}, "target", "arithmetic-bundled, arithmetic-compute"),
     ({"target": "arithmetic-question"}, "target", "is kind zero_shot; the target is a few_shot entry"),
     ({"target": "arithmetic-few-shot@7"}, "target", "no version '7'"),
     ({"teacher": {"prompt": "nope"}}, "teacher.prompt", "'nope' is not in the library"),
