@@ -102,9 +102,17 @@ def _shipped_backend(use_gpu: bool) -> str:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TorchConfig":
             backend = next((k.value for k in node.keywords if k.arg == "backend"), None)
             if backend is not None:
-                scaling = types.SimpleNamespace(use_gpu=use_gpu)
-                return eval(compile(ast.Expression(backend), "cluster/train.py", "eval"), {"scaling": scaling})
+                return _backend_value(backend, use_gpu)
     raise RuntimeError("cluster/train.py no longer calls TorchConfig(backend=...): update gpu_check's stand-in")
+
+
+def _backend_value(node: ast.expr, use_gpu: bool) -> str:
+    """The backend expression's value: a string, or a choice of two on `scaling.use_gpu` (read, never executed)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.IfExp) and ast.unparse(node.test) == "scaling.use_gpu":
+        return _backend_value(node.body if use_gpu else node.orelse, use_gpu)
+    raise RuntimeError(f"cluster/train.py's backend is `{ast.unparse(node)}`: update gpu_check's reading of it")
 
 
 def _free_port() -> int:
@@ -228,7 +236,7 @@ def _recipe(name: str, use_gpu: bool, length: int, work: Path):
 def _driver_data(name: str, recipe):
     """What the driver hands the workers: fine-tuning's tokenized examples and eval cases, or RL's training and held-out
     prompts. Read with `datasets` (which the device lacks), so `--pack` makes them here and `--wheels` reads them."""
-    if _RUN.carried is not None:
+    if _RUN.carried is not None:  # written by this script's --pack and carried beside the wheels: trusted as they are
         import pickle
 
         return pickle.loads(_RUN.carried.read_bytes())[name]
