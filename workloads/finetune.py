@@ -329,7 +329,11 @@ def refuse_to_replace(run_dir: Path, run: RunConfig, overwrite: bool, resumable:
     location = cluster_train.experiment_path(storage, run.name)
     if _continues(run.resume_from, location):
         return
-    if entries := cluster_train.stored_entries(location):
+    try:
+        entries = cluster_train.stored_entries(location)
+    except OSError:  # unreachable from here, so nothing here can delete it either: the storage checks that follow
+        return  # (workloads.multinode, the run's own storage set-up) say what is wrong with it
+    if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise RecipeError(f"field 'run.storage_path': {location} already holds checkpoints of an earlier run named "
                           f"{run.name!r} ({shown}), which this run would delete: pass --overwrite to replace them, "
