@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,6 +68,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmcluster")).expanduser()
 
 
+def build_once(target: Path, ready: Path, build: Callable[[], None]) -> Path:
+    """`target`, built by `build` unless `ready` exists; a lock beside it makes concurrent first uses wait for one
+    build (the tiny model, a real model's GGUF and its conversion)."""
+    if not ready.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not ready.exists():
+                build()
+    return target
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
@@ -90,12 +112,8 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: Path | None = None) -> Path:
     The cache key covers the config (shape and pretraining), the factory version and the corpus, so a change to
     any of them builds anew; a lock makes concurrent first uses wait for one build. `out_dir`: a copy there.
     """
-    cached = tiny_model_path(cfg)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with open(cached.parent / f".{cached.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (cached / "config.json").exists():
-            _build_into(cfg, cached)
+    path = tiny_model_path(cfg)
+    cached = build_once(path, path / "config.json", lambda: _build_into(cfg, path))
     if out_dir is None:
         return cached
     if not (Path(out_dir) / "config.json").exists():

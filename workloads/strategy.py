@@ -6,7 +6,6 @@ checked without a GPU). The optimizer, scheduler and gradient accumulation live 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import torch
 
 from workloads.collectives import barrier, sum_across, world
 from workloads.config import FinetuneRecipe, TrainConfig
+from workloads.models import file_sha256
 from workloads.plan import deepspeed_config
 
 _STATE_TAG = "state"
@@ -214,17 +214,9 @@ class CheckpointIntegrityError(RuntimeError):
     """A checkpoint whose files differ from what was saved: it is not loaded (loading may run pickled code)."""
 
 
-def _digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def write_manifest(state_dir: Path, rank: int) -> Path:
     """SHA-256 of every file this rank wrote under `state_dir` (each rank saves into its own directory)."""
-    files = {p.relative_to(state_dir).as_posix(): _digest(p) for p in sorted(state_dir.rglob("*"))
+    files = {p.relative_to(state_dir).as_posix(): file_sha256(p) for p in sorted(state_dir.rglob("*"))
              if p.is_file() and not p.name.startswith("manifest-rank")}
     path = state_dir / _MANIFEST.format(rank=rank)
     path.write_text(json.dumps({"sha256": files}, indent=1))
@@ -244,7 +236,7 @@ def verify_manifest(state_dir: Path) -> None:
     problems = [f"{name}: not in any manifest" for name in sorted(present - set(expected))]
     problems += [f"{name}: listed but missing" for name in sorted(set(expected) - present)]
     problems += [f"{name}: SHA-256 differs from the saved one" for name in sorted(present & set(expected))
-                 if _digest(state_dir / name) != expected[name]]
+                 if file_sha256(state_dir / name) != expected[name]]
     if problems:
         raise CheckpointIntegrityError(f"checkpoint {state_dir} was changed since it was saved:\n  "
                                        + "\n  ".join(problems[:10]))
