@@ -1,7 +1,7 @@
-"""What the fine-tuning bench runs in each Ray Train worker: `workloads.finetune.train_worker`, instrumented.
+"""What the fine-tuning bench runs in each Ray Train worker: `workloads.finetune.worker.train_worker`, instrumented.
 
 Bench-only: the recipe, the worker code and the Ray Train run are the product's; inside the worker process
-this module may (1) merge keys into the DeepSpeed config that `workloads.plan.deepspeed_config` built from the
+this module may (1) merge keys into the DeepSpeed config that `workloads.finetune.plan.deepspeed_config` built from the
 recipe (`ds_config`: e.g. another optimizer, DeepSpeed's wall-clock timers and comms logger), (2) time every
 phase of each step from DeepSpeed's own timers (`profile`), and (3) note the wall time at which rank 0 finishes
 each step (`record`), so the driver can measure the step time with reports, evals and checkpoints included.
@@ -66,8 +66,8 @@ def instrumented_worker(options: dict, config: dict) -> None:
     """`train_worker(config)` with the bench's `options` applied in this worker process; rank 0 writes what it
     measured to `options["record"]` as JSON: `finished` ([step, wall time] per step), `profile` and `optimizer`."""
     import cluster.train
-    import workloads.finetune as finetune
-    import workloads.strategy as strategy
+    import workloads.finetune.strategy as strategy
+    import workloads.finetune.worker as finetune
 
     finished: list[list[float]] = []
     profile: list[dict] = []

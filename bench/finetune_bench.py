@@ -3,7 +3,7 @@
 `python -m bench.finetune_bench` (or `make bench`) measures, sequentially on this machine:
 
 1. Peak memory of full / LoRA / QLoRA (NF4) on a 85M-parameter Llama, one fresh subprocess per
-   method: load through `workloads.models.load_model` / `attach_lora`, then a few plain AdamW steps.
+   method: load through `workloads.models.loading.load_model` / `attach_lora`, then a few plain AdamW steps.
 2. Step time of a plain single-process torch loop (2 threads) on that model, global batch 8 x 64
    tokens, against the real platform path (`workloads.finetune.run`: Ray Train + DDP or DeepSpeed)
    in every layout of `LAYOUTS` (the shipped recipes' layouts among them, named as such), at the shipped
@@ -53,7 +53,10 @@ from bench.finetune_report import (
     shipped_layouts,
     write_markdown,
 )
-from workloads.config import REPO_ROOT, FinetuneRecipe, TinyModelConfig, load_recipe
+from workloads.common.paths import REPO_ROOT
+from workloads.finetune.recipe import FinetuneRecipe
+from workloads.kinds import load_recipe
+from workloads.models.recipe import TinyModelConfig
 
 RESULTS = REPO_ROOT / "bench" / "results"
 WORK_DIR = REPO_ROOT / "runs" / "bench-finetune"  # run outputs and logs (gitignored)
@@ -106,7 +109,7 @@ class Variant:
     cpus_per_worker: int = 1  # the worker's torch threads (`torch.set_num_threads(scaling.cpus_per_worker)`)
 
 
-# `workloads.plan.deepspeed_config` always sets `torch_adam: true` (torch.optim.AdamW, unfused), also with
+# `workloads.finetune.plan.deepspeed_config` always sets `torch_adam: true` (torch.optim.AdamW, unfused), also with
 # `deepspeed.offload_optimizer`: no recipe field reaches DeepSpeed's CPU Adam, so these variants set it here.
 _DS_ADAM = {"optimizer": {"params": {"torch_adam": False}}}
 VARIANTS = [
@@ -252,10 +255,10 @@ def plain_loop(recipe: FinetuneRecipe, model_path: str) -> dict[str, list[float]
     of its forward/backward part (the rest is clipping and the optimizer)."""
     import torch
 
-    from workloads.data import build_datasets
-    from workloads.finetune import StepBatches
-    from workloads.models import load_model, load_tokenizer
-    from workloads.strategy import lr_lambda
+    from workloads.data.formats import build_datasets
+    from workloads.finetune.strategy import lr_lambda
+    from workloads.finetune.worker import StepBatches
+    from workloads.models.loading import load_model, load_tokenizer
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(recipe.train.seed)
@@ -292,7 +295,7 @@ def plain_loop(recipe: FinetuneRecipe, model_path: str) -> dict[str, list[float]
 def instrumented(options: dict) -> Iterator[None]:
     """Meanwhile `workloads.finetune.run` starts `bench._instrument.instrumented_worker(options, ...)` on its
     workers instead of `train_worker` (which that calls, instrumented as `options` say)."""
-    import workloads.finetune as finetune
+    import workloads.finetune.driver as finetune
 
     original = finetune.train_worker
     finetune.train_worker = functools.partial(instrumented_worker, options)
@@ -306,7 +309,8 @@ def platform_run(recipe: FinetuneRecipe, name: str, address: str | None, *, ds_c
                  profile: bool = False) -> dict[str, Any]:
     """Run the recipe through `workloads.finetune.run`; per-step times from the run's own history, the wall
     time at which rank 0 finished each step, and with `profile` each step's phases (DeepSpeed's timers)."""
-    from workloads.finetune import TRAINER_STATE, run
+    from workloads.finetune.driver import run
+    from workloads.finetune.worker import TRAINER_STATE
 
     out = WORK_DIR / name
     shutil.rmtree(out, ignore_errors=True)
@@ -416,9 +420,10 @@ def memory_probe(variant: str, model_key: str, steps: int, micro_batch: int,
     import peft  # noqa: F401
     import torch
 
-    from workloads.data import build_datasets
-    from workloads.finetune import StepBatches
-    from workloads.models import attach_lora, load_model, load_tokenizer, resolve_model_path
+    from workloads.data.formats import build_datasets
+    from workloads.finetune.worker import StepBatches
+    from workloads.models.loading import load_model, load_tokenizer, resolve_model_path
+    from workloads.models.lora import attach_lora
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -530,7 +535,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     from cluster.runtime import connect, shutdown
-    from workloads.models import build_tiny_model
+    from workloads.models.tiny import build_tiny_model
 
     only = set(args.only.split(",")) if args.only else None
     model = TinyModelConfig() if args.quick else BIG_MODEL

@@ -19,7 +19,8 @@ def shipped_layouts() -> dict[tuple[bool, int, int, int], list[str]]:
     that run in that layout."""
     import yaml
 
-    from workloads.config import REPO_ROOT, load_recipe
+    from workloads.common.paths import REPO_ROOT
+    from workloads.kinds import load_recipe
 
     out: dict[tuple[bool, int, int, int], list[str]] = {}
     for path in sorted((REPO_ROOT / "workloads" / "configs").glob("tiny-*.yaml")):
@@ -254,16 +255,15 @@ def _variant_text(results: dict[str, Any], table: str) -> str:
     steps = results["settings"]["variant_steps"]
     return f"""The shipped LoRA layout with the same model and batch, {steps} steps each \
 (one report and checkpoint, at the end, no eval), each run the shipped recipe with one change. \
-`workloads.plan.deepspeed_config` sets `torch_adam: true` for every recipe (with `deepspeed.offload_optimizer` \
-too), so no recipe field reaches DeepSpeed's own Adam: the bench merges the optimizer keys into the DeepSpeed \
-config inside the workers (bench-only, `bench/_instrument.py`): `fused: true` (torch's fused CPU AdamW), \
-`torch_adam: false` (DeepSpeed's FusedAdam, built on the CPU accelerator from its CPU Adam kernel; with \
-`deepspeed.offload_optimizer: true`, DeepSpeedCPUAdam). "2 threads per worker" is `scaling.cpus_per_worker: 2` \
-(4 torch threads on the 2 cores). Phases are rank 0's medians from DeepSpeed's own timers \
-(`wall_clock_breakdown`): forward, backward (the gradient reduce runs inside it), and in the engine step ZeRO's \
-optimizer step, parameter all-gather and gradient norm/clip; "collectives" is the comms logger's time in all \
-collectives (waiting for the other rank included; it overlaps the phases); "rest" is the step less forward, \
-backward and engine step.
+`workloads.finetune.plan.deepspeed_config` sets `torch_adam: true` for every recipe (with \
+`deepspeed.offload_optimizer` too), so no recipe field reaches DeepSpeed's own Adam: the bench merges the optimizer \
+keys into the DeepSpeed config inside the workers (bench-only, `bench/_instrument.py`): `fused: true` (torch's fused \
+CPU AdamW), `torch_adam: false` (DeepSpeed's FusedAdam, built on the CPU accelerator from its CPU Adam kernel; with \
+`deepspeed.offload_optimizer: true`, DeepSpeedCPUAdam). "2 threads per worker" is `scaling.cpus_per_worker: 2` (4 \
+torch threads on the 2 cores). Phases are rank 0's medians from DeepSpeed's own timers (`wall_clock_breakdown`): \
+forward, backward (the gradient reduce runs inside it), and in the engine step ZeRO's optimizer step, parameter \
+all-gather and gradient norm/clip; "collectives" is the comms logger's time in all collectives (waiting for the \
+other rank included; it overlaps the phases); "rest" is the step less forward, backward and engine step.
 
 {table}
 """
@@ -299,7 +299,7 @@ first {settings['warmup']} steps.
 leaving out a neighbour more than {DISTURBED}x slower than the median plain run (disturbed: {_disturbed_text(results)});
 "x plain (all)" by the median over all plain steps. "start-up+save" is wall time minus the steps: worker
 group start, data and model load, DeepSpeed init and the final checkpoint. One worker without DeepSpeed is
-not DDP: `workloads.strategy.Strategy` wraps the model in DDP only when there are several workers. Starting
+not DDP: `workloads.finetune.strategy.Strategy` wraps the model in DDP only when there are several workers. Starting
 embedded Ray took {results.get('ray_init_seconds', 0):.1f} s, once, not counted in any row.
 
 {overhead}

@@ -27,12 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from workloads.config import load_recipe
+from workloads.kinds import load_recipe
+
 from workloads.prompting.endpoint import Endpoint
 from workloads.prompting.harness import read_cases
 from workloads.prompting.recipe import EndpointConfig, VariantConfig
 from workloads.prompting.templates import load_library
-from workloads.serve import ServeProcess
+from workloads.serve.deploy import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -101,7 +102,7 @@ def parallel_tune_path(endpoint: Endpoint, variants: list[VariantConfig], out: P
     """One Ray Tune trial per variant (no early stopping, one report), each through the async client: llmc search's
     path, with `ray_start_s` (Ray's start, timed once by `main`, as `llmc search` connects first) added; the phases
     from the search's summary."""
-    from workloads import search
+    from workloads.search import prompts as search
 
     recipe = load_recipe(SEARCH_RECIPE, kind="prompt_search").model_copy(deep=True)
     recipe.endpoint = EndpointConfig(base_url=endpoint.base_url, cache=False, max_concurrency=TUNE_BUDGET,
@@ -123,7 +124,7 @@ def parallel_tune_path(endpoint: Endpoint, variants: list[VariantConfig], out: P
 
 def multi_fidelity(endpoint: Endpoint, out: Path) -> dict:
     """The shipped search recipe with ASHA against the same grid scored exhaustively."""
-    from workloads import search
+    from workloads.search import prompts as search
 
     rows = {}
     for label, scheduler in (("asha", "asha"), ("exhaustive", "none")):

@@ -46,10 +46,9 @@ def trainer(overrides: list[str]):
     import torch
 
     from workloads.align.prompts import split_prompts
-    from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
     from workloads.align.rl import RLTrainer
-    from workloads.config import load_recipe
-    from workloads.models import resolve_model_path
+    from workloads.kinds import load_recipe
+    from workloads.models.loading import resolve_model_path
 
     recipe = load_recipe(RECIPE, [*IN_PROCESS, *overrides], kind="align")
     torch.set_num_threads(recipe.scaling.cpus_per_worker)

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from bench.serve_report import write_markdown
-from workloads.objectstore import free_port
-from workloads.reporting import percentile
-from workloads.serve import READY_LINE, ServeProcess
+from workloads.common.reporting import percentile
+from workloads.serve.deploy import READY_LINE, ServeProcess
+from workloads.serve.objectstore import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -150,11 +150,12 @@ class _StockApp(ServeProcess):
 def serve_stock_app(shape: dict, port: int) -> None:
     """In the child: Ray Serve LLM's `build_openai_app` on the LLMConfig `llmc serve` builds from the same recipe
     and overrides, on embedded Ray, until Ctrl-C (SIGINT, as `ServeProcess.stop` sends)."""
+    from workloads.kinds import load_recipe
+
     from cluster import runtime  # first: importing `cluster` opts this process into Ray's token auth
     from cluster.serve import llm_config
-    from workloads.config import load_recipe
-    from workloads.models import resolve_model_path
-    from workloads.serve import build_spec
+    from workloads.models.loading import resolve_model_path
+    from workloads.serve.deploy import build_spec
 
     recipe = load_recipe(str(RECIPE), _endpoint_sets(shape), kind="serve")
     spec = build_spec(recipe, str(resolve_model_path(recipe.model)), None, {}, [], port)
@@ -229,8 +230,8 @@ def _inprocess_child(model_dir: Path, levels: dict[int, int]) -> dict:
 
 def bench_model(name: str, sides: tuple[str, ...] = SIDES, levels: dict[int, int] = LEVELS) -> dict:
     """Every asked-for side on one model, one after the other (each alone on the machine), and the ratios."""
-    from workloads.config import TinyModelConfig
-    from workloads.models import build_tiny_model
+    from workloads.models.recipe import TinyModelConfig
+    from workloads.models.tiny import build_tiny_model
 
     shape = MODELS[name]
     model_dir = build_tiny_model(TinyModelConfig(**shape))

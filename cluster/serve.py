@@ -4,7 +4,7 @@ Ray Serve LLM does the engine, continuous batching, streaming, LoRA multiplexing
 OpenAI routes; this module adds what it does not: API keys (a middleware that only ever sees key
 hashes), a bounded response cache for deterministic requests (scoped per API key), request checks with clear 4xx
 messages, `/health`, and its own metrics (`metrics.SERVE_COUNTERS`, beside Ray Serve's `ray_serve_*` and vLLM's
-`ray_vllm_*`). `ServeSpec` is a plain description, built by `workloads.serve` from a recipe.
+`ray_vllm_*`). `ServeSpec` is a plain description, built by `workloads.serve.deploy` from a recipe.
 """
 
 from __future__ import annotations

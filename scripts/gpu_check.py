@@ -1,11 +1,12 @@
 """The GPU check: the per-worker training code of every recipe kind on one CUDA device, as a one-worker Ray Train run.
 
-Each step runs the shipped worker functions (`workloads.finetune.train_worker` through `workloads.finetune.fit`, and
-`workloads.align.rl_run.rl_worker`) on a tiny recipe for a few steps, checkpoints, then resumes a second run from the
-newest checkpoint and goes on: full fine-tuning with DeepSpeed ZeRO-2 and ZeRO-3, LoRA, QLoRA (bitsandbytes 4-bit),
-PPO and GRPO (rollouts from `model.generate`: vLLM is not carried). The losses, evaluations and every metric the
-workers print are reduced by the workloads' own code, over a process group started as `cluster.train.fit` starts it
-(its `TorchConfig(backend=...)` read from cluster/train.py; world size 1; env:// rendezvous, as Ray Train does).
+Each step runs the shipped worker functions (`workloads.finetune.worker.train_worker` through
+`workloads.finetune.driver.fit`, and `workloads.align.rl_run.rl_worker`) on a tiny recipe for a few steps,
+checkpoints, then resumes a second run from the newest checkpoint and goes on: full fine-tuning with DeepSpeed ZeRO-2
+and ZeRO-3, LoRA, QLoRA (bitsandbytes 4-bit), PPO and GRPO (rollouts from `model.generate`: vLLM is not carried). The
+losses, evaluations and every metric the workers print are reduced by the workloads' own code, over a process group
+started as `cluster.train.fit` starts it (its `TorchConfig(backend=...)` read from cluster/train.py; world size 1;
+env:// rendezvous, as Ray Train does).
 
 Ray is not installed on the device machine, so `cluster.train` and `cluster.actors` are replaced, for this process
 only, by a one-worker stand-in (`_one_worker_train`): its `fit` calls the worker in this process, keeps reported
@@ -218,8 +219,8 @@ def _one_worker_train() -> None:
 
 def _recipe(name: str, use_gpu: bool, length: int, work: Path):
     """Step `name`'s tiny recipe, on one worker, checkpointing every step, `length` steps (iterations) long."""
-    from workloads.align.recipe import AlignRecipe  # noqa: F401 (registers kind align)
-    from workloads.config import load_recipe
+    from workloads.kinds import load_recipe
+
 
     common = ["scaling.num_workers=1", f"scaling.use_gpu={str(use_gpu).lower()}", "data.max_samples=160",
               "train.checkpoint_every=1", "train.keep_checkpoints=2", f"train.eval_every={FIRST}",
@@ -241,7 +242,7 @@ def _driver_data(name: str, recipe):
 
         return pickle.loads(_RUN.carried.read_bytes())[name]
     if name in STEPS_FINETUNE:
-        from workloads import finetune
+        from workloads.finetune import driver as finetune
 
         return finetune.prepare(recipe).data
     from workloads.align.prompts import split_prompts
@@ -255,8 +256,8 @@ def _finite(rows: list[dict], keys: tuple[str, ...]) -> bool:
 
 def finetune_step(name: str, use_gpu: bool, work: Path) -> dict:
     """`FIRST` optimizer steps with a checkpoint at each, then a resumed run to step `THEN`; the reduced rows."""
-    from workloads import finetune
-    from workloads.models import resolve_model_path
+    from workloads.finetune import driver as finetune
+    from workloads.models.loading import resolve_model_path
 
     runs = []
     for steps, resume in ((FIRST, False), (THEN, True)):
@@ -276,10 +277,10 @@ def finetune_step(name: str, use_gpu: bool, work: Path) -> dict:
 
 def rl_step(method: str, use_gpu: bool, work: Path) -> dict:
     """`FIRST` iterations with a checkpoint at each, then a resumed run to iteration `THEN`, through `rl_worker`."""
-    from workloads import finetune
     from workloads.align import rl, rl_run
     from workloads.align.rl_checkpoints import checkpoint_dir, list_checkpoints
-    from workloads.models import resolve_model_path
+    from workloads.finetune import driver as finetune
+    from workloads.models.loading import resolve_model_path
 
     run_dir, rows = work / method, None
     for iterations in (FIRST, THEN):
@@ -339,8 +340,9 @@ def pack(out: Path, cuda: str) -> int:
     step and the tiny model."""
     from importlib.metadata import version
 
-    from workloads.config import TinyModelConfig
-    from workloads.models import build_tiny_model, cache_dir
+    from workloads.models.cache import cache_dir
+    from workloads.models.recipe import TinyModelConfig
+    from workloads.models.tiny import build_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
     carried = _requirements(ROOTS) - _requirements(("torch",))

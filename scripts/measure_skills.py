@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from workloads.bundled.make_tasks import task_path  # noqa: E402
-from workloads.real_models import SKILL_CARDS  # noqa: E402
+from workloads.models.gguf import SKILL_CARDS  # noqa: E402
 
 # Each variant: (name, how the case is asked, demonstrations from train, max new tokens).
 VARIANTS = {
@@ -78,8 +78,8 @@ def measure(model_name: str, items: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workloads.config import ModelConfig
-    from workloads.models import resolve_model_path
+    from workloads.models.loading import resolve_model_path
+    from workloads.models.recipe import ModelConfig
 
     path = resolve_model_path(ModelConfig(name=model_name))
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")

@@ -23,8 +23,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from workloads.objectstore import free_port
-from workloads.serve import ServeProcess
+from workloads.serve.deploy import ServeProcess
+from workloads.serve.objectstore import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -67,8 +67,8 @@ _wants_cluster = False  # some collected test uses the session's Ray cluster
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The pretrained tiny model; waits for the background build that collection started, if any."""
-    from workloads.config import TinyModelConfig
-    from workloads.models import build_tiny_model
+    from workloads.models.recipe import TinyModelConfig
+    from workloads.models.tiny import build_tiny_model
 
     if _model_build is not None and _model_build.poll() is None and _ray_head is None and _wants_cluster:
         _start_ray_head()  # the tests that need no model are done: the other core starts the cluster meanwhile
@@ -82,8 +82,8 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the GGUF in its PyPI wheel (about 30 s the first time on a machine)."""
-    from workloads.config import ModelConfig
-    from workloads.models import resolve_model_path
+    from workloads.models.loading import resolve_model_path
+    from workloads.models.recipe import ModelConfig
 
     return Path(resolve_model_path(ModelConfig(name="smollm2-135m")))
 
@@ -471,8 +471,8 @@ def _first_on_server(items: list[pytest.Item]) -> None:
 
 def _start_model_build() -> None:
     global _model_build
-    from workloads.config import TinyModelConfig
-    from workloads.models import tiny_model_path
+    from workloads.models.recipe import TinyModelConfig
+    from workloads.models.tiny import tiny_model_path
 
     if (tiny_model_path(TinyModelConfig()) / "config.json").exists():
         return

@@ -89,7 +89,7 @@ def test_dpo_from_the_sft_adapter_raises_the_held_out_margin(align_runs, lora_ru
     assert config["base_model_name_or_path"] == summary["base_model_path"]
     from safetensors.torch import load_file
 
-    from workloads.config import load_recipe
+    from workloads.kinds import load_recipe
 
     tuned, start = load_file(adapter / "adapter_model.safetensors"), load_file(sft / "adapter_model.safetensors")
     assert tuned.keys() == start.keys() and any(not tuned[k].equal(start[k]) for k in tuned)
@@ -107,8 +107,8 @@ SCHEMA_ERRORS = {  # override -> (field named, what the message says)
 
 
 def test_bad_align_recipe_is_refused_naming_the_field():
-    from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
-    from workloads.config import RecipeError, load_recipe
+    from workloads.common.recipe import RecipeError
+    from workloads.kinds import load_recipe
 
     for override, (field, said) in SCHEMA_ERRORS.items():
         with pytest.raises(RecipeError) as info:
@@ -120,7 +120,9 @@ def test_a_worker_takes_the_pairs_the_driver_checked_without_looking_for_the_fil
     """The driver hands its checked rows to the TRL workers (`fit(shared=...)`); a worker, maybe on another node
     where the data files do not exist, validates the recipe with its paths already checked."""
     from workloads.align.recipe import AlignRecipe
-    from workloads.config import PATHS_CHECKED, RecipeError, load_recipe
+    from workloads.common.paths import PATHS_CHECKED
+    from workloads.common.recipe import RecipeError
+    from workloads.kinds import load_recipe
 
     with pytest.raises(RecipeError, match="field 'data.path'.*file not found"):
         load_recipe(CONFIGS / "tiny-dpo.yaml", ["data.path=/on/the/driver/only.jsonl"], kind="align")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 
 from tests.conftest import run_llmc
-from workloads.answers import final_number
-from workloads.chat import converse
+from workloads.scoring.answers import final_number
+from workloads.serve.chat import converse
 
 
 def model_replies(stdout: str) -> list[str]:

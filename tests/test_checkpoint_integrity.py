@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workloads.strategy import CheckpointIntegrityError, verify_manifest, write_manifest
+from workloads.finetune.strategy import CheckpointIntegrityError, verify_manifest, write_manifest
 
 
 def saved(tmp_path):

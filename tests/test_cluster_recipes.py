@@ -11,9 +11,10 @@ import ray
 import yaml
 
 from tests.conftest import REPO
-from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
-from workloads.config import load_recipe
-from workloads.plan import finetune_plan, rl_plan, serve_plan
+from workloads.align.plan import rl_plan
+from workloads.finetune.plan import finetune_plan
+from workloads.kinds import load_recipe
+from workloads.serve.plan import serve_plan
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 GPU_RECIPES = sorted((REPO / "workloads/configs").glob("llama3-8b-*.yaml"))
@@ -123,7 +124,7 @@ def test_a_gpu_type_the_cluster_lacks_is_caught(path: Path):
 def test_train_plan_bundles_are_what_ray_train_asks_for(path: Path):
     from ray.train import ScalingConfig
 
-    from workloads.finetune import worker_scaling
+    from workloads.finetune.driver import worker_scaling
 
     recipe = load_recipe(path)
     scaling = worker_scaling(recipe)  # what `llmc finetune` hands Ray Train
@@ -173,7 +174,7 @@ def test_gpu_ppo_differs_from_its_tiny_twin_only_where_scale_does():
 
 
 def test_rl_recipes_refuse_what_the_loop_cannot_place():
-    from workloads.config import RecipeError
+    from workloads.common.recipe import RecipeError
 
     with pytest.raises(RecipeError, match=r"scaling\.num_workers.*divisor"):
         load_recipe(PPO_GPU, ["scaling.num_workers=3"])
@@ -193,7 +194,8 @@ def test_rollout_engines_take_the_serve_engines_knobs_with_the_same_checks():
     """rl.engine is the serve engine's schema (one definition): each shared knob is refused, naming it, for the same
     values with the same words in both recipe kinds, and accepted alike."""
     from workloads.align.recipe import RolloutEngineConfig
-    from workloads.config import EngineConfig, EngineOptions, RecipeError
+    from workloads.common.recipe import RecipeError
+    from workloads.serve.recipe import EngineConfig, EngineOptions
 
     assert issubclass(RolloutEngineConfig, EngineOptions) and issubclass(EngineConfig, EngineOptions)
     assert set(RolloutEngineConfig.model_fields) - set(EngineOptions.model_fields) == {"engines", "cpus_per_engine"}
@@ -215,7 +217,7 @@ def test_a_rollout_engines_arguments_follow_its_recipe():
     """The vLLM arguments a rollout engine is built with (the serve engine's builder) are the recipe's: CUDA graphs on
     the GPU twin, eager on the CPU recipe, each knob passed through; context and seed from data and train."""
     from workloads.align.vllm_rollout import engine_recipe, policy_lora_rank
-    from workloads.plan import serve_engine_kwargs
+    from workloads.serve.plan import serve_engine_kwargs
 
     def kwargs(path: Path, *overrides: str) -> dict:
         recipe = load_recipe(path, list(overrides))

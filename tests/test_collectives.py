@@ -1,5 +1,5 @@
-"""Collectives: one module (workloads.collectives) reaches torch.distributed, it reduces where the backend can, and
-its sums and the DDP step's gradient accumulation are right on a real two-process gloo group (no Ray)."""
+"""Collectives: one module (workloads.common.collectives) reaches torch.distributed, it reduces where the backend
+can, and its sums and the DDP step's gradient accumulation are right on a real two-process gloo group (no Ray)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from workloads import collectives
+from workloads.common import collectives
 
 REPO = Path(__file__).resolve().parent.parent
-HELPER = REPO / "workloads" / "collectives.py"
+HELPER = REPO / "workloads" / "common" / "collectives.py"
 
 
 def _distributed_references(path: Path) -> list[str]:
@@ -37,7 +37,7 @@ def test_only_the_collectives_module_reaches_torch_distributed():
     sources = [p for folder in ("cluster", "workloads") for p in sorted((REPO / folder).rglob("*.py"))]
     offenders = {str(p.relative_to(REPO)): refs for p in sources if p != HELPER
                  if (refs := _distributed_references(p))}
-    assert offenders == {}, "call workloads.collectives instead of torch.distributed"
+    assert offenders == {}, "call workloads.common.collectives instead of torch.distributed"
     assert _distributed_references(HELPER)  # the scan does see an import of torch.distributed
 
 
@@ -57,10 +57,11 @@ def _gloo_worker(rank: int, out: str, model_dir: str) -> None:
     import torch.distributed as dist  # the test drives the group itself; the code under test goes through the helper
 
     from workloads.bundled import make_arithmetic as arithmetic
-    from workloads.config import load_recipe
-    from workloads.data import collate, tokenize_chat
-    from workloads.models import attach_lora, load_model, load_tokenizer
-    from workloads.strategy import Strategy, weights_dtype
+    from workloads.data.formats import collate, tokenize_chat
+    from workloads.finetune.strategy import Strategy, weights_dtype
+    from workloads.kinds import load_recipe
+    from workloads.models.loading import load_model, load_tokenizer
+    from workloads.models.lora import attach_lora
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO, run_llmc
-from workloads.config import FinetuneRecipe, RecipeError, apply_override, load_recipe
-from workloads.plan import deepspeed_config, finetune_plan
+from workloads.common.recipe import RecipeError, apply_override
+from workloads.finetune.plan import deepspeed_config, finetune_plan
+from workloads.finetune.recipe import FinetuneRecipe
 
 RECIPES = sorted((REPO / "workloads" / "configs").glob("*.yaml"))
 TINY = REPO / "workloads/configs/tiny-lora.yaml"
@@ -90,7 +92,7 @@ def test_deepspeed_config_follows_the_recipe():
 
 
 def test_a_path_found_only_in_the_repository_is_said_on_stderr(tmp_path, monkeypatch, capsys):
-    from workloads.config import REPO_ROOT, resolve_path
+    from workloads.common.paths import REPO_ROOT, resolve_path
 
     monkeypatch.chdir(tmp_path)
     found = resolve_path("workloads/configs/tiny-lora.yaml")

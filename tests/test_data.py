@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from workloads.answers import final_number
-from workloads.config import DataConfig
-from workloads.data import IGNORE_INDEX, build_datasets, collate, load_records, pack, tokenize_chat, write_jsonl
-from workloads.models import load_tokenizer
+from workloads.data.formats import IGNORE_INDEX, build_datasets, collate, load_records, pack, tokenize_chat, write_jsonl
+from workloads.data.recipe import DataConfig
+from workloads.models.loading import load_tokenizer
+from workloads.scoring.answers import final_number
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def _operands(text: str) -> tuple[int, int]:
 def test_bundled_task_restates_the_operands_and_holds_its_test_pairs_out():
     """Same answer style as the tiny model's pretraining, another question phrasing, test pairs seen nowhere."""
     from workloads.bundled import make_arithmetic
-    from workloads.pretrain import corpus
+    from workloads.models.pretrain import corpus
 
     train, test = _bundled("arithmetic_train.jsonl"), _bundled("arithmetic_test.jsonl")
     assert len(test) == 200 and len(train) == 4000
@@ -105,7 +105,7 @@ def test_bundled_task_restates_the_operands_and_holds_its_test_pairs_out():
 
 
 def test_preference_pairs_prefer_the_right_sum(tokenizer):
-    from workloads.data import tokenize_chat
+    from workloads.data.formats import tokenize_chat
 
     for name, size, questions in (("arithmetic_preference_train.jsonl", 2000, "arithmetic_train.jsonl"),
                                   ("arithmetic_preference_test.jsonl", 200, "arithmetic_test.jsonl")):
@@ -124,8 +124,8 @@ def test_preference_pairs_prefer_the_right_sum(tokenizer):
 
 
 def test_react_traces_call_the_calculator_and_answer_right():
-    from workloads.config import DataConfig
-    from workloads.data import split_records
+    from workloads.data.formats import split_records
+    from workloads.data.recipe import DataConfig
 
     for name, size in (("arithmetic_react_train.jsonl", 500), ("arithmetic_react_test.jsonl", 100)):
         rows = split_records(DataConfig(path=f"workloads/bundled/{name}", format="messages", eval_fraction=0), 0)[0]
@@ -155,8 +155,8 @@ def test_tool_calling_traces_render_the_tools_train_on_the_calls_and_parse_back(
     back as the same call. Rows without tools render exactly as ChatML always did."""
     from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
-    from workloads.config import DataConfig
-    from workloads.data import record_tools, split_records, to_messages
+    from workloads.data.formats import record_tools, split_records, to_messages
+    from workloads.data.recipe import DataConfig
 
     rows = split_records(DataConfig(path="workloads/bundled/arithmetic_tools_train.jsonl", format="messages",
                                     eval_fraction=0), 0)[0]

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_llmc
-from workloads.config import DataConfig, RecipeError
-from workloads.data_check import check_data, check_file
-from workloads.models import load_tokenizer
+from workloads.common.recipe import RecipeError
+from workloads.data.check import check_data, check_file
+from workloads.data.recipe import DataConfig
+from workloads.models.loading import load_tokenizer
 
 GOOD = {"instruction": "Add the two numbers.", "input": "1 + 2", "output": "1 + 2 = 3"}
 

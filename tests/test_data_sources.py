@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from workloads.kinds import validate_recipe
 
 from tests.conftest import REPO, run_llmc
-from workloads.config import DataConfig, RecipeError, validate_recipe
-from workloads.data import (
+from workloads.common.recipe import RecipeError
+from workloads.data.check import check_data
+from workloads.data.formats import (
     IGNORE_INDEX,
     build_datasets,
     collate,
@@ -24,10 +26,10 @@ from workloads.data import (
     tokenize_records,
     write_jsonl,
 )
-from workloads.data_check import check_data
-from workloads.data_sources import HUB_PROBE_TIMEOUT_S, mix
-from workloads.models import load_model, load_tokenizer
-from workloads.objectstore import free_port
+from workloads.data.recipe import DataConfig
+from workloads.data.sources import HUB_PROBE_TIMEOUT_S, mix
+from workloads.models.loading import load_model, load_tokenizer
+from workloads.serve.objectstore import free_port
 
 ALPACA = [{"instruction": "Add the two numbers.", "input": f"{i} + 1", "output": f"{i} + 1 = {i + 1}"}
           for i in range(8)]

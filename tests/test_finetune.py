@@ -79,7 +79,7 @@ def test_lora_zero2_two_workers_learns_survives_a_killed_worker_and_merges(lora_
 
     from peft import PeftModel
 
-    from workloads.models import load_model, load_tokenizer
+    from workloads.models.loading import load_model, load_tokenizer
 
     adapter = Path(summary["artifact"])
     assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
@@ -93,7 +93,7 @@ def test_lora_zero2_two_workers_learns_survives_a_killed_worker_and_merges(lora_
         merged_logits = load_model(summary["merged"])(**batch).logits
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-3)  # the adapter changed the model
     torch.testing.assert_close(merged_logits, tuned_logits, atol=1e-4, rtol=1e-4)
-    from workloads.models import MERGED_FROM  # run.merge_adapter merges as the recipe's model section says
+    from workloads.models.lora import MERGED_FROM  # run.merge_adapter merges as the recipe's model section says
 
     assert json.loads((Path(summary["merged"]) / MERGED_FROM).read_text()) == {
         "base_model": summary["base_model_path"], "revision": None, "adapter": str(adapter.resolve())}
@@ -127,7 +127,7 @@ def test_full_finetune_zero3_lowers_the_loss(zero3_runs, monkeypatch):
     client = MlflowClient(tracking_uri=summary["tracking"]["mlflow"])
     (run,) = client.search_runs([client.get_experiment_by_name("llmc").experiment_id])
     assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "train/loss")) == 30
-    from workloads.models import load_model
+    from workloads.models.loading import load_model
 
     model = load_model(summary["artifact"])  # the gathered ZeRO-3 weights load as a plain model
     assert model.config.model_type == "llama"
@@ -150,9 +150,9 @@ def test_workers_train_on_the_data_the_driver_tokenized_once(ray_cluster, tmp_pa
     import shutil
 
     import ray
+    from workloads.kinds import load_recipe
 
-    from workloads import finetune as ft
-    from workloads.config import load_recipe
+    from workloads.finetune import driver as ft
 
     for name in ("arithmetic_train.jsonl", "arithmetic_test.jsonl"):
         shutil.copy(REPO / "workloads" / "bundled" / name, tmp_path / name)

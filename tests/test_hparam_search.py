@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import workloads.hparam_search  # noqa: F401  (registers kind hparam_search)
 from tests.conftest import REPO, run_llmc
-from workloads.config import RecipeError, apply_override, load_recipe
+from workloads.common.recipe import RecipeError, apply_override
+from workloads.kinds import load_recipe
 
 RECIPE = REPO / "workloads/configs/tiny-hparam-search.yaml"
 
@@ -44,8 +44,8 @@ def test_asha_stops_weak_trials_and_the_best_finished_trial_is_exported(ray_clus
     import torch
     from peft import PeftModel
 
-    from workloads.models import load_model, load_tokenizer
-    from workloads.serve import check_before_start
+    from workloads.models.loading import load_model, load_tokenizer
+    from workloads.serve.deploy import check_before_start
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     batch = tokenizer(["<|im_start|>user\n12 + 30<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt",

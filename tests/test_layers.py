@@ -10,9 +10,10 @@ from pathlib import Path
 from tests.conftest import REPO
 
 # The code a Train worker runs between its calls to cluster.train: plain PyTorch, runnable with no Ray installed.
-ALGORITHM = ("workloads.strategy", "workloads.align.rl", "workloads.align.estimators", "workloads.align.policy",
-             "workloads.align.rollout", "workloads.align.rl_checkpoints", "workloads.data", "workloads.evaluation",
-             "workloads.models", "workloads.schedule", "workloads.scoring")
+ALGORITHM = ("workloads.finetune.strategy", "workloads.finetune.evaluation", "workloads.finetune.schedule",
+             "workloads.align.rl", "workloads.align.estimators", "workloads.align.policy", "workloads.align.rollout",
+             "workloads.align.rl_checkpoints", "workloads.data.formats", "workloads.models.loading",
+             "workloads.models.lora", "workloads.models.tiny", "workloads.scoring")
 
 
 def _module_name(path: Path) -> str:

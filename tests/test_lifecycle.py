@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REPO, session_processes
 from tests.test_serve import random_adapter
-from workloads.serve import ServeProcess
+from workloads.serve.deploy import ServeProcess
 
 SERVE_RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 FINETUNE_RECIPE = REPO / "workloads/configs/tiny-lora.yaml"
@@ -88,7 +88,7 @@ def test_an_entry_point_stopped_by_a_signal_exits_128_plus_it_saying_what_was_ke
     """The entry point itself, no Ray: the signal arrives while the command works; its note is the last line."""
     code = textwrap.dedent(f"""
         import os, time
-        from workloads.entrypoint import run_entrypoint
+        from workloads.common.entrypoint import run_entrypoint
 
         def command():
             try:

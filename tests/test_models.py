@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import run_llmc
-from workloads.config import TinyModelConfig
-from workloads.models import build_tiny_model, load_model, load_tokenizer, read_skill_card, tiny_model_path
+from workloads.models.loading import load_model, load_tokenizer
+from workloads.models.recipe import TinyModelConfig
+from workloads.models.tiny import build_tiny_model, read_skill_card, tiny_model_path
 
 
 def test_tiny_model_is_cached_and_loads_with_from_pretrained(tiny_model_dir):
@@ -23,9 +24,9 @@ def test_tiny_model_is_cached_and_loads_with_from_pretrained(tiny_model_dir):
 
 
 def test_tiny_model_can_add_in_its_own_phrasing_but_not_in_the_bundled_tasks(tiny_model_dir):
-    from workloads.answers import final_number
     from workloads.bundled.make_arithmetic import pretraining_prompt, split_pairs, task_prompt
-    from workloads.pretrain import greedy_answers
+    from workloads.models.pretrain import greedy_answers
+    from workloads.scoring.answers import final_number
 
     card = read_skill_card(tiny_model_dir)
     assert card["held_out_own_phrasing"]["accuracy"] >= 0.9, card
@@ -57,7 +58,7 @@ def test_make_tiny_model_command_writes_a_loadable_dir(tmp_path, tiny_model_dir)
 
 
 def test_qlora_weights_are_4bit(tiny_model_dir):
-    from workloads.config import QuantizationConfig
+    from workloads.models.recipe import QuantizationConfig
 
     model = load_model(str(tiny_model_dir), quantization=QuantizationConfig())
     kinds = {type(m).__name__ for m in model.modules()}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
-from workloads.config import RecipeError, load_recipe
-from workloads.objectstore import LocalS3, S3Endpoint, split_uri, upload_adapter
-from workloads.serve import check_before_start
+from workloads.common.recipe import RecipeError
+from workloads.serve.deploy import check_before_start
+from workloads.serve.objectstore import LocalS3, S3Endpoint, split_uri, upload_adapter
 
 SERVE = REPO / "workloads/configs/serve-tiny.yaml"
 
@@ -69,7 +70,7 @@ def test_adapter_and_run_names_cannot_be_dot_paths(tmp_path, name):
 
 
 def test_short_api_keys_are_refused_and_the_key_variable_leaves_the_environment(monkeypatch):
-    from workloads.serve import api_keys
+    from workloads.serve.deploy import api_keys
 
     recipe = load_recipe(SERVE, ["adapters.enabled=false"])
     monkeypatch.setenv("LLMC_API_KEYS", "short-key, " + "k" * 40)

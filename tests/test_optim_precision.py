@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
 from workloads.bundled import make_arithmetic as arithmetic
-from workloads.config import RecipeError, load_recipe
-from workloads.data import collate, tokenize_chat
-from workloads.models import attach_lora, load_model, load_tokenizer
-from workloads.plan import deepspeed_config
-from workloads.strategy import Strategy, weights_dtype
+from workloads.common.recipe import RecipeError
+from workloads.data.formats import collate, tokenize_chat
+from workloads.finetune.plan import deepspeed_config
+from workloads.finetune.strategy import Strategy, weights_dtype
+from workloads.models.loading import load_model, load_tokenizer
+from workloads.models.lora import attach_lora
 
 TINY = REPO / "workloads/configs/tiny-lora.yaml"
 CPU = torch.device("cpu")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
+from workloads.kinds import load_recipe
+
 from tests.conftest import REPO, run_llmc
-from workloads.config import load_recipe
 from workloads.prompting.client import AsyncLLMClient
 
 EVAL_RECIPE = REPO / "workloads/configs/tiny-eval.yaml"
@@ -111,7 +112,8 @@ def _agent_base_against_tuned(server, tmp_path, prompt: str, cases: int, agents:
     """Evaluate the base (`tiny`) and the agent adapter (`tiny:react`) as agents with `prompt` on `cases` held-out
     questions (agent protocols `agents`); the adapter must answer right on at least `least` of them, and 0.3 more
     than the base. Returns the per-case records."""
-    from workloads.config import validate_recipe
+    from workloads.kinds import validate_recipe
+
     from workloads.prompting.endpoint import Endpoint
     from workloads.prompting.harness import evaluate
 

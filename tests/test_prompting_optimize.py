@@ -9,9 +9,10 @@ import re
 
 import pytest
 import yaml
+from workloads.kinds import validate_recipe
 
 from tests.conftest import REPO, run_llmc
-from workloads.config import RecipeError, validate_recipe
+from workloads.common.recipe import RecipeError
 from workloads.prompting.optimizer import (
     AS_IS,
     Trace,

@@ -18,7 +18,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from workloads.bundled.make_arithmetic import REACT_SYSTEM
-from workloads.objectstore import free_port
 from workloads.prompting.client import AdaptiveLimiter, AsyncLLMClient, request_key
 from workloads.prompting.harness import _run_agents
 from workloads.prompting.react import (
@@ -38,6 +37,7 @@ from workloads.prompting.tools import (
     format_number,
     search_tool,
 )
+from workloads.serve.objectstore import free_port
 
 BUNDLED = Path(__file__).resolve().parent.parent / "workloads" / "bundled"
 

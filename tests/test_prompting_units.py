@@ -8,7 +8,6 @@ import json
 import pytest
 import yaml
 
-from workloads.answers import canonical_answer, last_number
 from workloads.bundled.make_arithmetic import INSTRUCTION, task_prompt
 from workloads.prompting.consistency import AnswerExtraction, extract_answer, majority_vote, vote
 from workloads.prompting.scorers import pick_label, wilson_interval
@@ -22,6 +21,7 @@ from workloads.prompting.templates import (
     select_demonstrations,
 )
 from workloads.scoring import ScorerError, build_scorer
+from workloads.scoring.answers import canonical_answer, last_number
 
 CASE = {"instruction": INSTRUCTION, "input": "17 + 72", "output": "The sum of 17 and 72 is 89."}
 
@@ -290,11 +290,13 @@ def test_majority_vote_counts_unparseable_samples():
 
 
 def test_completions_variants_render_text_and_refuse_agents():
-    from workloads.config import RecipeError, load_recipe, validate_recipe
+    from workloads.kinds import load_recipe, validate_recipe
+
+    from workloads.common.recipe import RecipeError
     from workloads.prompting.harness import _request
     from workloads.prompting.recipe import TestSetConfig, VariantConfig
     from workloads.prompting.templates import load_library
-    from workloads.search import variants_of
+    from workloads.search.prompts import variants_of
 
     template = load_library().get("arithmetic-bundled")
     case, test_set = {"input": "2 + 3", "output": "5"}, TestSetConfig(path="workloads/bundled/arithmetic_test.jsonl")

@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from workloads.kinds import load_recipe
 
 from workloads.bundled.make_tasks import TASKS
-from workloads.config import ModelConfig, RecipeError, load_recipe
-from workloads.models import read_skill_card, resolve_model_path
-from workloads.real_models import NAMED_MODELS, SOURCE_CARD, ModelSourceError, converted_dir, named_gguf
+from workloads.common.recipe import RecipeError
+from workloads.models.gguf import NAMED_MODELS, SOURCE_CARD, ModelSourceError, converted_dir, named_gguf
+from workloads.models.loading import resolve_model_path
+from workloads.models.recipe import ModelConfig
+from workloads.models.tiny import read_skill_card
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = NAMED_MODELS["smollm2-135m"]
@@ -66,7 +69,7 @@ def test_a_file_whose_digest_differs_is_refused(smollm2_dir):
 
 
 def test_a_tampered_wheel_is_refused_before_anything_is_cached(tmp_path, monkeypatch):
-    from workloads import real_models
+    from workloads.models import gguf as real_models
 
     monkeypatch.setenv("LLMC_CACHE", str(tmp_path))
     monkeypatch.setitem(real_models.NAMED_MODELS, "smollm2-135m",

@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO, run_llmc
 from tests.test_serve import random_adapter
-from workloads.config import FinetuneRecipe, load_recipe
-from workloads.models import attach_lora, load_model, load_tokenizer
-from workloads.plan import deepspeed_config, finetune_plan
-from workloads.strategy import lr_lambda
+from workloads.finetune.plan import deepspeed_config, finetune_plan
+from workloads.finetune.recipe import FinetuneRecipe
+from workloads.finetune.strategy import lr_lambda
+from workloads.models.loading import load_model, load_tokenizer
+from workloads.models.lora import attach_lora
 
 TINY = REPO / "workloads/configs/tiny-lora.yaml"
 
@@ -73,8 +75,8 @@ def test_merge_writes_a_plain_model_equal_to_base_plus_adapter(tiny_model_dir, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from workloads.config import ModelConfig
-    from workloads.models import MERGED_FROM
+    from workloads.models.lora import MERGED_FROM
+    from workloads.models.recipe import ModelConfig
 
     repo = tmp_path / "hub" / "models--llmc--tiny"  # huggingface_hub's cache layout: refs name snapshots
     revisions = {"main": "a" * 40, "v2": "b" * 40}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workloads.reporting import TrainProgress, percentile
+from workloads.common.reporting import TrainProgress, percentile
 
 
 def test_p99_is_the_nearest_rank_not_the_one_below_it():

@@ -23,8 +23,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, read_metrics_csv, run_llmc
-from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
-from workloads.config import load_recipe
+from workloads.kinds import load_recipe
 
 CONFIGS = REPO / "workloads/configs"
 SFT_STEPS, SFT_MAX_STEPS, SFT_START = 5, 15, 0.4
@@ -35,10 +34,11 @@ def weak_sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter SFT-trained (batch 16, lr 3e-3) on the bundled task until it answers at least SFT_START of the
     held-out sums greedily (5 steps at least, 15 at most): the RL tests' start, measured rather than a step count,
     because how far 5 steps get follows the CPU's arithmetic (0.285 on an AVX-512 Xeon, about 0.5 elsewhere)."""
-    from workloads.config import LoraConfig
-    from workloads.data import collate, load_records, to_messages, tokenize_chat
-    from workloads.models import attach_lora, load_model, load_tokenizer
-    from workloads.pretrain import held_out_accuracy
+    from workloads.data.formats import collate, load_records, to_messages, tokenize_chat
+    from workloads.models.loading import load_model, load_tokenizer
+    from workloads.models.lora import attach_lora
+    from workloads.models.pretrain import held_out_accuracy
+    from workloads.models.recipe import LoraConfig
 
     tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_a_continued_adapter_keeps_its_start_as_the_frozen_reference(tiny_model_
 
 def test_a_fresh_lora_policy_is_referenced_to_its_base(tiny_model_dir):
     from workloads.align.rollout import token_outputs
-    from workloads.models import load_model
+    from workloads.models.loading import load_model
 
     trainer = _trainer("ppo", tiny_model_dir, "rl.prompts_per_iteration=2", "rl.eval_prompts=0",
                        "train.learning_rate=1e-2")
@@ -262,7 +262,7 @@ def test_ppo_killed_mid_run_resumes_and_raises_the_held_out_reward_with_kl_bound
     only the iterations after it, and the whole run raises the held-out reward with its KL bounded."""
     from workloads.align import rl, rl_checkpoints
     from workloads.align.run import run
-    from workloads.config import RecipeError
+    from workloads.common.recipe import RecipeError
 
     out, recipe_path = tmp_path / "ppo", CONFIGS / "tiny-ppo.yaml"
     command = [sys.executable, "-m", "workloads.cli", "align", str(recipe_path), "--output-dir", str(out),

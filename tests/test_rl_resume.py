@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_llmc
-from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
-from workloads.config import RecipeError, load_recipe
-from workloads.objectstore import free_port
+from workloads.common.recipe import RecipeError
+from workloads.kinds import load_recipe
+from workloads.serve.objectstore import free_port
 
 PPO = REPO / "workloads/configs/tiny-ppo.yaml"
 # length_penalty's scores vary with each completion's length, so every iteration has advantages to learn from.

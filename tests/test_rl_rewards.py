@@ -9,7 +9,6 @@ import textwrap
 import pytest
 
 from tests.conftest import REPO, run_llmc
-from workloads.align.recipe import AlignRecipe  # noqa: F401  (registers kind align)
 from workloads.align.rewards import (
     BUILTINS,
     build_reward,
@@ -18,7 +17,8 @@ from workloads.align.rewards import (
     length_penalty,
     resolve_function,
 )
-from workloads.config import RecipeError, load_recipe
+from workloads.common.recipe import RecipeError
+from workloads.kinds import load_recipe
 
 GRPO = REPO / "workloads/configs/tiny-grpo.yaml"
 PROMPT = [{"role": "user", "content": "Add the two numbers and state the sum in a sentence.\n\n49 + 97"}]
@@ -83,7 +83,7 @@ def test_reward_model_is_a_term(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from workloads.align.reward import load_reward_model
-    from workloads.models import load_tokenizer
+    from workloads.models.loading import load_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
 from workloads.align.run import run as align
-from workloads.config import RecipeError, load_recipe
-from workloads.finetune import refuse_to_replace
-from workloads.finetune import run as finetune
-from workloads.objectstore import LocalS3
+from workloads.common.recipe import RecipeError
+from workloads.finetune.driver import refuse_to_replace
+from workloads.finetune.driver import run as finetune
+from workloads.serve.objectstore import LocalS3
 
 LORA = REPO / "workloads/configs/tiny-lora.yaml"
 GRPO = REPO / "workloads/configs/tiny-grpo.yaml"

@@ -9,11 +9,11 @@ import pytest
 
 from tests.conftest import REPO
 from workloads.align.rewards import exact_answer
-from workloads.answers import answer_text, canonical_answer, final_number
 from workloads.prompting.consistency import extract_answer
 from workloads.prompting.harness import build_scorers
 from workloads.prompting.recipe import EvalRecipe
 from workloads.scoring import SCORERS, NumericScorer, ScorerSpec, build_scorer, register_scorer
+from workloads.scoring.answers import answer_text, canonical_answer, final_number
 
 QUESTION = "Tom has 1,200 apples and gives away 350. How many are left?"
 

@@ -22,12 +22,12 @@ import httpx
 import openai
 import pytest
 import yaml
+from workloads.kinds import load_recipe
 
 from tests.conftest import ALLOWED_ORIGIN, REPO, Server, run_llmc
-from workloads.answers import final_number
-from workloads.config import load_recipe
-from workloads.plan import serve_plan
-from workloads.reporting import percentile
+from workloads.common.reporting import percentile
+from workloads.scoring.answers import final_number
+from workloads.serve.plan import serve_plan
 
 RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 GPU_RECIPE = REPO / "workloads/configs/llama3-8b-serve.yaml"
@@ -84,7 +84,7 @@ def test_gpu_recipe_plan_matches_ray_serve_llm_placement_and_fits_the_cluster(ra
     from ray.serve.llm.deployment import LLMServer
 
     from cluster.serve import llm_config
-    from workloads.serve import build_spec
+    from workloads.serve.deploy import build_spec
 
     recipe = load_recipe(GPU_RECIPE)
     plan = serve_plan(recipe)
@@ -122,9 +122,9 @@ def test_tiny_and_gpu_serve_recipes_differ_only_where_scale_does():
 def test_tool_call_parser_reaches_vllms_frontend_and_an_unknown_one_is_refused_with_the_allowed_names():
     from vllm.tool_parsers import ToolParserManager
 
-    from workloads.config import RecipeError
-    from workloads.plan import serve_frontend_kwargs
-    from workloads.serve import check_before_start, check_tool_call_parser, vllm_tool_parsers
+    from workloads.common.recipe import RecipeError
+    from workloads.serve.deploy import check_before_start, check_tool_call_parser, vllm_tool_parsers
+    from workloads.serve.plan import serve_frontend_kwargs
 
     tiny = load_recipe(RECIPE)
     assert serve_frontend_kwargs(tiny) == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
@@ -211,7 +211,7 @@ def test_the_grpo_aligned_adapter_is_served_and_answers_held_out_sums(server, gr
     the served base model does. The margin, not a floor on the toy's own score: how many of 10 a 2-iteration run
     gets follows the CPU's arithmetic (6 of 10 on one Xeon, 5 on CI's machine), while the base model gets almost
     none in this format on any (5 of 200 in the demo)."""
-    from workloads.data import prompt_messages
+    from workloads.data.formats import prompt_messages
 
     client = server.client()
     rows = [json.loads(line) for line in (REPO / "workloads/bundled/arithmetic_test.jsonl").read_text().splitlines()]

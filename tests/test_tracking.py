@@ -8,10 +8,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
-from workloads import tracking
-from workloads.config import load_recipe
+from workloads.common import tracking
 
 TINY = REPO / "workloads/configs/tiny-lora.yaml"
 ROWS = [{"step": 1, "loss": 2.0, "lr": 1e-3, "eval_loss": None},

@@ -8,13 +8,14 @@ import json
 import math
 
 import pytest
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
-from workloads import finetune, schedule
-from workloads.config import RecipeError, load_recipe
-from workloads.evaluation import EarlyStopping, GenerationCase, generation_cases, generation_score, perplexity
+from workloads.common.recipe import RecipeError
+from workloads.finetune import driver, schedule, worker
+from workloads.finetune.evaluation import EarlyStopping, GenerationCase, generation_cases, generation_score, perplexity
+from workloads.finetune.strategy import lr_lambda
 from workloads.scoring import SCORERS, ExactScorer, build_scorer
-from workloads.strategy import lr_lambda
 
 TINY = REPO / "workloads/configs/tiny-lora.yaml"
 EPOCHS = ["train.max_steps=null", "train.num_epochs=2"]
@@ -66,7 +67,8 @@ def test_wandb_without_the_package_is_a_schema_error_saying_what_to_install(monk
 
 
 def test_every_new_field_has_a_description():
-    from workloads.config import EvalConfig, TrackingConfig, TrainConfig
+    from workloads.common.tracking import TrackingConfig
+    from workloads.finetune.recipe import EvalConfig, TrainConfig
 
     for model, names in ((TrainConfig, ["max_steps", "num_epochs"]), (EvalConfig, list(EvalConfig.model_fields)),
                          (TrackingConfig, list(TrackingConfig.model_fields))):
@@ -91,16 +93,16 @@ def test_steps_follow_examples_batch_accumulation_and_workers():
 def test_the_worker_batching_and_the_driver_agree_on_an_epoch():
     recipe = load_recipe(TINY, [*EPOCHS, "train.gradient_accumulation_steps=3"])
     examples = [{"input_ids": [1, 2], "labels": [1, 2]}] * 1000
-    batches = finetune.StepBatches(examples, recipe, rank=1, world_size=2, pad_id=0)
+    batches = worker.StepBatches(examples, recipe, rank=1, world_size=2, pad_id=0)
     assert batches.steps_per_epoch == schedule.steps_per_epoch(1000, 16, 3, 2) == 10
 
 
 def test_the_driver_resolves_epochs_from_the_tokenized_data_before_ray(tiny_model_dir, capsys):
-    prepared = finetune.prepare(load_recipe(TINY, EPOCHS))  # the data every worker trains on, tokenized once
+    prepared = driver.prepare(load_recipe(TINY, EPOCHS))  # the data every worker trains on, tokenized once
     assert prepared.total_steps == 250 and len(prepared.data[0]) == 4000  # 2 x (4000 / 2 workers / 16)
     assert "[llmc] schedule: 250 optimizer steps (2 epoch(s) x 125 steps; global batch 32)" in capsys.readouterr().out
     with pytest.raises(RecipeError, match="field 'train.num_epochs': 20 training examples cannot fill one"):
-        finetune.prepare(load_recipe(TINY, [*EPOCHS, "data.max_samples=20"]))
+        driver.prepare(load_recipe(TINY, [*EPOCHS, "data.max_samples=20"]))
 
 
 def test_warmup_ratio_works_off_the_resolved_step_count():
@@ -151,8 +153,8 @@ def test_exact_match_is_maximized_and_a_missing_value_is_no_improvement():
 
 
 def test_generation_score_greedy_replies_scored_and_shared_between_ranks(tiny_model_dir, monkeypatch):
-    from workloads.models import load_model, load_tokenizer
-    from workloads.pretrain import greedy_answers
+    from workloads.models.loading import load_model, load_tokenizer
+    from workloads.models.pretrain import greedy_answers
 
     recipe = load_recipe(TINY, ["eval.generate=true", "eval.generate_samples=5", "eval.max_new_tokens=16",
                                 "eval.scorer=exact"])

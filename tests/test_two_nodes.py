@@ -34,11 +34,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from workloads.kinds import load_recipe
 
 from tests.conftest import REPO, SERVE_RECIPE, _stop_session, _wait_for_dashboard, run_llmc, session_processes
-from workloads.config import RecipeError, load_recipe
-from workloads.objectstore import LocalS3, free_port
-from workloads.serve import ServeProcess
+from workloads.common.recipe import RecipeError
+from workloads.serve.deploy import ServeProcess
+from workloads.serve.objectstore import LocalS3, free_port
 
 NODE2_IP = "127.0.0.2"  # a second loopback address: another machine, as far as the driver can tell by IP
 BUCKET = "llmc-two-nodes"
@@ -168,7 +169,7 @@ def _registered_checkpoint(client, key: str) -> bool:
 
 
 def test_custom_resources_reach_every_engine_bundle_and_built_in_names_are_refused():
-    from workloads.plan import serve_plan
+    from workloads.serve.plan import serve_plan
 
     recipe = load_recipe(SERVE_RECIPE, ["resources.custom={node2: 1}", "engine.tensor_parallel_size=2",
                                         "adapters.paths={}"])
@@ -185,14 +186,14 @@ def test_custom_resources_reach_every_engine_bundle_and_built_in_names_are_refus
                                              ("::1", True), ("[::1]", True), ("192.0.2.2", False),
                                              ("minio.internal", False), (None, False)])
 def test_loopback_means_this_machine_only(host, loopback):
-    from workloads.multinode import is_loopback
+    from workloads.common.multinode import is_loopback
 
     assert is_loopback(host) is loopback
 
 
 def test_an_adapter_store_on_loopback_is_said_how():
-    from workloads.config import AdaptersConfig
-    from workloads.multinode import loopback_adapter_store
+    from workloads.common.multinode import loopback_adapter_store
+    from workloads.serve.recipe import AdaptersConfig
 
     assert loopback_adapter_store(AdaptersConfig()) == ("'local' runs the adapter store on this machine's loopback "
                                                         "(127.0.0.1)")
@@ -204,7 +205,7 @@ def test_an_adapter_store_on_loopback_is_said_how():
 
 
 def test_a_loopback_adapter_url_is_refused_for_a_remote_cluster_before_ray():
-    from workloads.serve import check_before_start
+    from workloads.serve.deploy import check_before_start
 
     recipe = load_recipe(SERVE_RECIPE, ["adapters.paths={}", "adapters.endpoint_url=http://127.0.0.1:9000"])
     with pytest.raises(RecipeError, match=r"field 'adapters.endpoint_url': http://127.0.0.1:9000 is this machine's "

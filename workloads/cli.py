@@ -7,18 +7,15 @@ field, its value and what is allowed, before Ray or any model is touched.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import workloads.align.recipe  # noqa: F401  (registers kind align)
-import workloads.hparam_search  # noqa: F401  (registers kind hparam_search)
-import workloads.prompting.recipe  # noqa: F401  (registers kinds eval, prompt_search and optimize)
-from workloads.config import ModelConfig, load_recipe
-from workloads.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
+from workloads.common.entrypoint import finetune_arguments, output_options, recipe_arguments, run_entrypoint
+from workloads.kinds import KINDS, load_recipe
+from workloads.models.recipe import ModelConfig
 
 STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a command cleanly: a serving app is deleted, "
             "a training run aborted (its checkpoints kept), an embedded Ray shut down with every process it started. "
@@ -29,22 +26,7 @@ STOPPING = ("Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) stops a comman
 def _cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     report = {"recipe": args.recipe, "kind": recipe.kind, "valid": True}
-    if recipe.kind == "finetune":
-        from workloads.data_check import check_data
-        from workloads.plan import finetune_plan
-
-        report["data_rows"] = {r.path: r.rows for r in check_data(recipe.data)}  # structure only: no tokenizer
-        report.update(finetune_plan(recipe))
-    if recipe.kind == "align":  # the same workers, batch math and DeepSpeed config as a fine-tuning run
-        from workloads.plan import finetune_plan, rl_plan
-
-        report.update(rl_plan(recipe) if recipe.method in ("ppo", "grpo") else finetune_plan(recipe))
-    if recipe.kind == "serve":
-        from workloads.plan import serve_plan
-
-        report.update(serve_plan(recipe))
-    if recipe.kind == "hparam_search":
-        report.update(recipe.plan())
+    report.update(KINDS[recipe.kind].plan(recipe))  # resources, batch math, data rows: per kind (workloads.kinds)
     if args.print:  # the recipe as it will run: every default filled in, overrides applied, secrets masked
         import yaml
 
@@ -55,8 +37,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from workloads.config import RecipeError
-    from workloads.models import merge_adapter
+    from workloads.common.recipe import RecipeError
+    from workloads.models.lora import merge_adapter
 
     config = Path(args.adapter) / "adapter_config.json"
     if not config.is_file():
@@ -78,7 +60,7 @@ def _merge_model(args: argparse.Namespace, base: str) -> tuple[ModelConfig, Path
     import yaml
     from pydantic import ValidationError
 
-    from workloads.config import RecipeError
+    from workloads.common.recipe import RecipeError
 
     recipe = Path(args.recipe) if args.recipe else Path(args.adapter).resolve().parent / "recipe.yaml"
     if args.recipe and not recipe.is_file():
@@ -93,26 +75,21 @@ def _merge_model(args: argparse.Namespace, base: str) -> tuple[ModelConfig, Path
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="finetune")
-    from workloads.finetune import run
-
-    run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+    KINDS["finetune"].runner(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="align")
-    from workloads.align.run import run
-
-    run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+    KINDS["align"].runner(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="serve")
-    from workloads.serve import run
 
     try:
-        run(recipe, address=args.address, port=args.port)
+        KINDS["serve"].runner(recipe, address=args.address, port=args.port)
     except KeyboardInterrupt:  # serving runs until stopped: Ctrl-C or SIGTERM is its normal end (the app deleted)
         print("[llmc] stopped", file=sys.stderr, flush=True)
     return 0
@@ -120,7 +97,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="serve")
-    from workloads.generate import run
+    from workloads.serve.generate import run
 
     run(recipe, Path(args.input), Path(args.output), adapter=args.adapter)
     return 0
@@ -132,29 +109,29 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="results directory")
 
 
-def _run_recipe(modules: dict[str, str]) -> Callable[[argparse.Namespace], int]:
-    """A command that checks a recipe of one of the kinds in `modules`, then hands it to that kind's `module.run`
-    (imported only then: a bad recipe fails before the heavy imports)."""
+def _run_recipe(*kinds: str) -> Callable[[argparse.Namespace], int]:
+    """A command that checks a recipe of one of `kinds`, then hands it to that kind's runner (workloads.kinds; imported
+    only then: a bad recipe fails before the heavy imports)."""
 
     def command(args: argparse.Namespace) -> int:
-        recipe = load_recipe(args.recipe, args.overrides, kind=tuple(modules))
-        importlib.import_module(modules[recipe.kind]).run(recipe, output_dir=args.output_dir, address=args.address)
+        recipe = load_recipe(args.recipe, args.overrides, kind=kinds)
+        KINDS[recipe.kind].runner(recipe, output_dir=args.output_dir, address=args.address)
         return 0
 
     return command
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from workloads.config import TinyModelConfig
-    from workloads.models import build_tiny_model
+    from workloads.models.recipe import TinyModelConfig
+    from workloads.models.tiny import build_tiny_model
 
     print(build_tiny_model(TinyModelConfig(), out_dir=Path(args.dir) if args.dir else None))
     return 0
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
-    from workloads.config import ModelConfig
-    from workloads.models import resolve_model_path
+    from workloads.models.loading import resolve_model_path
+    from workloads.models.recipe import ModelConfig
 
     is_file = Path(args.model).expanduser().is_file()
     cfg = ModelConfig(gguf=args.model) if is_file else ModelConfig(name=args.model)
@@ -167,7 +144,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not command or command[0] not in COMMANDS or command[0] == "submit":
         raise SystemExit(f"llmc submit: expected `-- <llmc command> ...`, got {command!r}")
     sub = build_parser().parse_args(command)
-    from workloads.submission import (
+    from workloads.common.submission import (
         SECRET_EXCLUDES,
         check_recipe_for_submission,
         files_with_inline_keys,
@@ -211,8 +188,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from workloads import chat
-    from workloads.config import RecipeError
+    from workloads.common.recipe import RecipeError
+    from workloads.serve import chat
 
     if bool(args.url) == bool(args.model_dir):
         raise RecipeError("fields '--url' and '--model-dir': give exactly one (a served endpoint or a local model)")
@@ -222,8 +199,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         where = f"{model} at {args.url}"
     else:
         if args.model_dir == "tiny":
-            from workloads.config import TinyModelConfig
-            from workloads.models import build_tiny_model
+            from workloads.models.recipe import TinyModelConfig
+            from workloads.models.tiny import build_tiny_model
 
             model_dir = str(build_tiny_model(TinyModelConfig()))
         else:
@@ -298,19 +275,19 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "eval": (
         "score prompt variants on a JSONL test set through an OpenAI-compatible endpoint (ours by default)",
         _results_arguments,
-        _run_recipe({"eval": "workloads.prompting.harness"}),
+        _run_recipe("eval"),
     ),
     "optimize": (
         "improve a few-shot library prompt: bootstrapped demonstrations and instruction candidates scored on a dev "
         "split; the best saved as its next version",
         _results_arguments,
-        _run_recipe({"optimize": "workloads.prompting.optimizer"}),
+        _run_recipe("optimize"),
     ),
     "search": (
         "Ray Tune over prompt variants (ASHA on dev cases scored; the winner scored on the test split) or, with kind "
         "hparam_search, over fine-tuning hyperparameters (ASHA on eval loss; the best run's adapter kept)",
         _results_arguments,
-        _run_recipe({"prompt_search": "workloads.search", "hparam_search": "workloads.hparam_search"}),
+        _run_recipe("prompt_search", "hparam_search"),
     ),
     "chat": (
         "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",

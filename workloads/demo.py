@@ -26,10 +26,11 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from workloads.answers import final_number
-from workloads.config import REPO_ROOT, load_recipe
-from workloads.data import prompt_messages
+from workloads.common.paths import REPO_ROOT
+from workloads.data.formats import prompt_messages
+from workloads.kinds import load_recipe
 from workloads.prompting.endpoint import Endpoint
+from workloads.scoring.answers import final_number
 
 FINETUNE_RECIPE = REPO_ROOT / "workloads/configs/tiny-lora.yaml"
 EVAL_RECIPE = REPO_ROOT / "workloads/configs/tiny-eval.yaml"
@@ -44,7 +45,7 @@ SFT_STEPS = ["train.max_steps=8", "train.warmup_steps=2"]
 
 def finetune_stage(output_dir: Path, overrides: list[str], address: str | None = None) -> dict:
     """LoRA fine-tuning of the tiny model on Ray Train + DeepSpeed; returns its summary."""
-    from workloads.finetune import run
+    from workloads.finetune.driver import run
 
     recipe = load_recipe(FINETUNE_RECIPE, [*SFT_STEPS, *overrides], kind="finetune")
     print(f"[demo] 1/5 fine-tuning: {FINETUNE_RECIPE.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
@@ -67,7 +68,7 @@ def serve_stage(adapters: dict[str, Path], output_dir: Path, questions: int = 20
     on the same endpoint, the prompt evaluation and prompt search stages. Returns the answers and the totals."""
     import openai
 
-    from workloads.serve import serving
+    from workloads.serve.deploy import serving
 
     key = "llmc-demo-" + secrets.token_hex(16)
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
@@ -106,8 +107,8 @@ def serve_stage(adapters: dict[str, Path], output_dir: Path, questions: int = 20
 
 def prompt_stages(endpoint: Endpoint, output_dir: Path, address: str | None = None) -> None:
     """Stages 3 and 4 on the served endpoint: prompt variants evaluated, then searched on Ray Tune."""
-    from workloads import search
     from workloads.prompting import harness
+    from workloads.search import prompts as search
 
     print(f"[demo] 4/5 evaluating prompt variants: {EVAL_RECIPE.relative_to(REPO_ROOT)}", flush=True)
     summary = harness.run(load_recipe(EVAL_RECIPE, kind="eval"), output_dir / "eval", endpoint=endpoint, show=False)
@@ -135,7 +136,7 @@ def _print_answers(answers: list[dict], fields: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster.stopping import stop_on_sigterm
-    from workloads.entrypoint import output_options, report_interrupt, set_output
+    from workloads.common.entrypoint import output_options, report_interrupt, set_output
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[output_options()])
     parser.add_argument("--output-dir", default="runs/demo", help="fine-tuning run directory")

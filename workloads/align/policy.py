@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from workloads.align.recipe import AlignRecipe
-from workloads.config import resolve_path
-from workloads.models import attach_lora, load_model
+from workloads.common.paths import resolve_path
+from workloads.models.loading import load_model
+from workloads.models.lora import attach_lora
 
 REFERENCE_ADAPTER = "reference"
 

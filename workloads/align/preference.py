@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 
 from workloads.align.recipe import AlignDataConfig
-from workloads.config import RecipeError
-from workloads.data_sources import read_path
+from workloads.common.recipe import RecipeError
+from workloads.data.sources import read_path
 
 KEYS = ("prompt", "chosen", "rejected")
 

@@ -1,6 +1,6 @@
 """Prompts for PPO and GRPO: chat rows read as (prompt messages, reference answer), checked row by row.
 
-A row in a chat format (alpaca, messages, sharegpt; workloads.data's formats) is a prompt: every message before its
+A row in a chat format (alpaca, messages, sharegpt; workloads.data.formats) is a prompt: every message before its
 last assistant turn, and that turn's text as the reference answer the reward functions compare against. The driver
 reads them before any model work, so a bad row fails in seconds naming field, row and key.
 """
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from workloads.align.preference import hold_out
 from workloads.align.recipe import AlignDataConfig
-from workloads.config import RecipeError
-from workloads.data import to_messages
-from workloads.data_sources import read_path
+from workloads.common.recipe import RecipeError
+from workloads.data.formats import to_messages
+from workloads.data.sources import read_path
 
 
 @dataclass(frozen=True)

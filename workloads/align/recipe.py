@@ -1,4 +1,4 @@
-"""The alignment recipe (`kind: align`, `llmc align`): one schema for every method, registered beside finetune.
+"""The alignment recipe (`kind: align`, `llmc align`): one schema for every method, listed in workloads.kinds.
 
 `method` picks what is trained: from preference pairs, `reward` (a reward model, TRL's RewardTrainer) or `dpo` (a
 policy, TRL's DPOTrainer); from prompts with reference answers, `ppo` or `grpo` (a policy trained on its own sampled
@@ -13,18 +13,12 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from workloads.align.rewards import check_arguments, check_function, term_name
-from workloads.config import (
-    RECIPES,
-    DeepSpeedConfig,
-    EngineOptions,
-    LoraConfig,
-    ModelConfig,
-    RunConfig,
-    ScalingConfig,
-    StrictModel,
-    paths_checked,
-    resolve_path,
-)
+from workloads.common.paths import paths_checked, resolve_path
+from workloads.common.recipe import StrictModel
+from workloads.common.run import RunConfig
+from workloads.finetune.recipe import DeepSpeedConfig, ScalingConfig
+from workloads.models.recipe import LoraConfig, ModelConfig
+from workloads.serve.recipe import EngineOptions
 
 PAIR_METHODS = ("reward", "dpo")  # trained from preference pairs, TRL inside Ray Train workers
 RL_METHODS = ("ppo", "grpo")  # trained on the policy's own completions (workloads.align.rl)
@@ -192,7 +186,7 @@ class KlOptions(StrictModel):
 
 class RolloutEngineConfig(EngineOptions):
     """The vLLM engines of `rl.rollout: vllm`: Ray actors beside the Train workers (each worker samples from engine
-    `rank % engines`), with a serve recipe's engine knobs (workloads.config.EngineOptions: the same fields, bounds
+    `rank % engines`), with a serve recipe's engine knobs (workloads.serve.recipe.EngineOptions: the same fields, bounds
     and defaults); an engine's context is data.max_length, its seed train.seed, and it serves LoRA when the policy
     is a LoRA adapter."""
 
@@ -383,4 +377,3 @@ class AlignRecipe(StrictModel):
         return run
 
 
-RECIPES["align"] = AlignRecipe

@@ -53,7 +53,7 @@ def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float
     """The reward model saved in `path` (a full model, or a LoRA adapter on the base it names, merged on load)."""
     from transformers import AutoModelForSequenceClassification
 
-    from workloads.models import load_tokenizer, torch_dtype
+    from workloads.models.loading import load_tokenizer, torch_dtype
 
     path = Path(path)
     adapter = path / "adapter_config.json"

@@ -134,7 +134,7 @@ def resolve_function(name: str, args: dict | None = None) -> RewardFunction:
 def import_rewards(specs: Sequence[TermSpec]) -> None:
     """When the run starts: import the `module:function` rewards (their code runs now, not at validation) and check
     them as the workers will call them, so a bad one fails before any cluster work, naming its field."""
-    from workloads.config import RecipeError
+    from workloads.common.recipe import RecipeError
 
     for n, spec in enumerate(specs):
         if spec.function is not None:
@@ -263,7 +263,7 @@ def function_term(name: str, weight: float, args: dict) -> Term:
 def model_term(path: str, weight: float, device: str, dtype: str) -> Term:
     """A trained reward model as a batch scorer: it scores prompt plus reply as one conversation."""
     from workloads.align.reward import load_reward_model
-    from workloads.config import resolve_path
+    from workloads.common.paths import resolve_path
 
     model = load_reward_model(resolve_path(path) or path, device=device, dtype=dtype)
 

@@ -55,11 +55,11 @@ from workloads.align.prompts import Prompt
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
 from workloads.align.rewards import build_reward
 from workloads.align.rollout import GenerateSampler, Rollout, token_outputs
-from workloads.collectives import barrier, sum_, sum_across, world
-from workloads.config import RecipeError
-from workloads.models import load_tokenizer
-from workloads.plan import deepspeed_config
-from workloads.strategy import verify_manifest, write_manifest
+from workloads.common.collectives import barrier, sum_, sum_across, world
+from workloads.common.recipe import RecipeError
+from workloads.finetune.plan import deepspeed_config
+from workloads.finetune.strategy import verify_manifest, write_manifest
+from workloads.models.loading import load_tokenizer
 
 PHASES = ("generation_s", "scoring_s", "logprobs_s", "training_s", "weight_sync_s")  # seconds of each, per iteration
 CHECKPOINT = "checkpoint_"  # + the iteration: one checkpoint directory

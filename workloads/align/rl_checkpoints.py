@@ -11,7 +11,8 @@ from pathlib import Path
 
 from workloads.align import rl
 from workloads.align.recipe import AlignRecipe
-from workloads.config import RESUME_LATEST, RecipeError
+from workloads.common.recipe import RecipeError
+from workloads.common.run import RESUME_LATEST
 
 
 def checkpoint_dir(recipe: AlignRecipe, run_dir: Path) -> Path:

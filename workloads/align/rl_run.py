@@ -11,7 +11,7 @@ weights before their first rollout. Then the driver writes summary.json, metrics
 written the adapter (or model) and PPO's value head into the run directory.
 
 Checkpoints are the loop's own (`workloads.align.rl_checkpoints`), in `<run.storage_path or run dir/checkpoints>/
-<run.name>`, a directory every worker must see (one machine, or a shared mount: `workloads.multinode` checks).
+<run.name>`, a directory every worker must see (one machine, or a shared mount: `workloads.common.multinode` checks).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 
 from cluster import actors
 from cluster import train as cluster_train
-from workloads import multinode, reporting
 from workloads.align import rl
+from workloads.align.plan import rl_engine_bundles
 from workloads.align.prompts import split_prompts
 from workloads.align.recipe import AlignRecipe
 from workloads.align.rl_checkpoints import (
@@ -35,10 +35,12 @@ from workloads.align.rl_checkpoints import (
     resume_source,
     write_checkpoint,
 )
-from workloads.config import PATHS_CHECKED, RESUME_LATEST, resolve_path
-from workloads.finetune import worker_scaling
-from workloads.models import merge_adapter, resolve_model_path
-from workloads.plan import rl_engine_bundles
+from workloads.common import multinode, reporting
+from workloads.common.paths import PATHS_CHECKED, resolve_path
+from workloads.common.run import RESUME_LATEST
+from workloads.finetune.driver import worker_scaling
+from workloads.models.loading import resolve_model_path
+from workloads.models.lora import merge_adapter
 
 ENGINE_ROLE = "rollout-engine"
 

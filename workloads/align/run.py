@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 
 from cluster import train as cluster_train
-from workloads import multinode, reporting
 from workloads.align.preference import split_pairs
 from workloads.align.recipe import RL_METHODS, AlignRecipe
 from workloads.align.rewards import import_rewards
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
-from workloads.config import resolve_path
-from workloads.finetune import note_checkpoints_on_stop, refuse_to_replace, worker_scaling
-from workloads.models import load_tokenizer, merge_adapter, resolve_model_path
+from workloads.common import multinode, reporting
+from workloads.common.paths import resolve_path
+from workloads.finetune.driver import note_checkpoints_on_stop, refuse_to_replace, worker_scaling
+from workloads.models.loading import load_tokenizer, resolve_model_path
+from workloads.models.lora import merge_adapter
 
 # What each method's curves show beside the loss: (train metric, held-out metric, axis label).
 _CURVES = {"reward": ("accuracy", "eval_accuracy", "pairwise accuracy"),
@@ -127,7 +128,7 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path, method: str)
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m workloads.align RECIPE [--set K=V] [--output-dir DIR] [--overwrite] [--address A]`: a job."""
-    from workloads.entrypoint import recipe_job
+    from workloads.common.entrypoint import recipe_job
 
     return recipe_job(argv, prog="python -m workloads.align", description=__doc__.splitlines()[0], kind="align",
                       run=run)

@@ -19,9 +19,10 @@ from transformers import TrainerCallback
 
 from cluster import train as cluster_train
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
-from workloads.config import PATHS_CHECKED
-from workloads.models import load_model, load_tokenizer, peft_lora_config
-from workloads.plan import deepspeed_config
+from workloads.common.paths import PATHS_CHECKED
+from workloads.finetune.plan import deepspeed_config
+from workloads.models.loading import load_model, load_tokenizer
+from workloads.models.lora import peft_lora_config
 
 STATE = "align_state.json"  # beside the exported model in the final checkpoint: history and evaluations
 MODEL_DIR = "model"

@@ -1,6 +1,6 @@
 """Rollouts from vLLM engines (`rl.rollout: vllm`), kept at the policy's weights after every update.
 
-An engine (`RolloutEngine`) starts as `llmc generate`'s does (workloads.generate.engine, a serve recipe's engine
+An engine (`RolloutEngine`) starts as `llmc generate`'s does (workloads.serve.generate.engine, a serve recipe's engine
 arguments), as a Ray actor beside the Train workers (workloads.align.rl_run) or in this process. `sync` saves the
 policy into a fresh directory and hands it to the engines: a LoRA adapter is loaded under a new LoRA id and name (the
 previous one removed, so engine memory stays flat and no prefix-cache block of the old weights is reused); full
@@ -20,16 +20,16 @@ import torch
 from workloads.align.policy import Policy
 from workloads.align.recipe import AlignRecipe
 from workloads.align.rollout import Rollout, left_pad, make_rollout, stop_token_ids
-from workloads.config import (
+from workloads.common.paths import resolve_path
+from workloads.common.recipe import RecipeError
+from workloads.models.recipe import adapter_rank
+from workloads.serve.recipe import (
     AdaptersConfig,
     EngineConfig,
     EngineOptions,
-    RecipeError,
     SamplingConfig,
     ServeRecipe,
     ServeResourcesConfig,
-    adapter_rank,
-    resolve_path,
 )
 
 # The LoRA ranks a vLLM engine can be set to (vllm.config.lora.MaxLoRARanks; a test checks they agree): read here
@@ -72,7 +72,7 @@ class RolloutEngine:
     `cluster.actors.Remote`."""
 
     def __init__(self, recipe: ServeRecipe, model_path: str):
-        from workloads.generate import engine
+        from workloads.serve.generate import engine
 
         self.llm = engine(recipe, model_path)
         self.lora = None  # the LoRARequest of the adapter in use

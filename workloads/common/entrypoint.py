@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 
 from cluster.stopping import interrupted_exit_status, stop_on_sigterm, stop_signal
-from workloads.config import RecipeError
+from workloads.common.recipe import RecipeError
 
 EXIT_BAD_RECIPE = 2
 
@@ -108,7 +108,7 @@ def run_entrypoint(command: Callable[[], int], verbose: bool = False) -> int:
 def recipe_job(argv: list[str] | None, *, prog: str, description: str, kind: str, run: Callable[..., object]) -> int:
     """`python -m MODULE RECIPE [--set K=V] [--output-dir DIR] [--overwrite] [--address A]`: load the recipe of
     `kind`, then `run(recipe, output_dir=, address=, overwrite=)` as an entry point (the jobs `llmc submit` starts)."""
-    from workloads.config import load_recipe
+    from workloads.kinds import load_recipe
 
     parser = argparse.ArgumentParser(prog=prog, description=description, parents=[output_options()])
     finetune_arguments(parser)

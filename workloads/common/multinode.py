@@ -15,9 +15,13 @@ import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from workloads.config import AdaptersConfig, RecipeError
+from workloads.common.recipe import RecipeError
+
+if TYPE_CHECKING:
+    from workloads.serve.recipe import AdaptersConfig
 
 # The variables boto3 and pyarrow (Ray Train's storage) read for an S3 endpoint, the more specific first.
 S3_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")

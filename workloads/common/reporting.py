@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from workloads.config import dump_recipe
+from workloads.common.recipe import dump_recipe
 
 
 def save_recipe(recipe: BaseModel, run_dir: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from workloads.config import RecipeError
+from workloads.common.recipe import RecipeError
 
 # gitignore-style patterns Ray's working-dir upload understands.
 SECRET_EXCLUDES = [".env", "**/.env", ".env.*", "**/.env.*", "*.pem", "**/*.pem"]

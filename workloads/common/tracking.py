@@ -13,9 +13,47 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
-from workloads.config import TrackingConfig
+from pydantic import Field, field_validator
+
+from workloads.common.recipe import StrictModel
+
+# Tracking backend -> (module it imports, what to pip install).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow-skinny"),
+                    "wandb": ("wandb", "wandb")}
+
+
+class TrackingConfig(StrictModel):
+    """Experiment trackers that rank 0 of training logs to: the resolved recipe once, metrics every step."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Any of tensorboard (event files), mlflow (a local file store unless "
+        "mlflow_tracking_uri says otherwise), wandb (offline runs; sync them later with `wandb sync`)."
+    )
+    dir: str | None = Field(
+        None, description="Where trackers write: tensorboard/, mlruns/, wandb/; null: `<run dir>/tracking` (emptied "
+        "when a run starts fresh). On a multi-node cluster name a path every node shares."
+    )
+    experiment: str = Field("llmc", min_length=1, description="MLflow experiment and W&B project of the run.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="An MLflow tracking server (http://host:5000) or store URI; null: the file store "
+        "`dir`/mlruns (MLflow 3 opens it only with MLFLOW_ALLOW_FILE_STORE=true, e.g. for `mlflow ui`)."
+    )
+
+    @field_validator("backends")
+    @classmethod
+    def _installed_once(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        if len(set(value)) != len(value):
+            raise ValueError("each backend may be named once")
+        missing = [f"{b} needs the `{TRACKER_PACKAGES[b][0]}` module: pip install {TRACKER_PACKAGES[b][1]}"
+                   for b in value if importlib.util.find_spec(TRACKER_PACKAGES[b][0]) is None]
+        if missing:
+            raise ValueError("; ".join(missing))
+        return value
+
 
 _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
 _MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one param value

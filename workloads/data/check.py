@@ -14,8 +14,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workloads.config import DataConfig, DatasetConfig, RecipeError, resolve_path
-from workloads.data_sources import builder_for, map_columns, missing_column, read_path, read_source
+from workloads.common.paths import resolve_path
+from workloads.common.recipe import RecipeError
+from workloads.data.recipe import DataConfig, DatasetConfig
+from workloads.data.sources import builder_for, map_columns, missing_column, read_path, read_source
 
 SHOWN = 5  # problems listed one by one; the rest are counted
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -197,7 +199,7 @@ def _check_rows(rows: list[tuple[str, object]], problems: list[str], field: str,
         raise RecipeError(f"field '{field}': {label} cannot be used as format '{fmt}' "
                           f"({len(problems)} problem(s) in {len(rows)} rows)\n{shown}{more}")
     if tokenizer is not None:
-        from workloads.data import tokenize_records
+        from workloads.data.formats import tokenize_records
 
         report.too_long = sum(not tokenize_records([row], cfg, tokenizer, fmt) for row in mapped)
         if report.usable == 0:

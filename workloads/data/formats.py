@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from workloads.config import DataConfig, DatasetConfig
-from workloads.data_sources import map_columns, mix, read_path, read_source
+from workloads.data.recipe import DataConfig, DatasetConfig
+from workloads.data.sources import map_columns, mix, read_path, read_source
 
 IGNORE_INDEX = -100
 _TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")

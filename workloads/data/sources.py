@@ -14,7 +14,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from workloads.config import DatasetConfig, RecipeError, resolve_files, resolve_path
+from workloads.common.paths import resolve_files, resolve_path
+from workloads.common.recipe import RecipeError
+from workloads.data.recipe import DatasetConfig
 
 HUB_PROBE_TIMEOUT_S = 5.0  # a hub that does not answer this fast is unreachable (datasets itself retries ~25 s)
 _SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from workloads.collectives import sum_across
-from workloads.config import EVAL_METRIC_MODES, EvalConfig, FinetuneRecipe
-from workloads.data import eval_records, record_tools, to_messages
+from workloads.common.collectives import sum_across
+from workloads.data.formats import eval_records, record_tools, to_messages
+from workloads.finetune.recipe import EVAL_METRIC_MODES, EvalConfig, FinetuneRecipe
+from workloads.finetune.strategy import Strategy
 from workloads.scoring import build_scorer
-from workloads.strategy import Strategy
 
 
 def perplexity(loss: float) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from workloads.config import TrainConfig
+from workloads.finetune.recipe import TrainConfig
 
 
 def steps_per_epoch(num_examples: int, micro_batch_size: int, accumulation: int, world_size: int) -> int:

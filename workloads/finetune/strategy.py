@@ -1,6 +1,6 @@
 """DeepSpeed or plain DDP behind one object: the train loop calls `train_step`, `save`, `load`, `export`.
 
-The DeepSpeed config comes from `workloads.plan.deepspeed_config` (pure, so GPU recipes are
+The DeepSpeed config comes from `workloads.finetune.plan.deepspeed_config` (pure, so GPU recipes are
 checked without a GPU). The optimizer, scheduler and gradient accumulation live here, not in recipes.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from workloads.collectives import barrier, sum_across, world
-from workloads.config import FinetuneRecipe, TrainConfig
-from workloads.models import file_sha256
-from workloads.plan import deepspeed_config
+from workloads.common.collectives import barrier, sum_across, world
+from workloads.finetune.plan import deepspeed_config
+from workloads.finetune.recipe import FinetuneRecipe, TrainConfig
+from workloads.models.cache import file_sha256
 
 _STATE_TAG = "state"
 _COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}

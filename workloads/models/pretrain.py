@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from workloads.answers import final_number
 from workloads.bundled import make_arithmetic as arithmetic
-from workloads.config import TinyModelConfig
-from workloads.data import collate, tokenize_chat
+from workloads.data.formats import collate, tokenize_chat
+from workloads.models.recipe import TinyModelConfig
+from workloads.scoring.answers import final_number
 
 MAX_LENGTH = 64  # a pretraining conversation is about 30 tokens
 

@@ -1,6 +1,6 @@
 """Self-consistency: pull an answer out of each of n sampled replies and take the majority vote.
 
-Extraction is the recipe's regex (alone, when given), else `workloads.answers.answer_text` (the last `#### `,
+Extraction is the recipe's regex (alone, when given), else `workloads.scoring.answers.answer_text` (the last `#### `,
 `Final Answer:`, `Answer:` or `the answer is` marker; the last sentence starting with `Therefore`; the last
 number). Answers are compared in a canonical form (`canonical_answer`: numbers by value, text lower-cased without
 punctuation). A reply with no answer is unparseable: it votes for nothing but still counts in n, so the winner's
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workloads.answers import answer_text, canonical_answer, last_number
+from workloads.scoring.answers import answer_text, canonical_answer, last_number
 
 
 class AnswerExtraction(BaseModel):

@@ -14,9 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from workloads.config import RecipeError, ServeRecipe, load_recipe, resolve_path
+from workloads.common.paths import resolve_path
+from workloads.common.recipe import RecipeError
+from workloads.kinds import load_recipe
 from workloads.prompting.client import AsyncLLMClient
 from workloads.prompting.recipe import EndpointConfig
+from workloads.serve.recipe import ServeRecipe
 
 SERVE_TIMEOUT_S = 900
 
@@ -44,7 +47,7 @@ def open_endpoint(config: EndpointConfig, address: str | None = None) -> Iterato
             raise RecipeError(f"field 'endpoint.api_key_env': the variable {config.api_key_env} is not set")
         yield Endpoint(config.base_url.rstrip("/"), key, config.model, f"{config.base_url}|{config.model}")
         return
-    from workloads.serve import ServeProcess
+    from workloads.serve.deploy import ServeProcess
 
     recipe_path = resolve_path(config.serve)
     serve_recipe = load_recipe(recipe_path, kind="serve")
@@ -78,7 +81,7 @@ def opened_client(config: EndpointConfig, address: str | None = None,
 
 def _fingerprint(serve_recipe: ServeRecipe) -> str:
     """The served model and adapters, by path and file contents' size and time (cheap, and changes on retraining)."""
-    from workloads.models import resolve_model_path
+    from workloads.models.loading import resolve_model_path
 
     parts = [serve_recipe.model.model_dump_json()]
     dirs = [Path(resolve_model_path(serve_recipe.model))]

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workloads.config import RecipeError, resolve_path
+from workloads.common.paths import resolve_path
+from workloads.common.recipe import RecipeError
 from workloads.prompting.client import AsyncLLMClient, Result
 from workloads.prompting.consistency import AnswerExtraction, majority_vote
 from workloads.prompting.endpoint import Endpoint
@@ -238,7 +239,7 @@ def evaluate(recipe: EvalRecipe, client: AsyncLLMClient, output_dir: Path, progr
     what `check_recipe` returned, if the caller has checked the recipe already."""
     from tqdm import tqdm
 
-    from workloads.reporting import write_csv
+    from workloads.common.reporting import write_csv
 
     library = library or check_recipe(recipe)
     scorers = build_scorers(recipe, client)
@@ -296,7 +297,7 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> Path:
 
 def print_table(summary: dict, output_dir: Path) -> None:
     """The variants, best first, as a table for a person."""
-    from workloads.reporting import print_rows
+    from workloads.common.reporting import print_rows
 
     rows = sorted(summary["variants"], key=lambda r: -r["accuracy"])
     print_rows(f"prompt variants on {summary['cases']} cases ({summary['scorer']})",
@@ -328,8 +329,8 @@ def run(recipe: EvalRecipe, output_dir: str | Path | None = None, address: str |
         endpoint: Endpoint | None = None, show: bool = True) -> dict:
     """`llmc eval`: open the endpoint (starting our server if the recipe names none, unless one is handed in),
     evaluate, save; `show` prints progress and the table."""
+    from workloads.common.reporting import save_recipe
     from workloads.prompting.endpoint import opened_client
-    from workloads.reporting import save_recipe
 
     library = check_recipe(recipe)
     out = Path(output_dir or "runs/eval")

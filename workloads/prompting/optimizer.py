@@ -29,7 +29,8 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from workloads.config import RecipeError, format_errors, resolve_path
+from workloads.common.paths import resolve_path
+from workloads.common.recipe import RecipeError, format_errors
 from workloads.prompting.client import AsyncLLMClient
 from workloads.prompting.endpoint import Endpoint, opened_client
 from workloads.prompting.harness import (
@@ -260,7 +261,7 @@ def optimize(recipe: OptimizeRecipe, client: AsyncLLMClient, library: PromptLibr
              progress: bool = True) -> dict:
     """Bootstrap, build the candidates, score them, save the best; writes bootstrap.jsonl, candidates.yaml, dev/,
     candidates.csv and summary.json under `out` and returns the summary."""
-    from workloads.reporting import write_csv
+    from workloads.common.reporting import write_csv
 
     out.mkdir(parents=True, exist_ok=True)
     target, teacher = library.get(recipe.target), library.get(recipe.teacher.prompt)
@@ -364,7 +365,7 @@ def run(recipe: OptimizeRecipe, output_dir: str | Path | None = None, address: s
         endpoint: Endpoint | None = None, show: bool = True) -> dict:
     """`llmc optimize`: check the recipe, open the endpoint (our server started if the recipe names none, unless
     one is handed in), optimize, save; `show` prints progress and the table."""
-    from workloads.reporting import save_recipe
+    from workloads.common.reporting import save_recipe
 
     library = check_recipe(recipe)
     out = Path(output_dir or "runs/optimize")
@@ -379,7 +380,7 @@ def run(recipe: OptimizeRecipe, output_dir: str | Path | None = None, address: s
 
 def print_table(summary: dict, out: Path) -> None:
     """The candidates, best first, and what was saved."""
-    from workloads.reporting import print_rows
+    from workloads.common.reporting import print_rows
 
     rows = sorted(summary["candidates"], key=lambda r: -r["accuracy"])
     saved = (f"saved as {summary['best_saved_as']} in {summary['best_library']}" if summary["best_saved_as"]

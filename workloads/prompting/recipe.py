@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from workloads.config import RECIPES, StrictModel, resolve_path
+from workloads.common.paths import resolve_path
+from workloads.common.recipe import StrictModel
 from workloads.prompting.consistency import AnswerExtraction
 from workloads.prompting.scorers import ScorerConfig
 from workloads.prompting.templates import DEFAULT_LIBRARY
@@ -108,7 +109,6 @@ class EvalRecipe(StrictModel):
         return self
 
 
-RECIPES["eval"] = EvalRecipe
 
 
 class PromptSpace(StrictModel):
@@ -156,7 +156,6 @@ class PromptSearchRecipe(StrictModel):
         return self
 
 
-RECIPES["prompt_search"] = PromptSearchRecipe
 
 
 DEFAULT_META_PROMPT = (
@@ -262,4 +261,3 @@ class OptimizeRecipe(StrictModel):
         return value
 
 
-RECIPES["optimize"] = OptimizeRecipe

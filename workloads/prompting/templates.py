@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workloads.config import format_errors
+from workloads.common.recipe import format_errors
 
 TemplateKind = Literal["zero_shot", "few_shot", "chain_of_thought", "instruction", "role"]
 KINDS: tuple[str, ...] = get_args(TemplateKind)

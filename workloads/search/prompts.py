@@ -83,7 +83,7 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
     and the trials table."""
     from cluster.runtime import connect
     from cluster.tune import grid, run_search
-    from workloads.reporting import save_recipe, write_csv
+    from workloads.common.reporting import save_recipe, write_csv
 
     out = Path(output_dir or f"runs/{recipe.name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def plot_trials(trials: list[dict], path: Path, dev_cases: int) -> Path:
 
 
 def _print_trials(summary: dict, out: Path) -> None:
-    from workloads.reporting import print_rows
+    from workloads.common.reporting import print_rows
 
     trials = sorted(summary["trials"], key=lambda t: (-t[RESOURCE], -t[METRIC]))
     print_rows(f"prompt search: {summary['variants']} variants, {summary['dev_cases']} dev cases",

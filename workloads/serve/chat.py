@@ -40,7 +40,7 @@ def local_model(model_dir: str, adapter: str | None, max_tokens: int, temperatur
     """Replies from a model directory (and a PEFT adapter on it) with transformers, on this machine's CPU or GPU."""
     import torch
 
-    from workloads.models import load_model, load_tokenizer
+    from workloads.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
@@ -97,7 +97,7 @@ def api_key_from(env_name: str | None) -> str | None:
 
 def checked_dir(path: str, field: str, marker: str) -> str:
     """`path` if it is a directory holding `marker`, else a RecipeError naming the option."""
-    from workloads.config import RecipeError
+    from workloads.common.recipe import RecipeError
 
     if not (Path(path) / marker).is_file():
         raise RecipeError(f"field '{field}': {path} has no {marker}")

@@ -1,7 +1,7 @@
 """`llmc serve RECIPE [--port P]`: an OpenAI-compatible endpoint for a model and its LoRA adapters.
 
 The driver checks everything it can before touching Ray (recipe, keys, adapters), and once connected that
-the cluster's nodes reach the adapter store (`workloads.multinode`); it uploads the adapters to the recipe's
+the cluster's nodes reach the adapter store (`workloads.common.multinode`); it uploads the adapters to the recipe's
 object store (starting a local S3 endpoint on 127.0.0.1 when the store is the default local one), deploys
 through `cluster.serve`, prints the URL and serves until Ctrl-C or SIGTERM, then deletes the app. API keys
 stay in this process: the cluster only receives their hashes.
@@ -20,10 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from workloads.config import LOOPBACK_HOSTS, REPO_ROOT, RecipeError, ServeRecipe, adapter_rank, resolve_path
-from workloads.multinode import check_serving, is_loopback, loopback_adapter_store
-from workloads.objectstore import LocalS3, S3Endpoint, ensure_prefix, free_port, upload_adapter
-from workloads.plan import (
+from workloads.common.multinode import check_serving, is_loopback, loopback_adapter_store
+from workloads.common.paths import REPO_ROOT, resolve_path
+from workloads.common.recipe import RecipeError
+from workloads.models.recipe import adapter_rank
+from workloads.serve.objectstore import LocalS3, S3Endpoint, ensure_prefix, free_port, upload_adapter
+from workloads.serve.plan import (
     SERVE_INGRESS_CPUS,
     serve_bundle_per_worker,
     serve_deployment_config,
@@ -31,6 +33,7 @@ from workloads.plan import (
     serve_engine_kwargs,
     serve_frontend_kwargs,
 )
+from workloads.serve.recipe import LOOPBACK_HOSTS, ServeRecipe
 
 READY_LINE = "[llmc] ready:"  # `llmc serve` prints this, then the URL, once it answers
 
@@ -176,7 +179,7 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
     adapters = check_before_start(recipe, keys, address)
     from cluster import runtime
     from cluster import serve as cluster_serve  # before connecting: importing Serve resets its loggers' levels
-    from workloads.models import resolve_model_path
+    from workloads.models.loading import resolve_model_path
 
     model_source = resolve_model_path(recipe.model)
     print(f"[llmc] {runtime.connect(address)}", flush=True)

@@ -14,8 +14,10 @@ import os
 import time
 from pathlib import Path
 
-from workloads.config import RecipeError, ServeRecipe, resolve_path
-from workloads.plan import serve_engine_env, serve_engine_kwargs
+from workloads.common.paths import resolve_path
+from workloads.common.recipe import RecipeError
+from workloads.serve.plan import serve_engine_env, serve_engine_kwargs
+from workloads.serve.recipe import ServeRecipe
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "n", "stop", "seed")
 
@@ -52,7 +54,7 @@ def engine(recipe: ServeRecipe, model_path: str | None = None):
     resolved `model.name`, when the caller has it."""
     from vllm import LLM
 
-    from workloads.models import resolve_model_path
+    from workloads.models.loading import resolve_model_path
 
     os.environ.update(serve_engine_env(recipe))
     return LLM(model=model_path or resolve_model_path(recipe.model), **serve_engine_kwargs(recipe))

@@ -5,7 +5,7 @@ Each scorer is a pydantic config whose `type` names it; `@register_scorer` puts 
 defined (exact and numeric here, the prompt-evaluation ones in `workloads.prompting.scorers`). `build_scorer`
 validates a recipe mapping such as `{type: numeric, tolerance: 0.01}` (errors name the field and what it allows).
 A built scorer scores `score(prediction, reference)`, or `scorer(prediction, case)` reading the reference from the
-case's `reference_field`. Answers are read by `workloads.answers`.
+case's `reference_field`. Answers are read by `workloads.scoring.answers`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workloads.answers import final_number, normalize_text
-from workloads.config import format_errors
+from workloads.common.recipe import format_errors
+from workloads.scoring.answers import final_number, normalize_text
 
 Complete = Callable[[list[dict[str, str]]], str]  # chat messages in, the reply's text out
 Scorer = Callable[[str, Mapping[str, Any]], float]  # (prediction, case) -> score in [0, 1]

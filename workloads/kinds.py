@@ -1,0 +1,93 @@
+"""The recipe kinds: one table of kind -> schema -> runner that `llmc`, `llmc validate` and `load_recipe` read.
+
+A row names its schema, its runner and its plan as `module:attribute`, imported only when that kind is used, so a
+bad recipe fails before torch or Ray is imported. Adding a kind is adding a row (and its `llmc` command in
+workloads.cli). `kinds()` lists every kind with its schema class (for a documentation generator).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from workloads.common.recipe import RecipeError, StrictModel, format_errors, read_recipe
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One recipe kind: the `llmc` command that runs it, its schema, its runner and what `llmc validate` adds."""
+
+    name: str
+    command: str  # the `llmc` command that runs a recipe of this kind
+    schema_path: str  # module:Class, a StrictModel whose `kind` field is `name`
+    runner_path: str  # module:function, run(recipe, ...) as the command calls it
+    plan_path: str | None = None  # module:function(recipe) -> dict that `llmc validate` prints; None: nothing more
+    summary: str = ""
+
+    @property
+    def schema(self) -> type[StrictModel]:
+        return _resolve(self.schema_path)
+
+    @property
+    def runner(self) -> Callable[..., Any]:
+        return _resolve(self.runner_path)
+
+    def plan(self, recipe: StrictModel) -> dict:
+        """What `llmc validate` prints beyond the recipe being valid: resources, batch math, data rows."""
+        return _resolve(self.plan_path)(recipe) if self.plan_path else {}
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("finetune", "finetune", "workloads.finetune.recipe:FinetuneRecipe", "workloads.finetune.driver:run",
+         "workloads.finetune.plan:validation_plan", "SFT: full, LoRA or QLoRA on Ray Train workers"),
+    Kind("align", "align", "workloads.align.recipe:AlignRecipe", "workloads.align.run:run",
+         "workloads.align.plan:align_plan", "reward model, DPO, PPO or GRPO"),
+    Kind("serve", "serve", "workloads.serve.recipe:ServeRecipe", "workloads.serve.deploy:run",
+         "workloads.serve.plan:serve_plan", "an OpenAI-compatible endpoint (also read by `llmc generate`)"),
+    Kind("eval", "eval", "workloads.prompting.recipe:EvalRecipe", "workloads.prompting.harness:run",
+         None, "score prompt variants on a test set"),
+    Kind("optimize", "optimize", "workloads.prompting.recipe:OptimizeRecipe", "workloads.prompting.optimizer:run",
+         None, "improve a few-shot library prompt"),
+    Kind("prompt_search", "search", "workloads.prompting.recipe:PromptSearchRecipe", "workloads.search.prompts:run",
+         None, "Ray Tune over prompt variants"),
+    Kind("hparam_search", "search", "workloads.search.recipe:HparamSearchRecipe", "workloads.search.hparams:run",
+         "workloads.search.recipe:HparamSearchRecipe.plan", "Ray Tune over fine-tuning hyperparameters"),
+)}
+
+
+def kinds() -> list[tuple[str, type[StrictModel]]]:
+    """Every recipe kind with its schema class, in table order: what a documentation generator lists."""
+    return [(name, kind.schema) for name, kind in KINDS.items()]
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, kind: str | tuple[str, ...] | None = None) -> Any:
+    """Read, override and validate a recipe; raises RecipeError naming every bad field."""
+    return validate_recipe(read_recipe(path, overrides), kind=kind, source=str(path))
+
+
+def validate_recipe(raw: dict, kind: str | tuple[str, ...] | None = None, source: str = "recipe") -> Any:
+    """Validate a recipe mapping against the schema its `kind` names, which must be the one (or one of those) asked
+    for; a recipe that names no kind is the first asked for, else finetune."""
+    asked = (kind,) if isinstance(kind, str) else tuple(kind or ())
+    kind = raw.get("kind", asked[0] if asked else "finetune")
+    if (asked and kind not in asked) or kind not in KINDS:
+        allowed = ", ".join(asked or sorted(KINDS))
+        raise RecipeError(f"{source}: field 'kind': got {kind!r}; allowed: {allowed}")
+    try:
+        return KINDS[kind].schema.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_errors(exc, source)) from None
+
+
+def _resolve(path: str) -> Any:
+    """The object a `module:attribute.attribute` path names, its module imported now."""
+    module, _, attributes = path.partition(":")
+    found: Any = importlib.import_module(module)
+    for attribute in attributes.split("."):
+        found = getattr(found, attribute)
+    return found
