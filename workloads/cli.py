@@ -109,9 +109,10 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="results directory")
 
 
-def _run_recipe(*kinds: str) -> Callable[[argparse.Namespace], int]:
-    """A command that checks a recipe of one of `kinds`, then hands it to that kind's runner (workloads.kinds; imported
-    only then: a bad recipe fails before the heavy imports)."""
+def _run_recipe(command_name: str) -> Callable[[argparse.Namespace], int]:
+    """A command that checks a recipe of one of the kinds `command_name` runs (workloads.kinds), then hands it to that
+    kind's runner (imported only then: a bad recipe fails before the heavy imports)."""
+    kinds = tuple(name for name, kind in KINDS.items() if kind.command == command_name)
 
     def command(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.overrides, kind=kinds)
@@ -287,7 +288,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "Ray Tune over prompt variants (ASHA on dev cases scored; the winner scored on the test split) or, with kind "
         "hparam_search, over fine-tuning hyperparameters (ASHA on eval loss; the best run's adapter kept)",
         _results_arguments,
-        _run_recipe("prompt_search", "hparam_search"),
+        _run_recipe("search"),
     ),
     "chat": (
         "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",

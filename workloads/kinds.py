@@ -27,14 +27,15 @@ class Kind:
     schema_path: str  # module:Class, a StrictModel whose `kind` field is `name`
     runner_path: str  # module:function, run(recipe, ...) as the command calls it
     plan_path: str | None = None  # module:function(recipe) -> dict that `llmc validate` prints; None: nothing more
-    summary: str = ""
 
     @property
     def schema(self) -> type[StrictModel]:
+        """The recipe schema of this kind (its module imported now)."""
         return _resolve(self.schema_path)
 
     @property
     def runner(self) -> Callable[..., Any]:
+        """The function that runs a validated recipe of this kind (its module, and torch or Ray, imported now)."""
         return _resolve(self.runner_path)
 
     def plan(self, recipe: StrictModel) -> dict:
@@ -42,21 +43,19 @@ class Kind:
         return _resolve(self.plan_path)(recipe) if self.plan_path else {}
 
 
+# kind, the llmc command that runs it, schema, runner, and what `llmc validate` adds (None: nothing).
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("finetune", "finetune", "workloads.finetune.recipe:FinetuneRecipe", "workloads.finetune.driver:run",
-         "workloads.finetune.plan:validation_plan", "SFT: full, LoRA or QLoRA on Ray Train workers"),
+         "workloads.finetune.plan:validation_plan"),
     Kind("align", "align", "workloads.align.recipe:AlignRecipe", "workloads.align.run:run",
-         "workloads.align.plan:align_plan", "reward model, DPO, PPO or GRPO"),
+         "workloads.align.plan:align_plan"),
     Kind("serve", "serve", "workloads.serve.recipe:ServeRecipe", "workloads.serve.deploy:run",
-         "workloads.serve.plan:serve_plan", "an OpenAI-compatible endpoint (also read by `llmc generate`)"),
-    Kind("eval", "eval", "workloads.prompting.recipe:EvalRecipe", "workloads.prompting.harness:run",
-         None, "score prompt variants on a test set"),
-    Kind("optimize", "optimize", "workloads.prompting.recipe:OptimizeRecipe", "workloads.prompting.optimizer:run",
-         None, "improve a few-shot library prompt"),
-    Kind("prompt_search", "search", "workloads.prompting.recipe:PromptSearchRecipe", "workloads.search.prompts:run",
-         None, "Ray Tune over prompt variants"),
+         "workloads.serve.plan:serve_plan"),
+    Kind("eval", "eval", "workloads.prompting.recipe:EvalRecipe", "workloads.prompting.harness:run"),
+    Kind("optimize", "optimize", "workloads.prompting.recipe:OptimizeRecipe", "workloads.prompting.optimizer:run"),
+    Kind("prompt_search", "search", "workloads.prompting.recipe:PromptSearchRecipe", "workloads.search.prompts:run"),
     Kind("hparam_search", "search", "workloads.search.recipe:HparamSearchRecipe", "workloads.search.hparams:run",
-         "workloads.search.recipe:HparamSearchRecipe.plan", "Ray Tune over fine-tuning hyperparameters"),
+         "workloads.search.recipe:HparamSearchRecipe.plan"),
 )}
 
 

@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any
 from workloads.common import reporting
 from workloads.common.paths import PATHS_CHECKED
 from workloads.finetune.recipe import FinetuneRecipe
+from workloads.search.recipe import HparamSearchRecipe, trial_resources
 
 if TYPE_CHECKING:  # cluster.tune imports Ray: the driver imports it when it runs a search
     from cluster.tune import TrialOutcome
-    from workloads.search.recipe import HparamSearchRecipe, trial_resources
-from workloads.finetune.driver import Prepared
+    from workloads.finetune.driver import Prepared
 
 RESOURCE = "step"  # ASHA's time attribute: the optimizer step every train report carries
-
-
 
 
 def hparam_trial(config: dict[str, Any], report, *, prepared: Prepared, out: str, metric: str) -> None:
