@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from workloads.align.recipe import RL_METHODS
 from workloads.common.resources import accelerator_resource, sum_bundles
 from workloads.finetune.plan import finetune_plan
 
@@ -32,5 +33,5 @@ def rl_plan(recipe) -> dict:
 
 
 def align_plan(recipe) -> dict:
-    """`rl_plan` for PPO and GRPO, `finetune_plan` for reward and DPO."""
-    return rl_plan(recipe) if recipe.method in ("ppo", "grpo") else finetune_plan(recipe)
+    """`rl_plan` for the RL methods (PPO, GRPO), `finetune_plan` for reward and DPO."""
+    return rl_plan(recipe) if recipe.method in RL_METHODS else finetune_plan(recipe)
