@@ -87,7 +87,6 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="serve")
-
     try:
         KINDS["serve"].runner(recipe, address=args.address, port=args.port)
     except KeyboardInterrupt:  # serving runs until stopped: Ctrl-C or SIGTERM is its normal end (the app deleted)
