@@ -43,10 +43,16 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 def pytest_configure() -> None:
     """Torch work in this process (small models, a few batches) runs on one thread: with two threads on 2 cores, a
     core kept busy by Ray, vLLM or training processes makes every parallel region wait for the descheduled thread
-    (the greedy-generation test took 30 s at the end of the suite, 3 s on its own)."""
+    (the greedy-generation test took 30 s at the end of the suite, 3 s on its own).
+
+    SIGINT is handled as Python does by default even when the suite was started in the background (`nohup`, `&`):
+    there it arrives ignored, every command the tests start would inherit that, and Ctrl-C tests would see nothing.
+    """
     import torch
 
     torch.set_num_threads(1)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass(frozen=True)
