@@ -261,7 +261,7 @@ def adapter_runs(ray_cluster, lora_run, tmp_path_factory, request) -> dict[str, 
         runs["react"] = react, StartedLlmc("finetune", "workloads/configs/tiny-react.yaml", "--output-dir", str(react))
     if wanted(request, "grpo_run"):
         grpo = tmp_path_factory.mktemp("grpo") / "run"
-        sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=2", "rl.prompts_per_iteration=4",
+        sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=3", "rl.prompts_per_iteration=4",
                 "rl.group_size=2", "rl.eval_prompts=9", "train.eval_every=1", "train.checkpoint_every=1")
         runs["grpo"] = grpo, StartedLlmc("align", "workloads/configs/tiny-grpo.yaml", "--output-dir", str(grpo),
                                          *[arg for o in sets for arg in ("--set", o)], timeout=600)
@@ -291,9 +291,10 @@ def react_run(adapter_runs) -> dict:
 @pytest.fixture(scope="session")
 def grpo_run(adapter_runs) -> dict:
     """A short run of the shipped GRPO recipe from `lora_run`'s adapter on the session's cluster (2 Train workers
-    sampling from a vLLM engine actor; 2 iterations of 4 prompts x 2, 9 held-out prompts, a checkpoint after each),
-    whose engine actor is killed after the first checkpoint: its adapter is the one the test server serves as
-    `tiny:aligned`."""
+    sampling from a vLLM engine actor; 3 iterations of 4 prompts x 2, 9 held-out prompts, a checkpoint after each),
+    whose engine actor is killed once the first checkpoint is being written: its adapter is the one the test server
+    serves as `tiny:aligned`. An iteration takes under a second, so the kill may land in the second iteration or
+    after it: the third is there so that some iteration after the kill always calls the engine."""
     out, run = adapter_runs["grpo"]
     result = run.result()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
