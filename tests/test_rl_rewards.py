@@ -3,6 +3,7 @@ a trained reward model as a term; and the ppo/grpo/rloo recipe rules, each namin
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
@@ -141,6 +142,8 @@ def test_rloo_validates_as_grpo_does_and_needs_a_group():
     result = run_llmc("validate", str(GRPO), "--set", "method=rloo", "--print", timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "method: rloo" in result.stdout.splitlines()
+    plan = run_llmc("validate", str(GRPO), "--set", "method=rloo", timeout=120)
+    assert json.loads(plan.stdout)["rollout_engines"] == 1, plan.stdout  # the RL plan, not fine-tuning's
     with pytest.raises(RecipeError) as info:
         load_recipe(GRPO, ["method=rloo", "rl.group_size=1"], kind="align")
     assert ("field 'rl'" in str(info.value) and "rl.group_size: rloo baselines each completion with the mean reward of "

@@ -36,9 +36,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         report["data_rows"] = {r.path: r.rows for r in check_data(recipe.data)}  # structure only: no tokenizer
         report.update(finetune_plan(recipe))
     if recipe.kind == "align":  # the same workers, batch math and DeepSpeed config as a fine-tuning run
+        from workloads.align.recipe import RL_METHODS
         from workloads.plan import finetune_plan, rl_plan
 
-        report.update(rl_plan(recipe) if recipe.method in ("ppo", "grpo") else finetune_plan(recipe))
+        report.update(rl_plan(recipe) if recipe.method in RL_METHODS else finetune_plan(recipe))
     if recipe.kind == "serve":
         from workloads.plan import serve_plan
 
