@@ -1,6 +1,7 @@
 # The README's two commands. Each installs what is missing first, so both work on a fresh clone.
 #   make demo   build a tiny Llama, fine-tune it on embedded Ray, print where the results are
 #   make test   the whole test suite
+#   make docs   the documentation site (docs/, MkDocs) into site/, strictly: a broken link fails it
 # On a GPU machine: make setup EXTRA=gpu (torch's CUDA build, the GPU vllm).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +11,7 @@ PIP    := $(PY) -m pip
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint docs clean
 
 setup: $(STAMP)
 
@@ -44,5 +45,8 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

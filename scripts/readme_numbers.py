@@ -1,8 +1,12 @@
-"""The README's numbers about the tiny model, the demo and the benchmarks: generated from results files, never typed.
+"""The numbers about the tiny model, the demo and the benchmarks in the README and the docs: generated from results
+files, never typed.
 
     python scripts/readme_numbers.py --from-run runs/demo   # record a demo run in bench/results/demo.json, then
-                                                             # rewrite the README's blocks
+                                                             # rewrite the blocks
     python scripts/readme_numbers.py                         # rewrite the blocks from bench/results/*.json
+
+Each block sits between its begin and end markers in whichever files hold them (README.md, docs/*.md: `holders`);
+tests/test_readme.py checks every one is what these results give.
 
 The real model's skill table comes from its card (`workloads/bundled/skill_cards/smollm2-135m.json`, written by
 `scripts/measure_skills.py`). The benchmark block comes from `bench/results/finetune.json`, `serve.json` and
@@ -19,11 +23,13 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "demo.json"
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 BEGIN, END = "<!-- demo-numbers:begin (scripts/readme_numbers.py) -->", "<!-- demo-numbers:end -->"
 BENCH_BEGIN, BENCH_END = "<!-- bench-numbers:begin (scripts/readme_numbers.py) -->", "<!-- bench-numbers:end -->"
 BENCH_RESULTS = tuple(REPO / "bench" / "results" / f"{name}.json" for name in ("finetune", "serve", "prompt"))
@@ -81,11 +87,26 @@ def _aligned_sentence(numbers: dict) -> str:
             f"{numbers['demo_aligned_correct']} of {numbers['demo_questions']}.")
 
 
+def holders(begin: str) -> list[Path]:
+    """The files (README.md, then docs/**/*.md) that hold the block opening with `begin`; at least one."""
+    found = [path for path in (README, *sorted(DOCS.rglob("*.md"))) if begin in path.read_text()]
+    if not found:
+        raise SystemExit(f"no file under {REPO} holds the block {begin}")
+    return found
+
+
 def _replace_block(readme: str, begin: str, end: str, text: str) -> str:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
-        raise SystemExit(f"{README}: no block between {begin} and {end}")
+        raise SystemExit(f"no block between {begin} and {end}")
     return pattern.sub(lambda _: f"{begin}\n{text}\n{end}", readme)
+
+
+def _rewrite_holders(begin: str, rewrite_text: Callable[[str], str]) -> None:
+    """Rewrite the block opening with `begin` in every file that holds it, with `rewrite_text(text) -> text`."""
+    for path in holders(begin):
+        path.write_text(rewrite_text(path.read_text()))
+        print(f"rewrote {begin.split(':')[0].removeprefix('<!-- ')} in {path.relative_to(REPO)}")
 
 
 def rewrite(readme: str, numbers: dict) -> str:
@@ -110,10 +131,9 @@ def rewrite_bench(readme: str, finetune: dict, serve: dict, prompt: dict) -> str
 
 
 def rewrite_bench_block() -> None:
-    """Rewrite the README's benchmark block from the committed results files."""
+    """Rewrite the benchmark block, wherever it is, from the committed results files."""
     results = [json.loads(path.read_text()) for path in BENCH_RESULTS]
-    README.write_text(rewrite_bench(README.read_text(), *results))
-    print(f"rewrote the benchmark numbers in {README.relative_to(REPO)}")
+    _rewrite_holders(BENCH_BEGIN, lambda text: rewrite_bench(text, *results))
 
 
 def rewrite_skills(readme: str, card: dict) -> str:
@@ -132,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_run:
         RESULTS.write_text(json.dumps(record(args.from_run), indent=2) + "\n")
         print(f"recorded {args.from_run} in {RESULTS.relative_to(REPO)}")
-    README.write_text(rewrite(README.read_text(), json.loads(RESULTS.read_text())))
-    print(f"rewrote the demo numbers in {README.relative_to(REPO)}")
+    numbers, card = json.loads(RESULTS.read_text()), json.loads(SKILL_CARD.read_text())
+    _rewrite_holders(BEGIN, lambda text: rewrite(text, numbers))
     rewrite_bench_block()
-    README.write_text(rewrite_skills(README.read_text(), json.loads(SKILL_CARD.read_text())))
+    _rewrite_holders(SKILLS_BEGIN, lambda text: rewrite_skills(text, card))
     return 0
 
 

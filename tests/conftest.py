@@ -43,10 +43,16 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 def pytest_configure() -> None:
     """Torch work in this process (small models, a few batches) runs on one thread: with two threads on 2 cores, a
     core kept busy by Ray, vLLM or training processes makes every parallel region wait for the descheduled thread
-    (the greedy-generation test took 30 s at the end of the suite, 3 s on its own)."""
+    (the greedy-generation test took 30 s at the end of the suite, 3 s on its own).
+
+    SIGINT is handled as Python does by default even when the suite was started in the background (`nohup`, `&`):
+    there it arrives ignored, every command the tests start would inherit that, and Ctrl-C tests would see nothing.
+    """
     import torch
 
     torch.set_num_threads(1)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,7 @@ def adapter_runs(ray_cluster, lora_run, tmp_path_factory, request) -> dict[str, 
         runs["react"] = react, StartedLlmc("finetune", "workloads/configs/tiny-react.yaml", "--output-dir", str(react))
     if wanted(request, "grpo_run"):
         grpo = tmp_path_factory.mktemp("grpo") / "run"
-        sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=2", "rl.prompts_per_iteration=4",
+        sets = (f"rl.adapter={lora_run['adapter']}", "rl.iterations=3", "rl.prompts_per_iteration=4",
                 "rl.group_size=2", "rl.eval_prompts=9", "train.eval_every=1", "train.checkpoint_every=1")
         runs["grpo"] = grpo, StartedLlmc("align", "workloads/configs/tiny-grpo.yaml", "--output-dir", str(grpo),
                                          *[arg for o in sets for arg in ("--set", o)], timeout=600)
@@ -285,9 +291,10 @@ def react_run(adapter_runs) -> dict:
 @pytest.fixture(scope="session")
 def grpo_run(adapter_runs) -> dict:
     """A short run of the shipped GRPO recipe from `lora_run`'s adapter on the session's cluster (2 Train workers
-    sampling from a vLLM engine actor; 2 iterations of 4 prompts x 2, 9 held-out prompts, a checkpoint after each),
-    whose engine actor is killed after the first checkpoint: its adapter is the one the test server serves as
-    `tiny:aligned`."""
+    sampling from a vLLM engine actor; 3 iterations of 4 prompts x 2, 9 held-out prompts, a checkpoint after each),
+    whose engine actor is killed once the first checkpoint is being written: its adapter is the one the test server
+    serves as `tiny:aligned`. An iteration takes under a second, so the kill may land in the second iteration or
+    after it: the third is there so that some iteration after the kill always calls the engine."""
     out, run = adapter_runs["grpo"]
     result = run.result()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

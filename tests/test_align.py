@@ -99,7 +99,7 @@ def test_dpo_from_the_sft_adapter_raises_the_held_out_margin(align_runs, lora_ru
 
 SCHEMA_ERRORS = {  # override -> (field named, what the message says)
     "method=ppo": ("data", "data.format: ppo samples answers to prompts"),
-    "method=sft": ("method", "'reward', 'dpo', 'ppo' or 'grpo'"),
+    "method=sft": ("method", "'reward', 'dpo', 'ppo', 'grpo' or 'rloo'"),
     "data.path=no/such.jsonl": ("data.path", "file not found"),
     "train.learning_rate=-1": ("train.learning_rate", "greater than 0"),
     "dpo.beta=0": ("dpo.beta", "greater than 0"),

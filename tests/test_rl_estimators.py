@@ -1,4 +1,5 @@
-"""PPO and GRPO arithmetic (workloads.align.estimators) against values computed by hand."""
+"""RL arithmetic (workloads.align.estimators: PPO, GRPO, RLOO) against values computed by hand, and the methods
+(workloads.align.methods) the recipe's `method` names."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from workloads.align.estimators import (
     masked_mean,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     token_kl,
     value_loss,
 )
+from workloads.align.methods import METHODS, method_class
+from workloads.align.recipe import RL_METHODS, RlOptions
 
 
 def test_grpo_advantages_normalize_within_each_group():
@@ -28,6 +32,28 @@ def test_grpo_advantages_normalize_within_each_group():
     assert advantages.tolist() == pytest.approx([half, -half, -half, half, 0, 0, 0, 0], abs=1e-5)
     unscaled = grpo_advantages(torch.tensor([3.0, 1.0, 2.0, 2.0]), group_size=2, scale=False)
     assert unscaled.tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0])
+
+
+def test_rloo_advantages_subtract_the_mean_of_the_others_in_each_group():
+    # Group 1: rewards 1, 0, 0, 1: a 1 against the others' mean 1/3 -> +2/3, a 0 against 2/3 -> -2/3.
+    advantages = rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]), group_size=4)
+    assert advantages.tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0])  # group 2: no signal
+    # Groups of 3: 0 against (1 + 5) / 2 = 3 -> -3; 1 against 2.5 -> -1.5; 5 against 0.5 -> 4.5. Unscaled.
+    assert rloo_advantages(torch.tensor([0.0, 1.0, 5.0, 2.0, 2.0, 8.0]), group_size=3).tolist() == \
+        pytest.approx([-3.0, -1.5, 4.5, -3.0, -3.0, 6.0])
+    # Pairs: each is the other's baseline.
+    assert rloo_advantages(torch.tensor([3.0, 1.0]), group_size=2).tolist() == pytest.approx([2.0, -2.0])
+
+
+def test_each_recipe_method_is_a_registered_class_and_only_ppo_trains_a_critic():
+    assert RL_METHODS == tuple(METHODS) == ("ppo", "grpo", "rloo")
+    assert {name: method_class(name).name for name in METHODS} == {name: name for name in METHODS}
+    assert [name for name in METHODS if method_class(name).needs_critic] == ["ppo"]
+    # A method computes with estimators' functions: RLOO charges the summed KL penalty to each completion's score.
+    scores, penalty = torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([[0.1, 0.2], [0.0, 0.0], [0.0, 0.3], [0.0, 0.0]])
+    advantages, returns = method_class("rloo")(RlOptions(group_size=2)).advantages(scores, penalty, torch.ones(4, 2),
+                                                                                  None)
+    assert returns is None and advantages.tolist() == pytest.approx([0.7, -0.7, -0.3, 0.3])
 
 
 def test_gae_by_hand():

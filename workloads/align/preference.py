@@ -60,7 +60,7 @@ def split_pairs(cfg: AlignDataConfig, seed: int) -> tuple[list[dict], list[dict]
 
 def hold_out(cfg: AlignDataConfig, seed: int, read, what: str) -> tuple[list, list]:
     """Training and held-out rows as `read(path, field)` gives them: `eval_path`'s rows, else a seeded
-    `eval_fraction` of `path`'s; `max_samples` caps the training rows (pairs here, prompts for ppo and grpo)."""
+    `eval_fraction` of `path`'s; `max_samples` caps the training rows (pairs here, prompts for the RL methods)."""
     rows = read(cfg.path, "data.path")
     if cfg.eval_path is not None:
         train, held_out = rows, read(cfg.eval_path, "data.eval_path")

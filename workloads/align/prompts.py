@@ -1,4 +1,4 @@
-"""Prompts for PPO and GRPO: chat rows read as (prompt messages, reference answer), checked row by row.
+"""Prompts for the RL methods: chat rows read as (prompt messages, reference answer), checked row by row.
 
 A row in a chat format (alpaca, messages, sharegpt; workloads.data.formats) is a prompt: every message before its
 last assistant turn, and that turn's text as the reference answer the reward functions compare against. The driver

@@ -1,8 +1,9 @@
 """The alignment recipe (`kind: align`, `llmc align`): one schema for every method, listed in workloads.kinds.
 
 `method` picks what is trained: from preference pairs, `reward` (a reward model, TRL's RewardTrainer) or `dpo` (a
-policy, TRL's DPOTrainer); from prompts with reference answers, `ppo` or `grpo` (a policy trained on its own sampled
-completions, scored by the recipe's `rewards`; workloads.align.rl on Ray Train workers).
+policy, TRL's DPOTrainer); from prompts with reference answers, `ppo`, `grpo` or `rloo` (a policy trained on its own
+sampled completions, scored by the recipe's `rewards`; workloads.align.rl on Ray Train workers, each method a module of
+workloads.align.methods).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from workloads.align.methods import METHODS
 from workloads.align.rewards import check_arguments, check_function, term_name
 from workloads.common.paths import paths_checked, resolve_path
 from workloads.common.recipe import StrictModel
@@ -21,19 +23,27 @@ from workloads.models.recipe import LoraConfig, ModelConfig
 from workloads.serve.recipe import EngineOptions
 
 PAIR_METHODS = ("reward", "dpo")  # trained from preference pairs, TRL inside Ray Train workers
-RL_METHODS = ("ppo", "grpo")  # trained on the policy's own completions (workloads.align.rl)
+RL_METHODS = tuple(METHODS)  # trained on the policy's own completions (workloads.align.rl), one module each
+# RL methods whose advantages compare a prompt's completions with each other (rl.group_size at least 2), and how.
+GROUP_METHODS = {"grpo": "normalizes rewards within each prompt's group",
+                 "rloo": "baselines each completion with the mean reward of the others of its prompt's group"}
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}  # transformers' names
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """`a, b or c`, for error messages."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 class AlignDataConfig(StrictModel):
     """JSON, JSONL, Parquet or CSV rows, read like finetune data. `format: preference` (reward, dpo): pairs in TRL's
     format, `chosen` and `rejected` (strings, or lists of chat messages) with an optional shared `prompt`. A chat
-    format (ppo, grpo): prompts, each row's last assistant turn its reference answer."""
+    format (ppo, grpo, rloo): prompts, each row's last assistant turn its reference answer."""
 
     path: str = Field(..., description="Training rows, relative to the working dir or the repository.")
     format: Literal["preference", "alpaca", "messages", "sharegpt"] = Field(
         "preference", description="preference: chosen/rejected pairs (reward, dpo); alpaca (instruction/input/output), "
-        "messages or sharegpt: prompts with a reference answer (ppo, grpo)."
+        "messages or sharegpt: prompts with a reference answer (ppo, grpo, rloo)."
     )
     eval_path: str | None = Field(
         None, description="Held-out rows (the reported accuracy, margins or rewards); null: `eval_fraction` of `path`."
@@ -44,9 +54,9 @@ class AlignDataConfig(StrictModel):
     max_samples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
     max_length: int = Field(
         256, ge=8, description="Most tokens of prompt plus answer: TRL drops longer pairs (reward) or truncates (dpo); "
-        "ppo and grpo leave out prompts longer than this minus rl.max_new_tokens."
+        "the RL methods (ppo, grpo, rloo) leave out prompts longer than this minus rl.max_new_tokens."
     )
-    system_prompt: str | None = Field(None, description="ppo, grpo: a system turn put before every prompt.")
+    system_prompt: str | None = Field(None, description="ppo, grpo, rloo: a system turn put before every prompt.")
 
     @field_validator("path", "eval_path")
     @classmethod
@@ -64,9 +74,10 @@ class AlignTrainConfig(StrictModel):
         "trained in full beside it)."
     )
     max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps (reward, dpo; ppo and grpo run rl.iterations instead)."
+        None, ge=1, description="Optimizer steps (reward, dpo; ppo, grpo and rloo run rl.iterations instead)."
     )
-    micro_batch_size: int = Field(8, ge=1, description="Pairs (reward, dpo) or completions (ppo, grpo) per forward.")
+    micro_batch_size: int = Field(8, ge=1, description="Pairs (reward, dpo) or completions (ppo, grpo, rloo) per "
+                                                       "forward.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -76,14 +87,14 @@ class AlignTrainConfig(StrictModel):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0)
-    eval_every: int = Field(20, ge=1, description="Steps (ppo, grpo: iterations) between held-out evaluations (also "
-                                                  "before the first and after the last).")
-    log_every: int = Field(5, ge=1, description="Steps (ppo, grpo: iterations) between progress reports (metrics.csv "
-                                                "gets every one).")
-    checkpoint_every: int = Field(5, ge=1, description="ppo, grpo: iterations between checkpoints (also after the "
-                                                       "last), which run.resume_from continues; reward and dpo "
+    eval_every: int = Field(20, ge=1, description="Steps (ppo, grpo, rloo: iterations) between held-out evaluations "
+                                                  "(also before the first and after the last).")
+    log_every: int = Field(5, ge=1, description="Steps (ppo, grpo, rloo: iterations) between progress reports "
+                                                "(metrics.csv gets every one).")
+    checkpoint_every: int = Field(5, ge=1, description="ppo, grpo, rloo: iterations between checkpoints (also after "
+                                                       "the last), which run.resume_from continues; reward and dpo "
                                                        "write one, at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="ppo, grpo: newest checkpoints kept.")
+    keep_checkpoints: int = Field(2, ge=1, description="ppo, grpo, rloo: newest checkpoints kept.")
     seed: int = 0
     gradient_checkpointing: bool = False
 
@@ -180,7 +191,7 @@ class KlOptions(StrictModel):
     )
     penalty: Literal["reward", "loss"] = Field(
         "reward", description="reward: subtract coef x KL from each token's reward (from the sequence's reward "
-        "under grpo); loss: add coef x the mean token KL to the loss."
+        "under grpo and rloo); loss: add coef x the mean token KL to the loss."
     )
 
 
@@ -195,8 +206,8 @@ class RolloutEngineConfig(EngineOptions):
 
 
 class RlOptions(StrictModel):
-    """PPO and GRPO (method: ppo | grpo): iterations of rollout (k completions per prompt), scoring, advantages and
-    several minibatch epochs of clipped policy updates. Optimizer settings are in `train`."""
+    """PPO, GRPO and RLOO (method: ppo | grpo | rloo): iterations of rollout (k completions per prompt), scoring,
+    advantages and several minibatch epochs of clipped policy updates. Optimizer settings are in `train`."""
 
     adapter: str | None = Field(
         None, description="A PEFT adapter of model.name to start from (e.g. an SFT run's <run dir>/adapter), with its "
@@ -205,8 +216,8 @@ class RlOptions(StrictModel):
     )
     iterations: int = Field(20, ge=1, description="Rollout-and-update iterations.")
     prompts_per_iteration: int = Field(16, ge=1, description="Training prompts sampled per iteration.")
-    group_size: int = Field(4, ge=1, description="Completions sampled per prompt (grpo: at least 2, the group its "
-                                                 "advantages are normalized in).")
+    group_size: int = Field(4, ge=1, description="Completions sampled per prompt (grpo, rloo: at least 2, the group "
+                                                 "their advantages compare within).")
     rollout: Literal["generate", "vllm"] = Field(
         "generate", description="What samples the completions (and the held-out greedy answers): generate, the "
         "policy's own model.generate; vllm, vLLM engine actors (rl.engine), given the policy's weights after "
@@ -241,9 +252,9 @@ class RlOptions(StrictModel):
 
 class AlignRecipe(StrictModel):
     kind: Literal["align"] = "align"
-    method: Literal["reward", "dpo", "ppo", "grpo"] = Field(
+    method: Literal[PAIR_METHODS + RL_METHODS] = Field(
         ..., description="From preference pairs: reward (a reward model), dpo (a policy trained on them directly). "
-        "From prompts: ppo, grpo (a policy trained on its own completions, scored by `rewards`)."
+        "From prompts: ppo, grpo, rloo (a policy trained on its own completions, scored by `rewards`)."
     )
     model: ModelConfig
     data: AlignDataConfig
@@ -252,14 +263,15 @@ class AlignRecipe(StrictModel):
     dpo: DpoOptions = Field(default_factory=DpoOptions)
     rl: RlOptions = Field(default_factory=RlOptions)
     rewards: list[RewardTerm] = Field(
-        default_factory=list, description="ppo, grpo: the reward, summed over these weighted terms (at least one)."
+        default_factory=list,
+        description="ppo, grpo, rloo: the reward, summed over these weighted terms (at least one)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = Field(
         default_factory=lambda: DeepSpeedConfig(enabled=False),
-        description="reward, dpo: DeepSpeed through transformers' Trainer. ppo, grpo: the policy's DeepSpeed engine on "
-        "each Train worker (ZeRO stage 0-2). Off (DDP) by default: on CPU, ZeRO costs more than it saves at tiny "
-        "sizes.",
+        description="reward, dpo: DeepSpeed through transformers' Trainer. ppo, grpo, rloo: the policy's DeepSpeed "
+        "engine on each Train worker (ZeRO stage 0-2). Off (DDP) by default: on CPU, ZeRO costs more than it saves "
+        "at tiny sizes.",
     )
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -303,13 +315,14 @@ class AlignRecipe(StrictModel):
     def _rl_fits_method(cls, rl: RlOptions, info: ValidationInfo) -> RlOptions:
         method, train = info.data.get("method"), info.data.get("train")
         if rl.adapter is not None and (method not in RL_METHODS or getattr(train, "method", None) != "lora"):
-            raise ValueError("rl.adapter continues a LoRA policy: it needs method: ppo or grpo and train.method: lora")
+            raise ValueError(f"rl.adapter continues a LoRA policy: it needs method: {_either(RL_METHODS)} and "
+                             "train.method: lora")
         max_length = getattr(info.data.get("data"), "max_length", None)
         if method in RL_METHODS and max_length is not None and rl.max_new_tokens >= max_length:
             raise ValueError(f"rl.max_new_tokens ({rl.max_new_tokens}) leaves no room for a prompt within "
                              f"data.max_length ({max_length})")
-        if method == "grpo" and rl.group_size < 2:
-            raise ValueError("rl.group_size: grpo normalizes rewards within each prompt's group: at least 2")
+        if method in GROUP_METHODS and rl.group_size < 2:
+            raise ValueError(f"rl.group_size: {method} {GROUP_METHODS[method]}: at least 2")
         return rl
 
     @field_validator("rewards")
@@ -319,7 +332,7 @@ class AlignRecipe(StrictModel):
         if method in RL_METHODS and not rewards:
             raise ValueError(f"{method} needs at least one reward term (e.g. [{{function: exact_answer}}])")
         if method in PAIR_METHODS and rewards:
-            raise ValueError(f"{method} learns from preference pairs: rewards are for ppo and grpo")
+            raise ValueError(f"{method} learns from preference pairs: rewards are for {_either(RL_METHODS)}")
         names = [term_name(term) for term in rewards]
         if twice := sorted({name for name in names if names.count(name) > 1}):
             raise ValueError(f"each term once: {', '.join(twice)} appears twice")
@@ -372,8 +385,8 @@ class AlignRecipe(StrictModel):
         lora_policy = (method in ("dpo", *RL_METHODS)
                        and getattr(info.data.get("train"), "method", None) == "lora")
         if run.merge_adapter and not lora_policy:
-            raise ValueError("run.merge_adapter merges a LoRA policy into its base: it needs method: dpo, ppo or grpo "
-                             "and train.method: lora")
+            raise ValueError("run.merge_adapter merges a LoRA policy into its base: it needs method: "
+                             f"{_either(('dpo', *RL_METHODS))} and train.method: lora")
         return run
 
 

@@ -1,4 +1,4 @@
-"""Reward functions for PPO and GRPO: the built-ins, `module:function` names from a recipe, and their weighted sum.
+"""Reward functions for the RL methods: the built-ins, `module:function` names from a recipe, and their weighted sum.
 
 One signature for every reward function: `fn(prompt, completion, reference, **args) -> float`, where `prompt` is
 the chat messages the policy answered (a list of `{role, content}`), `completion` the policy's reply as text,

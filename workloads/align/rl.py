@@ -1,10 +1,11 @@
-"""PPO and GRPO (`llmc align` with `method: ppo | grpo`): one RL loop, two advantage estimators.
+"""PPO, GRPO and RLOO (`llmc align` with `method: ppo | grpo | rloo`): one RL loop, the method a plug-in.
 
 Each iteration: sample `rl.group_size` completions for each of `rl.prompts_per_iteration` training prompts, score
 them with the recipe's rewards, take the policy's and the reference's log-probs of every completion token (and,
-for PPO, the critic's values), turn scores into advantages (GRPO: normalized within each prompt's group; PPO: GAE
-over per-token rewards, whitened), then `rl.epochs` passes of clipped policy updates in minibatches, then the new
-weights go to the sampler. The KL to the reference is charged in the reward or the loss, with a fixed or adaptive
+when the method trains a critic, the critic's values), let the method (workloads.align.methods: PPO's GAE over
+per-token rewards, whitened; GRPO's normalization within each prompt's group; RLOO's leave-one-out baseline) turn
+scores into advantages, then `rl.epochs` passes of clipped policy updates in minibatches, then the new weights go
+to the sampler. The KL to the reference is charged in the reward or the loss, with a fixed or adaptive
 coefficient. Held-out prompts are answered greedily and scored before the first iteration, every `train.eval_every`
 and after the last.
 
@@ -22,8 +23,8 @@ metrics rows so far. `run.resume_from: latest | DIR` continues from the next ite
 Plain PyTorch, no Ray: the trainer runs in one process, or as each of several Ray Train workers
 (workloads.align.rl_run), which find each other through torch.distributed: each takes an equal share of every
 iteration's prompts and of the held-out ones, its gradients are averaged with the others' (by the policy's DeepSpeed
-engine with `deepspeed.enabled`, else by an all-reduce), and the metrics are means over all of them. PPO's critic is
-colocated: a head on each worker's policy, with its own optimizer, averaged the same way.
+engine with `deepspeed.enabled`, else by an all-reduce), and the metrics are means over all of them. A critic (PPO's)
+is colocated: a head on each worker's policy, with its own optimizer, averaged the same way.
 """
 
 from __future__ import annotations
@@ -39,17 +40,8 @@ from pathlib import Path
 
 import torch
 
-from workloads.align.estimators import (
-    AdaptiveKLController,
-    FixedKLController,
-    gae,
-    grpo_advantages,
-    masked_mean,
-    masked_whiten,
-    policy_loss,
-    token_kl,
-    value_loss,
-)
+from workloads.align.estimators import AdaptiveKLController, FixedKLController, masked_mean, token_kl
+from workloads.align.methods import build_method
 from workloads.align.policy import Policy, ValueHead, load_policy
 from workloads.align.prompts import Prompt
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
@@ -96,9 +88,9 @@ class Experience:
     scores: torch.Tensor  # (rows,): the summed reward
     old_logprobs: torch.Tensor  # (rows, tokens): the policy's at sampling time
     ref_logprobs: torch.Tensor
-    values: torch.Tensor | None  # PPO: the critic's, before each token
-    advantages: torch.Tensor  # (rows,) for GRPO, (rows, tokens) for PPO
-    returns: torch.Tensor | None  # PPO: the critic's targets
+    values: torch.Tensor | None  # with a critic: its values, before each token
+    advantages: torch.Tensor  # (rows,) or (rows, tokens), as the method gives them
+    returns: torch.Tensor | None  # with a critic: its targets
 
     @property
     def mask(self) -> torch.Tensor:
@@ -112,10 +104,10 @@ class RLTrainer:
                  work_dir: Path | None = None, engines: list | None = None, device: torch.device | None = None):
         """`engines`: rl.rollout vllm's engines, shared by the workers (`cluster.actors.Remote` handles); without
         them, the sampler starts one in this process. `device`: where the policy computes (default: CPU)."""
-        self.recipe, self.rl, self.ppo = recipe, recipe.rl, recipe.method == "ppo"
+        self.recipe, self.rl, self.method = recipe, recipe.rl, build_method(recipe)
         self.rank, self.world = world()
         self.device = device or torch.device("cpu")
-        torch.manual_seed(recipe.train.seed)  # the same initial weights on every worker (a fresh LoRA, PPO's critic)
+        torch.manual_seed(recipe.train.seed)  # the same initial weights on every worker (a fresh LoRA, a critic)
         self.tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
         self.train_prompts = self._fitting(train)
         self.held_out = self._fitting(held_out)[: self.rl.eval_prompts]
@@ -125,7 +117,8 @@ class RLTrainer:
         self.reward = build_reward(recipe.rewards, dtype=recipe.model.dtype)
         self.policy: Policy = load_policy(recipe, model_path)
         self.policy.model.to(self.device)
-        self.critic = ValueHead(self.policy.model.config.hidden_size).to(self.device) if self.ppo else None
+        self.critic = (ValueHead(self.policy.model.config.hidden_size).to(self.device) if self.method.needs_critic
+                       else None)
         self.engine = None  # the policy's DeepSpeed engine, with deepspeed.enabled
         self.optimizer, self.scheduler = self._setup_optimizer()
         self.kl = (AdaptiveKLController(self.rl.kl.coef, self.rl.kl.target, self.rl.kl.horizon)
@@ -232,11 +225,12 @@ class RLTrainer:
 
     @torch.no_grad()
     def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> tuple[Experience, dict]:
-        """Log-probs (policy, reference), values, the KL estimate and the advantages of a scored rollout."""
+        """Log-probs (policy, reference), values, the KL estimate and the method's advantages of a scored rollout."""
         temperature, mask = self.rl.temperature, rollout.response_mask
         chunks = [torch.arange(i, min(i + self.recipe.train.micro_batch_size, len(scores)))
                   for i in range(0, len(scores), self.recipe.train.micro_batch_size)]
-        policy = [token_outputs(self.policy.model, rollout.select(c), temperature, entropy=True, hidden=self.ppo)
+        policy = [token_outputs(self.policy.model, rollout.select(c), temperature, entropy=True,
+                                hidden=self.critic is not None)
                   for c in chunks]
         with self.policy.reference() as reference:
             ref = torch.cat([token_outputs(reference, rollout.select(c), temperature).logprobs for c in chunks])
@@ -244,15 +238,7 @@ class RLTrainer:
         values = torch.cat([self.critic(o.hidden) for o in policy]) * mask if self.critic is not None else None
         kl = token_kl(old, ref, self.rl.kl.estimator) * mask
         penalty = self.kl.value * kl if self.rl.kl.penalty == "reward" else torch.zeros_like(kl)
-        returns = None
-        if self.ppo:
-            rewards = -penalty
-            last = mask.sum(1) - 1  # the score lands on each completion's last token
-            rewards[torch.arange(len(scores)), last] += scores
-            advantages, returns = gae(rewards, values, mask, self.rl.gamma, self.rl.lam)
-            advantages = masked_whiten(advantages, mask)
-        else:
-            advantages = grpo_advantages(scores - penalty.sum(1), self.rl.group_size, self.rl.scale_rewards)
+        advantages, returns = self.method.advantages(scores, penalty, mask, values)
         entropy = torch.cat([o.entropy for o in policy])
         stats = {"kl": kl.sum(1).mean().item(), "kl_coef": self.kl.value, "entropy": masked_mean(entropy, mask).item()}
         return Experience(rollout, scores, old, ref, values, advantages, returns), stats
@@ -282,12 +268,12 @@ class RLTrainer:
         return {key: value / steps for key, value in totals.items()}
 
     def _loss(self, exp: Experience, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The clipped policy loss of some rows, with the entropy bonus, a KL term (penalty: loss) and, for PPO,
-        the critic's clipped value loss."""
+        """The method's policy loss of some rows, with the entropy bonus, a KL term (penalty: loss) and, with a
+        critic, the method's critic loss."""
         rl, mask = self.rl, exp.mask[rows]
         out = token_outputs(self.policy.model, exp.rollout.select(rows), rl.temperature,
-                            entropy=rl.entropy_coef > 0, hidden=self.ppo)
-        loss, clipped = policy_loss(out.logprobs, exp.old_logprobs[rows], exp.advantages[rows], mask, rl.clip_range)
+                            entropy=rl.entropy_coef > 0, hidden=self.critic is not None)
+        loss, clipped = self.method.policy_loss(out.logprobs, exp.old_logprobs[rows], exp.advantages[rows], mask)
         stats = {"policy_loss": loss.item(), "clip_fraction": clipped.item()}
         if rl.entropy_coef > 0:
             loss = loss - rl.entropy_coef * masked_mean(out.entropy, mask)
@@ -295,8 +281,7 @@ class RLTrainer:
             loss = loss + self.kl.value * masked_mean(token_kl(out.logprobs, exp.ref_logprobs[rows],
                                                                rl.kl.estimator), mask)
         if self.critic is not None:
-            critic_loss = value_loss(self.critic(out.hidden), exp.values[rows], exp.returns[rows], mask,
-                                     rl.value_clip_range)
+            critic_loss = self.method.critic_loss(self.critic(out.hidden), exp.values[rows], exp.returns[rows], mask)
             stats["value_loss"] = critic_loss.item()
             loss = loss + critic_loss  # the critic reads detached hidden states: this trains only its head
         return loss, stats
@@ -334,7 +319,7 @@ class RLTrainer:
         return total / count
 
     def save(self, run_dir: Path) -> Path:
-        """The policy (run_dir/adapter for LoRA, run_dir/model in full) and PPO's critic head beside it."""
+        """The policy (run_dir/adapter for LoRA, run_dir/model in full) and a critic's head beside it."""
         artifact = self.policy.save(run_dir / ("adapter" if self.policy.is_lora else "model"), self.tokenizer)
         if self.critic is not None:
             from safetensors.torch import save_file

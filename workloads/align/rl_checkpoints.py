@@ -1,5 +1,5 @@
-"""PPO/GRPO checkpoint directories: where they go, which are complete, which one a run resumes from, and writing one
-from every worker so that a run killed meanwhile leaves none half-written. Plain files, no Ray: the driver
+"""RL (ppo, grpo, rloo) checkpoint directories: where they go, which are complete, which one a run resumes from, and
+writing one from every worker so that a run killed meanwhile leaves none half-written. Plain files, no Ray: the driver
 (workloads.align.rl_run), its Train workers and a single-process loop all use them.
 """
 
@@ -42,7 +42,7 @@ def resume_source(recipe: AlignRecipe, directory: Path) -> Path | None:
     else:
         source = Path(wanted).expanduser().resolve()
         if not (source / rl.TRAINER_STATE).is_file():
-            raise RecipeError(f"field 'run.resume_from': {wanted} is not a ppo or grpo checkpoint "
+            raise RecipeError(f"field 'run.resume_from': {wanted} is not an RL (ppo, grpo, rloo) checkpoint "
                               f"(no {rl.TRAINER_STATE})")
     state = json.loads((source / rl.TRAINER_STATE).read_text())
     if (state["method"], state["train_method"]) != (recipe.method, recipe.train.method):

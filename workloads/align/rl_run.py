@@ -1,4 +1,4 @@
-"""`llmc align` for ppo and grpo on Ray: the driver and the Train worker around `workloads.align.rl.RLTrainer`.
+"""`llmc align` for the RL methods on Ray: the driver and the Train worker around `workloads.align.rl.RLTrainer`.
 
 The driver checks prompts, rewards and any checkpoint to resume before any cluster work, connects, starts the rollout
 engines (`rl.rollout: vllm`: `rl.engine.engines` vLLM engines as Ray actors in a placement group of their own, as

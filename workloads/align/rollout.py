@@ -1,4 +1,4 @@
-"""Rollouts for PPO and GRPO: sample k completions per prompt, and the per-token log-probs of a batch of them.
+"""Rollouts for the RL methods: sample k completions per prompt, and the per-token log-probs of a batch of them.
 
 A `Rollout` is one batch as training reads it: each prompt left-padded to a common width, its completion after it,
 right-padded, with a mask of the completion's real tokens (the stop token included). `GenerateSampler` samples with

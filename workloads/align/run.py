@@ -1,6 +1,6 @@
 """`llmc align RECIPE`: the driver. Validate and read the pairs, connect, run the workers on Ray Train (the pairs
 handed to them, not read again from their own disks), then write
-the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory. PPO and GRPO have a driver
+the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory. The RL methods have a driver
 of their own (workloads.align.rl_run: Train workers and vLLM engine actors), with the same outputs.
 """
 
