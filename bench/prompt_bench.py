@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 from workloads.kinds import load_recipe
-
 from workloads.prompting.endpoint import Endpoint
 from workloads.prompting.harness import read_cases
 from workloads.prompting.recipe import EndpointConfig, VariantConfig

@@ -150,10 +150,9 @@ class _StockApp(ServeProcess):
 def serve_stock_app(shape: dict, port: int) -> None:
     """In the child: Ray Serve LLM's `build_openai_app` on the LLMConfig `llmc serve` builds from the same recipe
     and overrides, on embedded Ray, until Ctrl-C (SIGINT, as `ServeProcess.stop` sends)."""
-    from workloads.kinds import load_recipe
-
     from cluster import runtime  # first: importing `cluster` opts this process into Ray's token auth
     from cluster.serve import llm_config
+    from workloads.kinds import load_recipe
     from workloads.models.loading import resolve_model_path
     from workloads.serve.deploy import build_spec
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO, run_llmc
 from workloads.common.recipe import RecipeError, apply_override
 from workloads.finetune.plan import deepspeed_config, finetune_plan
 from workloads.finetune.recipe import FinetuneRecipe
+from workloads.kinds import load_recipe
 
 RECIPES = sorted((REPO / "workloads" / "configs").glob("*.yaml"))
 TINY = REPO / "workloads/configs/tiny-lora.yaml"

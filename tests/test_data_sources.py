@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from workloads.kinds import validate_recipe
 
 from tests.conftest import REPO, run_llmc
 from workloads.common.recipe import RecipeError
@@ -28,6 +27,7 @@ from workloads.data.formats import (
 )
 from workloads.data.recipe import DataConfig
 from workloads.data.sources import HUB_PROBE_TIMEOUT_S, mix
+from workloads.kinds import validate_recipe
 from workloads.models.loading import load_model, load_tokenizer
 from workloads.serve.objectstore import free_port
 

@@ -150,9 +150,9 @@ def test_workers_train_on_the_data_the_driver_tokenized_once(ray_cluster, tmp_pa
     import shutil
 
     import ray
-    from workloads.kinds import load_recipe
 
     from workloads.finetune import driver as ft
+    from workloads.kinds import load_recipe
 
     for name in ("arithmetic_train.jsonl", "arithmetic_test.jsonl"):
         shutil.copy(REPO / "workloads" / "bundled" / name, tmp_path / name)

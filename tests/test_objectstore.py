@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
 from workloads.common.recipe import RecipeError
+from workloads.kinds import load_recipe
 from workloads.serve.deploy import check_before_start
 from workloads.serve.objectstore import LocalS3, S3Endpoint, split_uri, upload_adapter
 

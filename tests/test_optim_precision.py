@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
 from workloads.bundled import make_arithmetic as arithmetic
@@ -13,6 +12,7 @@ from workloads.common.recipe import RecipeError
 from workloads.data.formats import collate, tokenize_chat
 from workloads.finetune.plan import deepspeed_config
 from workloads.finetune.strategy import Strategy, weights_dtype
+from workloads.kinds import load_recipe
 from workloads.models.loading import load_model, load_tokenizer
 from workloads.models.lora import attach_lora
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from workloads.kinds import load_recipe
-
 from tests.conftest import REPO, run_llmc
+from workloads.kinds import load_recipe
 from workloads.prompting.client import AsyncLLMClient
 
 EVAL_RECIPE = REPO / "workloads/configs/tiny-eval.yaml"
@@ -113,7 +112,6 @@ def _agent_base_against_tuned(server, tmp_path, prompt: str, cases: int, agents:
     questions (agent protocols `agents`); the adapter must answer right on at least `least` of them, and 0.3 more
     than the base. Returns the per-case records."""
     from workloads.kinds import validate_recipe
-
     from workloads.prompting.endpoint import Endpoint
     from workloads.prompting.harness import evaluate
 

@@ -9,10 +9,10 @@ import re
 
 import pytest
 import yaml
-from workloads.kinds import validate_recipe
 
 from tests.conftest import REPO, run_llmc
 from workloads.common.recipe import RecipeError
+from workloads.kinds import validate_recipe
 from workloads.prompting.optimizer import (
     AS_IS,
     Trace,

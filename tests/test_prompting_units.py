@@ -290,9 +290,8 @@ def test_majority_vote_counts_unparseable_samples():
 
 
 def test_completions_variants_render_text_and_refuse_agents():
-    from workloads.kinds import load_recipe, validate_recipe
-
     from workloads.common.recipe import RecipeError
+    from workloads.kinds import load_recipe, validate_recipe
     from workloads.prompting.harness import _request
     from workloads.prompting.recipe import TestSetConfig, VariantConfig
     from workloads.prompting.templates import load_library

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from workloads.kinds import load_recipe
 
 from workloads.bundled.make_tasks import TASKS
 from workloads.common.recipe import RecipeError
+from workloads.kinds import load_recipe
 from workloads.models.gguf import NAMED_MODELS, SOURCE_CARD, ModelSourceError, converted_dir, named_gguf
 from workloads.models.loading import resolve_model_path
 from workloads.models.recipe import ModelConfig

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO, run_llmc
 from tests.test_serve import random_adapter
 from workloads.finetune.plan import deepspeed_config, finetune_plan
 from workloads.finetune.recipe import FinetuneRecipe
 from workloads.finetune.strategy import lr_lambda
+from workloads.kinds import load_recipe
 from workloads.models.loading import load_model, load_tokenizer
 from workloads.models.lora import attach_lora
 

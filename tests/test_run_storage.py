@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
 from workloads.align.run import run as align
 from workloads.common.recipe import RecipeError
 from workloads.finetune.driver import refuse_to_replace
 from workloads.finetune.driver import run as finetune
+from workloads.kinds import load_recipe
 from workloads.serve.objectstore import LocalS3
 
 LORA = REPO / "workloads/configs/tiny-lora.yaml"

@@ -22,10 +22,10 @@ import httpx
 import openai
 import pytest
 import yaml
-from workloads.kinds import load_recipe
 
 from tests.conftest import ALLOWED_ORIGIN, REPO, Server, run_llmc
 from workloads.common.reporting import percentile
+from workloads.kinds import load_recipe
 from workloads.scoring.answers import final_number
 from workloads.serve.plan import serve_plan
 

@@ -8,10 +8,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
 from workloads.common import tracking
+from workloads.kinds import load_recipe
 
 TINY = REPO / "workloads/configs/tiny-lora.yaml"
 ROWS = [{"step": 1, "loss": 2.0, "lr": 1e-3, "eval_loss": None},

@@ -8,13 +8,13 @@ import json
 import math
 
 import pytest
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO
 from workloads.common.recipe import RecipeError
 from workloads.finetune import driver, schedule, worker
 from workloads.finetune.evaluation import EarlyStopping, GenerationCase, generation_cases, generation_score, perplexity
 from workloads.finetune.strategy import lr_lambda
+from workloads.kinds import load_recipe
 from workloads.scoring import SCORERS, ExactScorer, build_scorer
 
 TINY = REPO / "workloads/configs/tiny-lora.yaml"

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from workloads.kinds import load_recipe
 
 from tests.conftest import REPO, SERVE_RECIPE, _stop_session, _wait_for_dashboard, run_llmc, session_processes
 from workloads.common.recipe import RecipeError
+from workloads.kinds import load_recipe
 from workloads.serve.deploy import ServeProcess
 from workloads.serve.objectstore import LocalS3, free_port
 
