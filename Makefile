@@ -1,5 +1,5 @@
 # The README's two commands. Each installs what is missing first, so both work on a fresh clone.
-#   make demo   build a tiny Llama, fine-tune it on embedded Ray, print where the results are
+#   make demo   SmolLM2-135M-Instruct: prompt variants, LoRA SFT, GRPO and the adapters served, on embedded Ray
 #   make test   the whole test suite
 #   make docs   the documentation site (docs/, MkDocs) into site/, strictly: a broken link fails it
 # On a GPU machine: make setup EXTRA=gpu (torch's CUDA build, the GPU vllm).

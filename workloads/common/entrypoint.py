@@ -58,6 +58,8 @@ def set_output(verbose: bool) -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel fallback note, on every import
+    # vLLM's import-time notes (Triton) when Ray Serve LLM imports it before vLLM configures its own logging.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
     # Per-request INFO lines of the local S3 endpoint (werkzeug) and of client retries (openai, httpx, boto).
     for name in ("werkzeug", "moto", "openai", "httpx", "botocore", "boto3", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
