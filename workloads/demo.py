@@ -34,9 +34,9 @@ from workloads.scoring import build_scorer
 CONFIGS = REPO_ROOT / "workloads/configs"
 SERVE_RECIPE, EVAL_RECIPE, SEARCH_RECIPE = (CONFIGS / f"smollm2-{n}.yaml" for n in ("serve", "eval-json", "search"))
 SFT_RECIPE, GRPO_RECIPE = CONFIGS / "smollm2-lora.yaml", CONFIGS / "smollm2-grpo.yaml"
-HELD_OUT = 100  # items per task asked of each model in stage 4 (and scored in stages 1-3)
-# Each stage sized for 2 cores (measured in the issue's probes): 10 SFT steps of 8 reviews take sentiment from about
-# half to nearly all held-out reviews; GRPO's iterations, prompts and completion length are what its time is made of.
+HELD_OUT = 100  # held-out items per task: prompt variants and SFT are scored on them, stage 4 asks each model them
+# Each stage is sized so that the demo fits 20 minutes on 2 cores: 10 SFT steps of 8 reviews; GRPO's iterations,
+# prompts and completion length are what its time is made of.
 SFT_SET = ["train.max_steps=10", "train.eval_every=10", "train.checkpoint_every=10",
            f"eval.generate_samples={HELD_OUT}"]
 # GRPO scores its held-out prompts before and after (greedy, on its own engine) on half as many: stage 4 asks the
@@ -44,7 +44,7 @@ SFT_SET = ["train.max_steps=10", "train.eval_every=10", "train.checkpoint_every=
 GRPO_SET = ["rl.iterations=3", "train.eval_every=3", "train.checkpoint_every=3", f"rl.eval_prompts={HELD_OUT // 2}"]
 EVAL_VARIANTS = ("zero-shot", "one-shot", "three-shot")  # of smollm2-eval-json.yaml's: its role variant costs a minute
 SEARCH_SET = ["dev_set.limit=40"]  # ASHA's rungs on 40 dev items, the winner on the full test split
-# Stage 4: the held-out split of each adapter's task, its scorer, and the adapter's name on the endpoint.
+# Stage 4, per adapter name on the endpoint: its task's held-out split, scorer and most tokens per reply.
 SIDE_BY_SIDE = {"sentiment": ("sentiment_test.jsonl", {"type": "exact"}, 4),
                 "addition": ("addition_test.jsonl", {"type": "final_number"}, 24)}
 
