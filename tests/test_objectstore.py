@@ -61,6 +61,12 @@ def test_a_local_adapter_store_is_refused_for_a_remote_cluster(tmp_path):
             os.environ["RAY_ADDRESS"] = previous
 
 
+def test_an_adapter_above_the_engines_lora_rank_is_refused_before_start(tmp_path):
+    recipe = load_recipe(SERVE, [f"adapters.paths.arith={adapter_dir(tmp_path)}", "adapters.max_lora_rank=4"])
+    with pytest.raises(RecipeError, match="adapters.max_lora_rank.*'arith' has rank 8, above max_lora_rank 4"):
+        check_before_start(recipe, [], address="127.0.0.1:6379")
+
+
 @pytest.mark.parametrize("name", [".", ".."])
 def test_adapter_and_run_names_cannot_be_dot_paths(tmp_path, name):
     with pytest.raises(RecipeError, match="adapters.paths"):

@@ -150,23 +150,27 @@ def run_demo(out: Path, address: str | None = None) -> dict:
     key = "llmc-demo-" + secrets.token_hex(16)
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
     started, seconds = time.monotonic(), {}
+
+    def lap(stage: str) -> None:  # seconds since the previous stage ended
+        seconds[stage] = time.monotonic() - started - sum(seconds.values())
+
     recipe = load_recipe(SERVE_RECIPE, ["adapters.paths={}"], kind="serve")  # adapters are published as they come
     print(f"[demo] serving SmolLM2-135M-Instruct: {SERVE_RECIPE.relative_to(REPO_ROOT)}", flush=True)
     with serving(recipe, address=address) as served:
-        seconds["serve_start"] = time.monotonic() - started
+        lap("serve_start")
         endpoint = Endpoint(served.url, key, served.model_id, f"demo|{secrets.token_hex(4)}")
         prompting = prompting_stage(endpoint, out, address)
-        seconds["prompting"] = time.monotonic() - started - sum(seconds.values())
+        lap("prompting")
         sft = finetune_stage(out / "sft", address)
-        seconds["sft"] = time.monotonic() - started - sum(seconds.values())
+        lap("sft")
         grpo = align_stage(out / "grpo", address)
-        seconds["grpo"] = time.monotonic() - started - sum(seconds.values())
+        lap("grpo")
         adapters = {"sentiment": served.publish("sentiment", sft["artifact"]),
                     "addition": served.publish("addition", grpo["artifact"])}
         print(f"[demo] 4/4 side by side on {HELD_OUT} held-out items per task: base and "
               f"{', '.join(adapters.values())} through the openai client", flush=True)
         served_results = side_by_side(openai.OpenAI(base_url=served.url, api_key=key), served.model_id, adapters)
-        seconds["side_by_side"] = time.monotonic() - started - sum(seconds.values())
+        lap("side_by_side")
     _print_side_by_side(served_results)
     return {"model": "smollm2-135m", "held_out": HELD_OUT, "prompting": prompting,
             "sft": {k: sft[k] for k in ("steps", "initial_eval_exact_match", "final_eval_exact_match",

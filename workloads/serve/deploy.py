@@ -85,12 +85,17 @@ def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None
         config = found / "adapter_config.json" if found else None
         if config is None or not config.is_file():
             raise RecipeError(f"field 'adapters.paths.{name}': {path!r} is not a PEFT adapter directory")
-        rank = adapter_rank(found)
-        if rank > recipe.adapters.max_lora_rank:
-            raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank {rank}, "
-                              f"above max_lora_rank {recipe.adapters.max_lora_rank}")
+        _check_rank(name, found, recipe.adapters.max_lora_rank)
         adapters[name] = found
     return adapters
+
+
+def _check_rank(name: str, adapter_dir: Path, max_rank: int) -> None:
+    """Refuse an adapter whose LoRA rank the engine was not started for (`adapters.max_lora_rank`)."""
+    rank = adapter_rank(adapter_dir)
+    if rank > max_rank:
+        raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank {rank}, "
+                          f"above max_lora_rank {max_rank}")
 
 
 def check_tool_call_parser(name: str) -> None:
@@ -191,9 +196,7 @@ class Served:
         """Upload the PEFT adapter at `adapter_dir` to the store as NAME; returns the model id clients send."""
         if self._store is None or self._endpoint is None or not self._store.startswith("s3://"):
             raise RecipeError("field 'adapters.enabled': publishing an adapter needs an s3:// adapter store")
-        if adapter_rank(Path(adapter_dir)) > self._max_rank:
-            raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank "
-                              f"{adapter_rank(Path(adapter_dir))}, above max_lora_rank {self._max_rank}")
+        _check_rank(name, Path(adapter_dir), self._max_rank)
         upload_adapter(Path(adapter_dir), f"{self._store}/{name}", self._endpoint)
         return f"{self.model_id}:{name}"
 
