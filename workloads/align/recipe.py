@@ -276,6 +276,10 @@ class AlignRecipe(StrictModel):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
+    def output_dir(self, given: str | Path | None = None) -> Path:
+        """Where a run of this recipe writes: `given` (--output-dir), else `run.output_dir`/`run.name`."""
+        return self.run.directory(given)
+
     # Rules across fields sit on the later field, so an error names the block at fault.
 
     @field_validator("data")

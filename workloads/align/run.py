@@ -33,7 +33,7 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
     a table too)."""
     from cluster.runtime import connect
 
-    run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
+    run_dir = recipe.output_dir(output_dir)
     refuse_to_replace(run_dir, recipe.run, overwrite, resumable=recipe.method in RL_METHODS)
     if recipe.method in RL_METHODS:
         from workloads.align import rl_run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from workloads.common.recipe import NAME_PATTERN, StrictModel
@@ -25,3 +27,7 @@ class RunConfig(StrictModel):
         default_factory=list,
         description="Environment variables `llmc submit` forwards to the job (e.g. HF_TOKEN for gated weights).",
     )
+
+    def directory(self, given: str | Path | None = None) -> Path:
+        """The run directory: `given` (--output-dir), else `output_dir`/`name`; absolute."""
+        return Path(given or Path(self.output_dir) / self.name).resolve()

@@ -40,7 +40,7 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     """
     from cluster.runtime import connect
 
-    run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
+    run_dir = recipe.output_dir(output_dir)
     refuse_to_replace(run_dir, recipe.run, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporting.save_recipe(recipe, run_dir)

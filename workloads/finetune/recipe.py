@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -152,6 +153,10 @@ class FinetuneRecipe(StrictModel):
     run: RunConfig = Field(default_factory=RunConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def output_dir(self, given: str | Path | None = None) -> Path:
+        """Where a run of this recipe writes: `given` (--output-dir), else `run.output_dir`/`run.name`."""
+        return self.run.directory(given)
 
     @field_validator("data")
     @classmethod

@@ -333,7 +333,7 @@ def run(recipe: EvalRecipe, output_dir: str | Path | None = None, address: str |
     from workloads.prompting.endpoint import opened_client
 
     library = check_recipe(recipe)
-    out = Path(output_dir or "runs/eval")
+    out = recipe.output_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)
     with opened_client(recipe.endpoint, address, endpoint) as client:

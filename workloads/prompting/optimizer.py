@@ -368,7 +368,7 @@ def run(recipe: OptimizeRecipe, output_dir: str | Path | None = None, address: s
     from workloads.common.reporting import save_recipe
 
     library = check_recipe(recipe)
-    out = Path(output_dir or "runs/optimize")
+    out = recipe.output_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)
     with opened_client(recipe.endpoint, address, endpoint) as client:

@@ -8,6 +8,7 @@ no `base_url`, the model a serve recipe names, started for the run and stopped a
 from __future__ import annotations
 
 import string
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -99,6 +100,10 @@ class EvalRecipe(StrictModel):
                                          description="How a voted answer is read from each sample (n > 1).")
     chunk_size: int = Field(64, ge=1, description="Cases sent together; results reach disk after each chunk.")
 
+    def output_dir(self, given: str | Path | None = None) -> Path:
+        """Where `llmc eval` writes its results: `given` (--output-dir), else runs/eval."""
+        return Path(given or "runs/eval")
+
     @model_validator(mode="after")
     def _cross_field(self) -> EvalRecipe:
         names = [v.name for v in self.variants]
@@ -146,6 +151,10 @@ class PromptSearchRecipe(StrictModel):
     extraction: AnswerExtraction = Field(default_factory=AnswerExtraction)
     search: SearchSettings = Field(default_factory=SearchSettings)
     name: str = Field("prompt-search", pattern=r"^[A-Za-z0-9_.-]+$", description="The Tune experiment's name.")
+
+    def output_dir(self, given: str | Path | None = None) -> Path:
+        """Where the search writes its results: `given` (--output-dir), else runs/NAME."""
+        return Path(given or f"runs/{self.name}")
 
     @model_validator(mode="after")
     def _cross_field(self) -> PromptSearchRecipe:
@@ -235,6 +244,10 @@ class OptimizeRecipe(StrictModel):
                                                   "`library` if missing); null: library.yaml in the output directory "
                                                   "(the shipped library only when named here).")
     chunk_size: int = Field(32, ge=1, description="Cases sent together.")
+
+    def output_dir(self, given: str | Path | None = None) -> Path:
+        """Where `llmc optimize` writes its results: `given` (--output-dir), else runs/optimize."""
+        return Path(given or "runs/optimize")
 
     @field_validator("library")
     @classmethod

@@ -47,7 +47,7 @@ def run(recipe: HparamSearchRecipe, output_dir: str | Path | None = None, addres
     from cluster.tune import CHECKPOINT_PATH, grid, local_checkpoint, run_search, trials_that_fit
     from workloads.finetune import driver as finetune
 
-    out = Path(output_dir or f"runs/{recipe.name}").resolve()
+    out = recipe.output_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("trials", "best"):  # an earlier search's runs are not this one's
         shutil.rmtree(out / stale, ignore_errors=True)

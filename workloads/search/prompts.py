@@ -85,7 +85,7 @@ def run(recipe: PromptSearchRecipe, output_dir: str | Path | None = None, addres
     from cluster.tune import grid, run_search
     from workloads.common.reporting import save_recipe, write_csv
 
-    out = Path(output_dir or f"runs/{recipe.name}")
+    out = recipe.output_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)
     library = check_recipe(_as_eval(recipe, "dev_set", [VariantConfig(name=p, prompt=p) for p in recipe.space.prompt]))

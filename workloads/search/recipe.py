@@ -73,6 +73,10 @@ class HparamSearchRecipe(StrictModel):
         "eval_perplexity, higher for eval_exact_match (needs eval.generate in the fine-tuning recipe).")
     search: HparamSearchSettings = Field(default_factory=HparamSearchSettings)
 
+    def output_dir(self, given: str | Path | None = None) -> Path:
+        """Where the search writes its results: `given` (--output-dir), else runs/NAME; absolute."""
+        return Path(given or f"runs/{self.name}").resolve()
+
     @field_validator("finetune")
     @classmethod
     def _finetune_recipe(cls, value: str, info: ValidationInfo) -> str:
