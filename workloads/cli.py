@@ -75,13 +75,13 @@ def _merge_model(args: argparse.Namespace, base: str) -> tuple[ModelConfig, Path
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="finetune")
-    KINDS["finetune"].runner(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+    KINDS["finetune"].run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="align")
-    KINDS["align"].runner(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+    KINDS["align"].run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
     return 0
 
 
@@ -115,7 +115,7 @@ def _run_recipe(command_name: str) -> Callable[[argparse.Namespace], int]:
 
     def command(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.overrides, kind=kinds)
-        KINDS[recipe.kind].runner(recipe, output_dir=args.output_dir, address=args.address)
+        KINDS[recipe.kind].run(recipe, output_dir=args.output_dir, address=args.address)
         return 0
 
     return command

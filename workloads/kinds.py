@@ -38,6 +38,17 @@ class Kind:
         """The function that runs a validated recipe of this kind (its module, and torch or Ray, imported now)."""
         return _resolve(self.runner_path)
 
+    def run(self, recipe: StrictModel, output_dir: str | None = None, **options: Any) -> dict:
+        """Run a recipe of this kind as `llmc` does: the runner, its results recorded as an MLflow run
+        (workloads.common.record) opened before any work. `options` go to the runner (address, overwrite, ...)."""
+        from workloads.common import record
+
+        with record.recording(self.name, recipe, recipe.output_dir(output_dir)) as run:
+            summary = self.runner(recipe, output_dir=output_dir, **options)
+            if run is not None:
+                run.finish(summary)
+        return summary
+
     def plan(self, recipe: StrictModel) -> dict:
         """What `llmc validate` prints beyond the recipe being valid: resources, batch math, data rows."""
         return _resolve(self.plan_path)(recipe) if self.plan_path else {}

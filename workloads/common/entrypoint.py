@@ -108,10 +108,10 @@ def run_entrypoint(command: Callable[[], int], verbose: bool = False) -> int:
             sys.modules["cluster.runtime"].shutdown()
 
 
-def recipe_job(argv: list[str] | None, *, prog: str, description: str, kind: str, run: Callable[..., object]) -> int:
+def recipe_job(argv: list[str] | None, *, prog: str, description: str, kind: str) -> int:
     """`python -m MODULE RECIPE [--set K=V] [--output-dir DIR] [--overwrite] [--address A]`: load the recipe of
-    `kind`, then `run(recipe, output_dir=, address=, overwrite=)` as an entry point (the jobs `llmc submit` starts)."""
-    from workloads.kinds import load_recipe
+    `kind`, then run it as `llmc` does (recorded) as an entry point (the jobs `llmc submit` starts)."""
+    from workloads.kinds import KINDS, load_recipe
 
     parser = argparse.ArgumentParser(prog=prog, description=description, parents=[output_options()])
     finetune_arguments(parser)
@@ -119,7 +119,7 @@ def recipe_job(argv: list[str] | None, *, prog: str, description: str, kind: str
 
     def command() -> int:
         recipe = load_recipe(args.recipe, args.overrides, kind=kind)
-        run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
+        KINDS[kind].run(recipe, output_dir=args.output_dir, address=args.address, overwrite=args.overwrite)
         return 0
 
     return run_entrypoint(command, verbose=getattr(args, "verbose", False))

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from workloads.common.recipe import StrictModel
 
 # Tracking backend -> (module it imports, what to pip install).
-TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow-skinny"),
+TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow"),
                     "wandb": ("wandb", "wandb")}
 
 
@@ -55,7 +55,8 @@ class TrackingConfig(StrictModel):
         return value
 
 
-_MLFLOW_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+_MLFLOW_PARAMS_PER_CALL = 100  # MLflow's log_batch limits
+_MLFLOW_METRICS_PER_CALL = 1000
 _MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one param value
 
 
@@ -149,7 +150,7 @@ def open_tracker(cfg: TrackingConfig, directory: Path, run_name: str, *, start_s
     resume_ids = resume_ids or {}
     openers = {
         "tensorboard": lambda: _TensorBoard(directory / "tensorboard" / run_name, start_step),
-        "mlflow": lambda: _MLflow(_mlflow_uri(cfg, directory), cfg.experiment, run_name, resume_ids.get("mlflow")),
+        "mlflow": lambda: MLflowRun(_mlflow_uri(cfg, directory), cfg.experiment, run_name, resume_ids.get("mlflow")),
         "wandb": lambda: _WandB(directory, cfg.experiment, run_name, resume_ids.get("wandb")),
     }
     if cfg.backends:
@@ -182,24 +183,30 @@ def _mlflow_uri(cfg: TrackingConfig, directory: Path) -> str:
     return cfg.mlflow_tracking_uri or (directory / "mlruns").as_uri()
 
 
-class _MLflow:
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None):
+class MLflowRun:
+    """One MLflow run: created in `experiment` (made with `artifact_location` if new), or `run_id` reopened if it
+    exists; params once (chunked and cut to MLflow's limits), metrics per step, closed with its status. The tracking
+    backend of the train loop, and the run `workloads.common.record` leaves for every `llmc` command."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None, *,
+                 artifact_location: str | None = None, tags: dict[str, str] | None = None):
         if uri.startswith("file:"):  # MLflow 3 refuses its file store (maintenance mode) unless told to allow it
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
-        self._client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.run_id = run_id if run_id and self._exists(run_id) else None
         if self.run_id is None:
-            found = self._client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
-            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = (found.experiment_id if found
+                             else self.client.create_experiment(experiment, artifact_location=artifact_location))
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
 
         try:
-            self._client.get_run(run_id)
+            self.client.get_run(run_id)
         except MlflowException:
             return False
         return True
@@ -207,19 +214,21 @@ class _MLflow:
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        logged = self._client.get_run(self.run_id).data.params  # a continued run keeps what it was started with
+        logged = self.client.get_run(self.run_id).data.params  # a continued run keeps what it was started with
         items = [Param(k, v[:_MLFLOW_PARAM_CHARS]) for k, v in params.items() if k not in logged]
         for start in range(0, len(items), _MLFLOW_PARAMS_PER_CALL):
-            self._client.log_batch(self.run_id, params=items[start : start + _MLFLOW_PARAMS_PER_CALL])
+            self.client.log_batch(self.run_id, params=items[start : start + _MLFLOW_PARAMS_PER_CALL])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        items = [Metric(k, v, now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), _MLFLOW_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=items[start : start + _MLFLOW_METRICS_PER_CALL])
 
     def close(self, failed: bool) -> None:
-        self._client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 class _WandB:

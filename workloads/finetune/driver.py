@@ -302,5 +302,4 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m workloads.finetune RECIPE [--set K=V] [--output-dir DIR] [--overwrite] [--address A]`: a job."""
     from workloads.common.entrypoint import recipe_job
 
-    return recipe_job(argv, prog="python -m workloads.finetune", description=__doc__.splitlines()[0], kind="finetune",
-                      run=run)
+    return recipe_job(argv, prog="python -m workloads.finetune", description=__doc__.splitlines()[0], kind="finetune")

@@ -29,8 +29,10 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
+from workloads.common import registry
 from workloads.common.paths import resolve_path
 from workloads.common.recipe import RecipeError, format_errors
+from workloads.common.record import current as current_recording
 from workloads.prompting.client import AsyncLLMClient
 from workloads.prompting.endpoint import Endpoint, opened_client
 from workloads.prompting.harness import (
@@ -294,6 +296,8 @@ def optimize(recipe: OptimizeRecipe, client: AsyncLLMClient, library: PromptLibr
     saved, saved_to = None, None
     if best_row["accuracy"] > baseline["accuracy"]:
         saved, saved_to = save_best(recipe, out, target, best, best_row["accuracy"], teacher.ref, details)
+        if (run := current_recording()) is not None:  # an `llmc optimize` run: the new version in MLflow's registry too
+            registry.register_prompt(run.uri, saved, saved_to, run)
     stats = client.stats
     summary = {
         "best_candidate": best.name, "best_source": best_row["source"], "best_k": best_row["k"],

@@ -1,0 +1,118 @@
+"""The registry of what gets served: adapters and merged models as MLflow model versions, prompts in MLflow's
+prompt registry, both with their lineage.
+
+A registered model is one name per served model (e.g. `smollm2-sentiment`); each version is one adapter (or merged
+model) with tags that lead back to where it came from: the run that made it, its data and recipe digests, its base
+model, its parent version and its eval scores. The aliases `candidate` and `champion` say what is proposed and what
+serves. Every function takes the tracking URI of the store (`record.tracking_uri(runs_dir)` for the default one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workloads.common.record import TAG, Recording, check_store
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion, PromptVersion
+
+    from workloads.prompting.templates import PromptTemplate
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+# Run tags a model version carries over: what it was trained from.
+LINEAGE_TAGS = ("data_digest", "recipe_hash", "base_model", "base_model_digest", "git_commit", "kind")
+PARENT = f"{TAG}parent"  # NAME/VERSION of the version this one was trained from; absent for one made from the base
+
+
+def register_adapter(uri: str, name: str, run_id: str, *, artifact: str = "adapter", source: str | Path | None = None,
+                     parent: str | None = None, scores: dict[str, float] | None = None) -> ModelVersion:
+    """The next version of registered model `name` (created if new): the run's logged `artifact` (its adapter), or
+    `source` (a merged model's directory, kept where it is); tagged with the run, its lineage tags, `parent`
+    (NAME/VERSION, which must exist) and `scores` (default: the run's eval metrics)."""
+    client = _client(uri)
+    run = client.get_run(run_id)
+    if source is None:
+        if not client.list_artifacts(run_id, artifact):
+            raise ValueError(f"run {run_id} has no artifact {artifact!r} (logged: "
+                             f"{[a.path for a in client.list_artifacts(run_id)]}); pass source= for a model kept "
+                             "elsewhere")
+        source = f"{run.info.artifact_uri}/{artifact}"
+    elif Path(source).exists():
+        source = Path(source).resolve().as_uri()
+    tags = {f"{TAG}run_id": run_id, **{f"{TAG}{t}": run.data.tags[f"{TAG}{t}"] for t in LINEAGE_TAGS
+                                         if f"{TAG}{t}" in run.data.tags}}
+    if parent is not None:
+        parent_name, _, parent_version = parent.partition("/")
+        client.get_model_version(parent_name, parent_version)  # raises if there is no such version
+        tags[PARENT] = parent
+    if scores is None:
+        scores = {k: v for k, v in run.data.metrics.items() if "eval" in k and not k.startswith("initial_")}
+    tags.update({f"{TAG}score.{k}": repr(float(v)) for k, v in scores.items()})
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="llmcluster: adapters or merged models of one served model")
+    return client.create_model_version(name, str(source), run_id=run_id, tags=tags)
+
+
+def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:
+    """Point `alias` (candidate, champion, ...) of `name` at `version`."""
+    _client(uri).set_registered_model_alias(name, alias, str(version))
+
+
+def champion(uri: str, name: str) -> ModelVersion | None:
+    """The version `name`'s champion alias points at; None before any."""
+    return _by_alias(uri, name, CHAMPION)
+
+
+def candidate(uri: str, name: str) -> ModelVersion | None:
+    """The version `name`'s candidate alias points at; None before any."""
+    return _by_alias(uri, name, CANDIDATE)
+
+
+def lineage(uri: str, name: str, version: str | int) -> list[ModelVersion]:
+    """This version, then its parent, its parent's parent, ... back to one trained from the base model."""
+    client, chain = _client(uri), []
+    at: tuple[str, str] | None = (name, str(version))
+    while at is not None:
+        found = client.get_model_version(*at)
+        if any((v.name, v.version) == (found.name, found.version) for v in chain):
+            raise ValueError(f"model version {found.name}/{found.version}: its parents form a cycle")
+        chain.append(found)
+        parent = found.tags.get(PARENT)
+        at = tuple(parent.split("/", 1)) if parent else None
+    return chain
+
+
+def register_prompt(uri: str, entry: PromptTemplate, library: str | Path, run: Recording | None = None
+                    ) -> PromptVersion:
+    """A prompt-library entry as the next version of its name in MLflow's prompt registry: its chat messages with
+    `{{variable}}` placeholders, tagged with its NAME@VERSION in `library`, score and lineage (parents, method),
+    and linked to the run that wrote it."""
+    client = _client(uri)
+    placeholders = {name: "{{" + name + "}}" for name in entry.variables}
+    lineage_ = entry.lineage
+    tags = {f"{TAG}ref": entry.ref, f"{TAG}library": str(Path(library).resolve()), f"{TAG}kind": entry.kind,
+            **({f"{TAG}score": repr(entry.score)} if entry.score is not None else {}),
+            **({f"{TAG}parents": ",".join(lineage_.parents), f"{TAG}method": lineage_.method} if lineage_ else {}),
+            **({f"{TAG}run_id": run.run_id} if run else {})}
+    version = client.register_prompt(entry.name, entry.render_messages(placeholders),
+                                     commit_message=entry.description or entry.ref, tags=tags)
+    if run is not None:
+        client.link_prompt_version_to_run(run.run_id, version)
+    return version
+
+
+def _by_alias(uri: str, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _client(uri: str):
+    check_store(uri)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
