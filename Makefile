@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup model demo test bench lint docs clean
+.PHONY: setup model browser demo test bench lint docs clean
 
 setup: $(STAMP)
 
@@ -35,10 +35,17 @@ endif
 model: setup
 	$(PY) -m workloads.cli make-model smollm2-135m > /dev/null
 
+# Debian's chromium for the `mlflow ui` browser test (tests/test_record.py, driven by Playwright; no browser download):
+# installed with apt-get when missing and this runs as root; otherwise that test is skipped, saying why.
+browser:
+	test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && command -v apt-get > /dev/null && \
+	  apt-get update -q > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium > /dev/null; } || \
+	  echo "chromium not installed: the mlflow ui browser test will be skipped"
+
 demo: setup model
 	$(PY) -m workloads.demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -x -q --durations=40
 
 bench: setup

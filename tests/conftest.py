@@ -35,6 +35,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The session's `ray start` head enforces token auth (Ray 2.60 default); this process and every
 # subprocess driver must send the token, and Ray reads this once, when it is first imported.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# No MLflow run per command (3-8 s each: importing MLflow, opening or creating its database): tests/test_record.py
+# and the `lora_run` it reads turn it on (LLMC_MLFLOW=on).
+os.environ.setdefault("LLMC_MLFLOW", "off")
 # This venv's tools first for every process the suite starts (as `llmc` does for an embedded Ray): DeepSpeed
 # builds its CPU ops with the `ninja` on PATH, and a second ninja would rebuild them (cluster/runtime.py).
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -202,14 +205,16 @@ LORA_STEPS = 30
 def lora_run(ray_cluster, tmp_path_factory) -> dict:
     """The bundled LoRA recipe on 2 workers with ZeRO-2 and 8-bit AdamW, 30 steps, a checkpoint every 5; one worker
     is SIGKILLed once Ray has registered a checkpoint, so the run restarts from it. Its adapter is the one the test
-    server serves as `tiny:arith` (a trained adapter: prompt evaluations see it beat the base)."""
+    server serves as `tiny:arith` (a trained adapter: prompt evaluations see it beat the base). Recorded in MLflow
+    (the SQLite store beside it, `out.parent`/mlflow.db): tests/test_record.py reads that run."""
     out = tmp_path_factory.mktemp("lora") / "run"
     args = ["finetune", "workloads/configs/tiny-lora.yaml", "--output-dir", str(out)]
     # Batches of 64: steps slow enough (~0.2 s) that the kill lands well before the last one.
     for override in ("run.merge_adapter=true", f"train.max_steps={LORA_STEPS}", "train.eval_every=10",
                      "train.checkpoint_every=5", "train.optimizer=adamw_8bit", "train.micro_batch_size=64"):
         args += ["--set", override]
-    proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *args], cwd=REPO, env=os.environ.copy(),
+    proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *args], cwd=REPO,
+                            env={**os.environ, "LLMC_MLFLOW": "on", "MLFLOW_TRACKING_URI": ""},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     snapshot = out / "checkpoints" / "tiny-lora" / "checkpoint_manager_snapshot.json"
     deadline, killed = time.monotonic() + 600, None

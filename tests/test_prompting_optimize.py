@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_llmc
+from workloads.common import record
 from workloads.common.recipe import RecipeError
 from workloads.kinds import validate_recipe
 from workloads.prompting.optimizer import (
@@ -146,14 +147,16 @@ def test_the_best_is_saved_as_a_new_version_with_score_and_lineage_and_the_shipp
 
 def test_llmc_optimize_against_the_server_beats_the_unoptimized_target_and_saves_it(server, tmp_path):
     """The base model cannot read the target's bundled phrasing (0 on dev); the optimizer finds one it can and
-    saves it, with its score and lineage, in the output directory's copy of the library."""
+    saves it, with its score and lineage, in the output directory's copy of the library, and in MLflow's prompt
+    registry (the SQLite store beside the output directory) linked to the command's run."""
     out = tmp_path / "optimize"
     shipped = DEFAULT_LIBRARY.read_bytes()
     result = run_llmc("optimize", str(RECIPE), "--output-dir", str(out),
                       "--set", f"endpoint.base_url={server.base}/v1", "--set", "endpoint.api_key_env=LLMC_OPT_KEY",
                       "--set", "k=[0,2]", "--set", "proposer.n=2",
                       "--set", "instruction_candidates=[arithmetic-question,arithmetic-short-instruction]",
-                      env={"LLMC_OPT_KEY": server.key, "LLMC_CACHE": str(tmp_path / "cache")}, timeout=600)
+                      env={"LLMC_OPT_KEY": server.key, "LLMC_CACHE": str(tmp_path / "cache"), "LLMC_MLFLOW": "on",
+                           "MLFLOW_TRACKING_URI": ""}, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_dev_accuracy"] >= summary["baseline_dev_accuracy"] + 0.5, summary["candidates"]
@@ -173,3 +176,20 @@ def test_llmc_optimize_against_the_server_beats_the_unoptimized_target_and_saves
     assert (out / "candidates.csv").exists() and (out / "dev" / "cases.jsonl").exists()
     assert "best: " in result.stdout and "saved as" in result.stdout and "arithmetic-few-shot@2" in result.stdout
     assert DEFAULT_LIBRARY.read_bytes() == shipped
+    _registered_in_mlflow(out, summary, saved)
+
+
+def _registered_in_mlflow(out, summary: dict, saved) -> None:
+    """The saved version in MLflow's prompt registry with its score and lineage, and the run that wrote it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = record.tracking_uri(out.parent)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.load_prompt(f"prompts:/{saved.name}@latest")
+    assert version.tags["llmc.ref"] == saved.ref and float(version.tags["llmc.score"]) == saved.score
+    assert version.tags["llmc.parents"].split(",") == saved.lineage.parents
+    assert version.tags["llmc.method"] == "bootstrap_few_shot"
+    assert "{{input}}" in version.template[-1]["content"]  # the question, a placeholder MLflow's format() fills
+    run = client.get_run(version.tags["llmc.run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["llmc.kind"] == "optimize"
+    assert run.data.metrics["best_dev_accuracy"] == summary["best_dev_accuracy"]
