@@ -11,7 +11,8 @@ SmolLM2-135M-Instruct comes from a PyPI wheel's GGUF, converted once and cached 
    greedy answers from a vLLM engine actor, the adapter synced into it after every update);
 4. side by side: both adapters published to the running endpoint and asked the held-out items beside the base.
 Every number printed is from this run and lands in `runs/demo/demo.json` (`scripts/readme_numbers.py` puts it into
-the README). `python -m workloads.demo [--output-dir DIR] [--verbose]`.
+the README); each stage's command is an MLflow run in `runs/demo/mlflow.db` (workloads.common.record).
+`python -m workloads.demo [--output-dir DIR] [--verbose]`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+from workloads.common import record as mlflow_record
 from workloads.common.paths import REPO_ROOT
 from workloads.data.formats import prompt_messages
-from workloads.kinds import load_recipe
+from workloads.kinds import KINDS, load_recipe
 from workloads.prompting.endpoint import Endpoint
 from workloads.scoring import build_scorer
 
@@ -51,19 +53,16 @@ SIDE_BY_SIDE = {"sentiment": ("sentiment_test.jsonl", {"type": "exact"}, 4),
 
 def prompting_stage(endpoint: Endpoint, out: Path, address: str | None) -> dict:
     """JSON-extraction prompt variants scored on held-out items, then searched on Ray Tune; returns both results."""
-    from workloads.prompting import harness
-    from workloads.search import prompts as search
-
     print(f"[demo] 1/4 prompt variants: {EVAL_RECIPE.relative_to(REPO_ROOT)}", flush=True)
     recipe = load_recipe(EVAL_RECIPE, kind="eval")
     recipe.variants = [variant for variant in recipe.variants if variant.name in EVAL_VARIANTS]
-    evaluated = harness.run(recipe, out / "eval", endpoint=endpoint, show=False)
+    evaluated = KINDS["eval"].run(recipe, out / "eval", endpoint=endpoint, show=False)
     accuracy = {row["variant"]: row["accuracy"] for row in evaluated["variants"]}
     print(f"[demo] strict JSON match on {evaluated['cases']} held-out items: "
           + ", ".join(f"{name} {value:.0%}" for name, value in accuracy.items()), flush=True)
     print(f"[demo]     Ray Tune + ASHA over the variants: {SEARCH_RECIPE.relative_to(REPO_ROOT)}", flush=True)
-    found = search.run(load_recipe(SEARCH_RECIPE, SEARCH_SET, kind="prompt_search"), out / "search", address=address,
-                       endpoint=endpoint, show=False)
+    found = KINDS["prompt_search"].run(load_recipe(SEARCH_RECIPE, SEARCH_SET, kind="prompt_search"), out / "search",
+                                       address=address, endpoint=endpoint, show=False)
     print(f"[demo] {found['variants']} variants, {found['stopped_early']} stopped early; winner "
           f"{found['best_variant']}: dev {found['best_dev_accuracy']:.0%}, test {found['best_test_accuracy']:.0%}",
           flush=True)
@@ -74,11 +73,9 @@ def prompting_stage(endpoint: Endpoint, out: Path, address: str | None) -> dict:
 
 def finetune_stage(out: Path, address: str | None) -> dict:
     """LoRA SFT on one-word sentiment across 2 Ray Train workers with DeepSpeed; returns its summary."""
-    from workloads.finetune.driver import run
-
     print(f"[demo] 2/4 LoRA SFT: {SFT_RECIPE.relative_to(REPO_ROOT)} -> {out}", flush=True)
-    summary = run(load_recipe(SFT_RECIPE, SFT_SET, kind="finetune"), output_dir=str(out), address=address,
-                  overwrite=True, show=False)  # the demo reruns by design
+    summary = KINDS["finetune"].run(load_recipe(SFT_RECIPE, SFT_SET, kind="finetune"), output_dir=str(out),
+                                    address=address, overwrite=True, show=False)  # the demo reruns by design
     print(f"[demo] one-word sentiment on {HELD_OUT} held-out reviews: {summary['initial_eval_exact_match']:.0%} -> "
           f"{summary['final_eval_exact_match']:.0%}; eval loss {summary['initial_eval_loss']:.3f} -> "
           f"{summary['final_eval_loss']:.3f} in {summary['steps']} steps", flush=True)
@@ -87,11 +84,9 @@ def finetune_stage(out: Path, address: str | None) -> dict:
 
 def align_stage(out: Path, address: str | None) -> dict:
     """GRPO on 2-digit addition from the base model, rewarded for the right final number; returns its summary."""
-    from workloads.align.run import run
-
     print(f"[demo] 3/4 GRPO: {GRPO_RECIPE.relative_to(REPO_ROOT)} -> {out}", flush=True)
-    summary = run(load_recipe(GRPO_RECIPE, GRPO_SET, kind="align"), output_dir=str(out), address=address,
-                  overwrite=True, show=False)
+    summary = KINDS["align"].run(load_recipe(GRPO_RECIPE, GRPO_SET, kind="align"), output_dir=str(out),
+                                 address=address, overwrite=True, show=False)
     print(f"[demo] exact sums on {summary['held_out_prompts']} held-out prompts (greedy): "
           f"{summary['initial_mean_reward']:.0%} -> "
           f"{summary['final_mean_reward']:.0%} in {summary['iterations']} iterations, KL {summary['final_kl']:.2f}",
@@ -207,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     print(f"[demo] done in {result['seconds']['total'] / 60:.1f} min; results in {out}: demo.json, eval/, search/, "
           "sft/ (adapter, loss curve), grpo/ (adapter, reward and KL curves)")
+    if mlflow_record.enabled():  # each stage is an MLflow run (workloads.common.record)
+        print(f"[demo] its MLflow runs: mlflow ui --backend-store-uri {mlflow_record.tracking_uri(out)}")
     return 0
 
 
