@@ -4,6 +4,7 @@ artifacts, lineage tags), the registry's model versions with their lineage, a st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -75,7 +76,8 @@ def test_a_command_with_results_leaves_a_run_and_a_failed_one_is_marked(tmp_path
     tags = found.data.tags
     assert tags["llmc.kind"] == "eval" and tags["llmc.path.model"] == str((out / "model").resolve())
     assert tags["llmc.base_model"] == "tiny at http://127.0.0.1:9/v1" and "llmc.base_model_digest" not in tags
-    assert tags["llmc.recipe_hash"] == record.lineage_tags("eval", recipe, out)["llmc.recipe_hash"]
+    resolved = json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()
+    assert tags["llmc.recipe_hash"] == hashlib.sha256(resolved).hexdigest()
     expected = record.data_digest({"path": "workloads/bundled/arithmetic_test.jsonl"})
     assert tags["llmc.data_digest"] == expected and len(resolve_files("workloads/bundled/arithmetic_test.jsonl")) == 1
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

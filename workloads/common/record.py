@@ -158,7 +158,7 @@ def recording(kind: str, recipe: BaseModel, out: Path) -> Iterator[Recording | N
     resolved = resolved_recipe(recipe)
     tracker = getattr(recipe, "tracking", None)
     run = tracking.MLflowRun(uri, tracker.experiment if tracker else EXPERIMENT, out.name,
-                             artifact_location=artifact_location(out.parent), tags=lineage_tags(kind, recipe, out))
+                             artifact_location=artifact_location(out.parent), tags=lineage_tags(kind, resolved, out))
     run.log_params(tracking.flatten(resolved))
     rec = Recording(run, uri, out, recipe)
     token = _CURRENT.set(rec)
@@ -179,9 +179,9 @@ def resolved_recipe(recipe: BaseModel) -> dict:
     return resolved
 
 
-def lineage_tags(kind: str, recipe: BaseModel, out: Path) -> dict[str, str]:
-    """What the run came from: kind, output directory, recipe hash, data digest, base model, git commit."""
-    resolved = resolved_recipe(recipe)
+def lineage_tags(kind: str, resolved: dict, out: Path) -> dict[str, str]:
+    """What a run of the `resolved` recipe came from: kind, output directory, recipe hash, data digest, base model,
+    git commit."""
     tags = {f"{TAG}kind": kind, f"{TAG}output_dir": str(out),
             f"{TAG}recipe_hash": hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest(),
             f"{TAG}data_digest": data_digest(resolved)}
