@@ -190,16 +190,17 @@ def test_mlflow_ui_shows_the_run_the_model_version_and_a_prompt(recorded, tmp_pa
     SCREENSHOTS.mkdir(parents=True)
     try:
         _wait_for_health(base, ui, tmp_path / "ui.log")
-        pages = {"runs": (f"#/experiments/{found.info.experiment_id}/runs", found.info.run_name),
-                 "run": (f"#/experiments/{found.info.experiment_id}/runs/{found.info.run_id}", "llmc.data_digest"),
-                 "model-version": (f"#/models/tiny-arith/versions/{second.version}", "llmc.parent"),
-                 "prompt": (f"#/prompts/{entry.name}", entry.ref)}
+        experiment, run_id = found.info.experiment_id, found.info.run_id
+        pages = {"runs": (f"#/experiments/{experiment}/runs", f'a[href*="/runs/{run_id}"]'),  # the run's link
+                 "run": (f"#/experiments/{experiment}/runs/{run_id}", "text=llmc.data_digest"),
+                 "model-version": (f"#/models/tiny-arith/versions/{second.version}", "text=llmc.parent"),
+                 "prompt": (f"#/prompts/{entry.name}", f"text={entry.ref}")}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            for name, (path, text) in pages.items():
+            for name, (path, selector) in pages.items():
                 page.goto(f"{base}/{path}", wait_until="load")
-                page.get_by_text(text).first.wait_for(timeout=60_000)
+                page.locator(selector).first.wait_for(timeout=60_000)
                 page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
             browser.close()
     finally:
