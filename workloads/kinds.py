@@ -38,7 +38,7 @@ class Kind:
         """The function that runs a validated recipe of this kind (its module, and torch or Ray, imported now)."""
         return _resolve(self.runner_path)
 
-    def run(self, recipe: StrictModel, output_dir: str | None = None, **options: Any) -> dict:
+    def run(self, recipe: StrictModel, output_dir: str | Path | None = None, **options: Any) -> dict:
         """Run a recipe of this kind as `llmc` does: the runner, its results recorded as an MLflow run
         (workloads.common.record) opened before any work. `options` go to the runner (address, overwrite, ...)."""
         from workloads.common import record
