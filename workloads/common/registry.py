@@ -98,7 +98,11 @@ def register_prompt(uri: str, entry: PromptTemplate, library: str | Path, run: R
     version = client.register_prompt(entry.name, entry.render_messages(placeholders),
                                      commit_message=entry.description or entry.ref, tags=tags)
     if run is not None:
-        client.link_prompt_version_to_run(run.run_id, version)
+        # MLflow's registry store links through the process's tracking store, not the client's: point it at `uri`.
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(uri):
+            client.link_prompt_version_to_run(run.run_id, version)
     return version
 
 
