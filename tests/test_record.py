@@ -46,7 +46,8 @@ def _run_of(uri: str, out: Path):
 
 def test_a_command_with_results_leaves_a_run_and_a_failed_one_is_marked(tmp_path, monkeypatch):
     """An eval's output directory, recorded: recipe params, summary numbers, the variants table by name, a step
-    table as a series, files as artifacts, weights by path; an exception inside marks the run FAILED."""
+    table as a series, files as artifacts, weights by path, a prompt version registered during the run linked to
+    it; an exception inside marks the run FAILED."""
     monkeypatch.setenv(record.SWITCH_ENV, "on")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = load_recipe(REPO / "workloads/configs/tiny-eval.yaml", ["endpoint.base_url=http://127.0.0.1:9/v1"],
@@ -56,7 +57,10 @@ def test_a_command_with_results_leaves_a_run_and_a_failed_one_is_marked(tmp_path
     (out / "summary.json").write_text(json.dumps({"cases": 50, "best": 0.25, "ok": True, "name": "x"}))
     (out / "variants.csv").write_text("variant,accuracy,failures\nbase|t=0,0.25,0\nadapter,0.75,1\n")
     (out / "curve.csv").write_text("step,loss,eval_loss\n1,2.0,\n2,1.5,1.25\n")
+    entry = next(p for p in load_library().prompts if p.kind == "few_shot")
     with record.recording("eval", recipe, out) as run:
+        assert record.current() is run
+        prompt = registry.register_prompt(run.uri, entry, REPO / "workloads/prompting/library.yaml", run)
         run.finish(json.loads((out / "summary.json").read_text()))
     uri = record.tracking_uri(out.parent)
     assert uri == f"sqlite:///{out.parent.resolve()}/mlflow.db" and (out.parent / "mlflow.db").is_file()
@@ -80,6 +84,8 @@ def test_a_command_with_results_leaves_a_run_and_a_failed_one_is_marked(tmp_path
     assert tags["llmc.recipe_hash"] == hashlib.sha256(resolved).hexdigest()
     expected = record.data_digest({"path": "workloads/bundled/arithmetic_test.jsonl"})
     assert tags["llmc.data_digest"] == expected and len(resolve_files("workloads/bundled/arithmetic_test.jsonl")) == 1
+    assert prompt.tags["llmc.ref"] == entry.ref and prompt.tags["llmc.run_id"] == found.info.run_id
+    assert json.loads(tags["mlflow.linkedPrompts"]) == [{"name": entry.name, "version": str(prompt.version)}]
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert tags["llmc.git_commit"] == tags["mlflow.source.git.commit"] == git
 
