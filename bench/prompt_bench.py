@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(SETUPS), help="the served model (SETUPS)")
     args = parser.parse_args(argv)
     setup = SETUPS[args.model]
+    search_recipe = str(REPO / setup["search"])
     os.environ.pop("RAY_ADDRESS", None)
     key = "llmc-bench-" + secrets.token_hex(12)
     adapter = setup["adapter"] and REPO / setup["adapter"][1]
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [VariantConfig(name=f"{p}{'' if k is None else f'-k{k}'}|{m}", prompt=p, model=m, k=k,
                               max_tokens=setup["max_tokens"])
                 for p, m, k in setup["variants"] if ":" not in m or adapter and adapter.exists()]
-    cases_from = load_recipe(setup["search"], kind="prompt_search").dev_set.model_copy(update={"limit": setup["cases"]})
+    cases_from = load_recipe(search_recipe, kind="prompt_search").dev_set.model_copy(update={"limit": setup["cases"]})
     cases = list(read_cases(cases_from))
     by_api = {}
     try:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] {api}: sequential loop, {len(chosen)} variants x {len(cases)} cases ...", flush=True)
                 sequential = sequential_guide_loop(endpoint, chosen, cases, cases_from)
                 print(f"[bench] {api}: parallel (Tune trials + async client) ...", flush=True)
-                parallel = parallel_tune_path(endpoint, setup["search"], chosen, len(cases),
+                parallel = parallel_tune_path(endpoint, search_recipe, chosen, len(cases),
                                               Path(tmp) / f"parallel-{api}", ray_start_s)
                 print(f"[bench] {api}: endpoint ceiling (one async client, no Tune) ...", flush=True)
                 ceiling = endpoint_ceiling(endpoint, chosen, cases, cases_from, setup["ceiling"])
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             fidelity = None
             if setup["fidelity"]:
                 print("[bench] ASHA against exhaustive search ...", flush=True)
-                fidelity = multi_fidelity(endpoint, setup["search"], Path(tmp) / "fidelity")
+                fidelity = multi_fidelity(endpoint, search_recipe, Path(tmp) / "fidelity")
     finally:
         server.stop()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": args.model,
