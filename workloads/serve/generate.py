@@ -1,8 +1,9 @@
 """`llmc generate RECIPE --input prompts.jsonl --output out.jsonl`: offline batch generation with vLLM.
 
-For evaluation sets and RL rollouts: one in-process `vllm.LLM` (its engine core in this process too), every row
-submitted at once so the engine batches them continuously. Rows are `{"prompt": ...}` or `{"messages": [...]}`
-and may set `max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed` and `adapter` (a name from the recipe's
+For evaluation sets and RL rollouts: one in-process `vllm.LLM` (its engine runs in a child process,
+so call this from a `__main__` entry point such as the CLI), every row submitted at once so the
+engine batches them continuously. Rows are `{"prompt": ...}` or `{"messages": [...]}` and may set
+`max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed` and `adapter` (a name from the recipe's
 `adapters.paths` or a PEFT directory); the recipe's `generate` block gives the defaults.
 """
 
@@ -56,10 +57,6 @@ def engine(recipe: ServeRecipe, model_path: str | None = None):
     from workloads.models.loading import resolve_model_path
 
     os.environ.update(serve_engine_env(recipe))
-    # The engine core in this process, not a spawned one: a second process importing vLLM and torch again made the
-    # engine start about 3x slower on 2 cores (tiny model: 41-54 s against 12-16 s), and this caller blocks on
-    # every `generate` anyway. (Serving's AsyncLLM keeps its own engine-core process.)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return LLM(model=model_path or resolve_model_path(recipe.model), **serve_engine_kwargs(recipe))
 
 
