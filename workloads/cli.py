@@ -121,6 +121,15 @@ def _run_recipe(command_name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, kind="pipeline")
+    from workloads.pipeline.run import check_start
+
+    check_start(recipe, args.start_from)  # a bad --from exits 2 before any work, as a bad recipe does
+    KINDS["pipeline"].run(recipe, output_dir=args.output_dir, address=args.address, start_from=args.start_from)
+    return 0
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from workloads.models.recipe import TinyModelConfig
     from workloads.models.tiny import build_tiny_model
@@ -288,6 +297,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "hparam_search, over fine-tuning hyperparameters (ASHA on eval loss; the best run's adapter kept)",
         _results_arguments,
         _run_recipe("search"),
+    ),
+    "pipeline": (
+        "run recipes as stages in order (later stages reading earlier ones' outputs, gates on their results); a "
+        "rerun skips every stage whose inputs are unchanged; a missed gate exits 1",
+        lambda p: (_results_arguments(p),
+                   p.add_argument("--from", dest="start_from", default=None, metavar="STAGE",
+                                  help="run this stage and every later one even if unchanged")),
+        _cmd_pipeline,
     ),
     "chat": (
         "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",

@@ -67,6 +67,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("prompt_search", "search", "workloads.prompting.recipe:PromptSearchRecipe", "workloads.search.prompts:run"),
     Kind("hparam_search", "search", "workloads.search.recipe:HparamSearchRecipe", "workloads.search.hparams:run",
          "workloads.search.recipe:HparamSearchRecipe.plan"),
+    Kind("pipeline", "pipeline", "workloads.pipeline.recipe:PipelineRecipe", "workloads.pipeline.run:run",
+         "workloads.pipeline.recipe:PipelineRecipe.plan"),
 )}
 
 

@@ -23,7 +23,7 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -101,6 +101,8 @@ class Recording:
     uri: str
     out: Path
     recipe: BaseModel
+    experiment: str
+    nested: list[Path] = field(default_factory=list)  # output dirs of the runs opened under this one (its stages)
 
     @property
     def run_id(self) -> str:
@@ -115,7 +117,7 @@ class Recording:
         for table in sorted(self.out.glob("*.csv")):
             self._log_table(table)
         for entry in sorted(self.out.iterdir()):
-            if entry.name in BY_PATH:
+            if entry.name in BY_PATH or entry.resolve() in self.nested:  # a nested run logged that one itself
                 client.set_tag(self.run_id, f"{TAG}path.{entry.name}", str(entry.resolve()))
             elif entry.is_dir():
                 client.log_artifacts(self.run_id, str(entry), artifact_path=entry.name)
@@ -148,19 +150,27 @@ def current() -> Recording | None:
 @contextlib.contextmanager
 def recording(kind: str, recipe: BaseModel, out: Path) -> Iterator[Recording | None]:
     """The MLflow run of a command of `kind` writing to `out`, open for the `with` block (None when recording is
-    off): params and lineage tags now, FINISHED or FAILED at the end."""
+    off): params and lineage tags now, FINISHED or FAILED at the end. Opened while another command's run is open (a
+    pipeline's stage), it is a nested run of that one (MLflow's `mlflow.parentRunId` tag, what
+    `mlflow.start_run(nested=True)` sets), in its store and experiment."""
     if not enabled():
         yield None
         return
     out = Path(out).resolve()
-    uri = tracking_uri(out.parent)
-    check_store(uri)
-    resolved = resolved_recipe(recipe)
-    tracker = getattr(recipe, "tracking", None)
-    run = tracking.MLflowRun(uri, tracker.experiment if tracker else EXPERIMENT, out.name,
-                             artifact_location=artifact_location(out.parent), tags=lineage_tags(kind, resolved, out))
+    parent = current()
+    tags = lineage_tags(kind, resolved := resolved_recipe(recipe), out)
+    if parent is not None:
+        uri, experiment = parent.uri, parent.experiment
+        tags["mlflow.parentRunId"] = parent.run_id
+        parent.nested.append(out)
+    else:
+        uri = tracking_uri(out.parent)
+        check_store(uri)
+        tracker = getattr(recipe, "tracking", None)
+        experiment = tracker.experiment if tracker else EXPERIMENT
+    run = tracking.MLflowRun(uri, experiment, out.name, artifact_location=artifact_location(out.parent), tags=tags)
     run.log_params(tracking.flatten(resolved))
-    rec = Recording(run, uri, out, recipe)
+    rec = Recording(run, uri, out, recipe, experiment)
     token = _CURRENT.set(rec)
     failed = True
     try:
