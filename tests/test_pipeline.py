@@ -15,6 +15,7 @@ import yaml
 
 from tests.conftest import REPO, run_llmc
 from workloads.common.recipe import RecipeError
+from workloads.common.record import resolved_recipe
 from workloads.kinds import KINDS, load_recipe
 from workloads.pipeline import gates, outputs, stages
 from workloads.pipeline.recipe import GateConfig
@@ -73,6 +74,9 @@ def _gate(index: int, metric: str):
     (lambda raw: raw["stages"][0].update(recipe="workloads/configs/serve-tiny.yaml"), "stages.0.recipe",
      "kind 'serve' cannot be a stage"),
     (lambda raw: raw["stages"][2].update(name="sft"), "stages.2.name", "used twice"),
+    (lambda raw: raw["stages"][2].update(set=[], recipe={**yaml.safe_load((REPO / "workloads/configs/tiny-dpo.yaml")
+     .read_text()), "dpo": {"adapter": "${stages.base.outputs.artifact}"}}), "stages.2.recipe.dpo.adapter",
+     "stage 'base', which does not exist"),
     (lambda raw: raw["stages"][1].update(gates=[{"metric": "final_eval_loss"}]), "stages.1.gates.0",
      "give min, max or both"),
 ])
@@ -111,7 +115,7 @@ def test_a_stage_key_changes_with_its_data_and_upstream_artifacts_only(tmp_path)
     upstream = {"sft": {"artifact": str(adapter), outputs.OUTPUT_DIR: str(tmp_path)}}
 
     def keys() -> list[str]:
-        return [stage_key(stages.load(s, upstream).model_dump(mode="json"),
+        return [stage_key(resolved_recipe(stages.load(s, upstream)),
                           [ref for _, ref in stages.found_references(s)], upstream) for s in (reward, sft, dpo)]
 
     before = keys()

@@ -82,8 +82,8 @@ def check(stages: list[StageConfig]) -> list[InitErrorDetails]:
 
 def load(stage: StageConfig, outputs: dict[str, dict[str, Any]]) -> StrictModel:
     """The stage's recipe with every reference replaced by the output it names, validated as its kind's recipe."""
-    raw = references.substitute(mapping(stage), outputs) if found_references(stage) else mapping(stage)
-    return validate_recipe(raw, kind=STAGE_KINDS, source=f"stage {stage.name!r}")
+    return validate_recipe(references.substitute(mapping(stage), outputs), kind=STAGE_KINDS,
+                           source=f"stage {stage.name!r}")
 
 
 def _reference_error(field: Field, ref: Reference, order: list[str], index: int,
