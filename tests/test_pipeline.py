@@ -20,7 +20,7 @@ from workloads.kinds import KINDS, load_recipe
 from workloads.pipeline import gates, outputs, stages
 from workloads.pipeline.recipe import GateConfig
 from workloads.pipeline.run import check_start
-from workloads.pipeline.state import PipelineState, stage_key
+from workloads.pipeline.state import PipelineState, forced_stages, stage_key
 
 TINY = REPO / "workloads/configs/tiny-pipeline.yaml"
 SMOLLM2 = REPO / "workloads/configs/smollm2-pipeline.yaml"
@@ -98,9 +98,11 @@ def test_a_broken_pipeline_exits_2_before_any_work(tmp_path):
         assert "Ray" not in result.stdout + result.stderr and not out.exists()
 
 
-def test_from_names_a_stage():
+def test_from_names_a_stage_and_forces_it_and_those_after_it():
     recipe = load_recipe(TINY)
-    check_start(recipe, "dpo")
+    check_start(recipe, "sft")
+    assert forced_stages(recipe.stage_names(), "sft") == {"sft", "dpo"}
+    assert forced_stages(recipe.stage_names(), None) == set()
     with pytest.raises(RecipeError, match="field '--from': got 'eval'; stages: reward, sft, dpo"):
         check_start(recipe, "eval")
 

@@ -19,7 +19,7 @@ from workloads.kinds import KINDS
 from workloads.pipeline import gates, stages
 from workloads.pipeline.outputs import stage_outputs
 from workloads.pipeline.recipe import PipelineRecipe
-from workloads.pipeline.state import STATE_FILE, PipelineState, stage_key
+from workloads.pipeline.state import STATE_FILE, PipelineState, forced_stages, stage_key
 
 
 def check_start(recipe: PipelineRecipe, start_from: str | None) -> None:
@@ -38,13 +38,12 @@ def run(recipe: PipelineRecipe, output_dir: str | Path | None = None, address: s
     save_recipe(recipe, out)
     state = PipelineState(out / STATE_FILE)
     outputs: dict[str, dict] = {}
-    rows, forced = [], False
+    rows, forced = [], forced_stages(recipe.stage_names(), start_from)
     for stage in recipe.stages:
-        forced = forced or stage.name == start_from
         stage_recipe = stages.load(stage, outputs)
         reads = [ref for _, ref in stages.found_references(stage)]
         key = stage_key(resolved_recipe(stage_recipe), reads, outputs)
-        skipped = not forced and state.unchanged(stage.name, key)
+        skipped = stage.name not in forced and state.unchanged(stage.name, key)
         if skipped:
             print(f"[llmc] {stage.name}: unchanged, skipped", flush=True)
             outputs[stage.name] = state.outputs(stage.name)

@@ -29,6 +29,11 @@ def stage_key(resolved: dict, reads: list[Reference], outputs: dict[str, dict[st
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def forced_stages(names: list[str], start_from: str | None) -> set[str]:
+    """The stages `--from STAGE` runs whatever their keys: that stage and every later one (none without it)."""
+    return set(names[names.index(start_from):]) if start_from is not None else set()
+
+
 def _digest(value: Any) -> str:
     """A file's or directory's content digest when the output is a path that exists, else the value itself."""
     if isinstance(value, str) and value and Path(value).exists():
