@@ -157,17 +157,17 @@ def recording(kind: str, recipe: BaseModel, out: Path) -> Iterator[Recording | N
         yield None
         return
     out = Path(out).resolve()
-    parent = current()
-    tags = lineage_tags(kind, resolved := resolved_recipe(recipe), out)
-    if parent is not None:
+    if (parent := current()) is not None:
         uri, experiment = parent.uri, parent.experiment
-        tags["mlflow.parentRunId"] = parent.run_id
-        parent.nested.append(out)
     else:
         uri = tracking_uri(out.parent)
         check_store(uri)
         tracker = getattr(recipe, "tracking", None)
         experiment = tracker.experiment if tracker else EXPERIMENT
+    tags = lineage_tags(kind, resolved := resolved_recipe(recipe), out)
+    if parent is not None:
+        tags["mlflow.parentRunId"] = parent.run_id
+        parent.nested.append(out)
     run = tracking.MLflowRun(uri, experiment, out.name, artifact_location=artifact_location(out.parent), tags=tags)
     run.log_params(tracking.flatten(resolved))
     rec = Recording(run, uri, out, recipe, experiment)
