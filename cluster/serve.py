@@ -4,7 +4,8 @@ Ray Serve LLM does the engine, continuous batching, streaming, LoRA multiplexing
 OpenAI routes; this module adds what it does not: API keys (a middleware that only ever sees key
 hashes), a bounded response cache for deterministic requests (scoped per API key), request checks with clear 4xx
 messages, `/health`, and its own metrics (`metrics.SERVE_COUNTERS`, beside Ray Serve's `ray_serve_*` and vLLM's
-`ray_vllm_*`). `ServeSpec` is a plain description, built by `workloads.serve.deploy` from a recipe.
+`ray_vllm_*`), and stable names (`tiny:prod`) that an alias table (`cluster.aliases`) points at an adapter, switched
+while serving. `ServeSpec` is a plain description, built by `workloads.serve.deploy` from a recipe.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
-from cluster import _ray_private, metrics, openai_checks
+from cluster import _ray_private, aliases, metrics, openai_checks
 
 # Routes anyone may call: readiness must work for a load balancer that holds no key.
 PUBLIC_PATHS = frozenset({"/health", "/-/healthz", "/-/routes"})
@@ -64,6 +65,9 @@ class ServeSpec:
     ingress_cpus: float = 0.5
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed; empty: none
     route_prefix: str = "/"  # one app per prefix on the cluster's one Serve HTTP port
+    aliases: dict[str, str] = field(default_factory=dict)  # alias id (tiny:prod) -> the registered model it serves
+    alias_entries: list[dict] = field(default_factory=list)  # what each alias points at when the app starts
+    alias_info: dict[str, Any] = field(default_factory=dict)  # what `llmc promote` reads (store, registry, gates)
 
     @property
     def app_name(self) -> str:
@@ -179,13 +183,15 @@ class LlmcIngress(OpenAiIngress):
     """Ray Serve LLM's OpenAI router plus request checks, the response cache, `/health` and cache stats."""
 
     def __init__(self, llm_deployments, model_cards, *, max_model_len: int, cache_entries: int, lora_enabled: bool,
-                 **kwargs):
+                 app_name: str = "llmc", aliases_declared: dict[str, str] | None = None, **kwargs):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._lora_enabled = lora_enabled  # refuse prompt log-probabilities: they crash a LoRA engine
         self._engines = dict(llm_deployments)  # our own copies: the base class keeps these privately
         self._model_ids = sorted(model_cards)
         self._max_model_len = max_model_len
         self._cache = ResponseCache(cache_entries) if cache_entries > 0 else None
+        self._aliases = aliases.AliasReader(app_name, aliases_declared) if aliases_declared else None
+        self._cards = dict(model_cards)
 
     # Handlers keep their annotations: FastAPI reads the body's type from them.
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -196,6 +202,26 @@ class LlmcIngress(OpenAiIngress):
         if limit is None:
             limit, name = body.max_tokens, "max_tokens"
         return await self._answer("chat", super().chat, body, request, limit, name)
+
+    async def models(self):
+        """Ray Serve LLM's listing, plus each alias that points at something, with its target and version."""
+        listing = await super().models()
+        if self._aliases is None:
+            return listing
+        cards = [card.model_dump(mode="json") for card in listing.data]
+        cards += [aliases.card(alias, self._base_card(alias)) for alias in await self._aliases.entries()]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def model_data(self, model: str):
+        """One card: an alias's (with its target and version), or Ray Serve LLM's for any other name."""
+        alias = await self._aliases.resolve(model) if self._aliases else None
+        if alias is None:
+            return await super().model_data(model)
+        return JSONResponse(aliases.card(alias, self._base_card(alias)))
+
+    def _base_card(self, alias: aliases.Alias) -> dict:
+        base = self._cards.get(alias.target.split(":", 1)[0]) or next(iter(self._cards.values()))
+        return base.model_dump(mode="json")
 
     async def health(self) -> Response:
         """200 once every engine answers its health check, 503 otherwise."""
@@ -215,17 +241,24 @@ class LlmcIngress(OpenAiIngress):
         if problem is not None:
             request.state.llmc_reason = json.loads(problem.body)["error"]["param"]  # counted by the middleware
             return problem
+        alias = await self._aliases.resolve(body.model) if self._aliases else None
+        if self._aliases and body.model in self._aliases.declared and alias is None:
+            request.state.llmc_reason = "model"
+            return _error(404, f"{body.model} serves registered model {self._aliases.declared[body.model]!r}, which "
+                               "has no champion yet: `llmc promote MODEL@VERSION` puts one behind it", param="model")
+        if alias is not None:
+            body.model = alias.target  # before the cache key: a switch must never be answered from the old target
         key = ResponseCache.key(kind, body, getattr(request.state, "llmc_key_hash", "")) if self._cache else None
         if key is not None:
             cached = self._cache.get(key)
             _count("llmc_serve_cache_misses" if cached is None else "llmc_serve_cache_hits")
             if cached is not None:
-                return JSONResponse(cached, headers={CACHE_HEADER: "hit"})
+                return JSONResponse(aliases.named(cached, alias), headers={CACHE_HEADER: "hit"})
         response = await handler(body, request)  # Ray Serve LLM's public handler
         if key is not None and isinstance(response, JSONResponse) and response.status_code == 200:
             self._cache.put(key, json.loads(response.body))
             response.headers[CACHE_HEADER] = "miss"
-        return response
+        return aliases.renamed(response, alias) if alias is not None else response
 
     def _check(self, kind: str, body, max_tokens: int | None, param: str) -> JSONResponse | None:
         """Reject what the engine would reject late or vaguely, naming the field."""
@@ -309,6 +342,8 @@ def build_app(spec: ServeSpec):
         max_model_len=spec.max_model_len,
         cache_entries=spec.cache_entries,
         lora_enabled=lora_enabled(spec),
+        app_name=spec.app_name,
+        aliases_declared=dict(spec.aliases),
     )
 
 
@@ -319,6 +354,8 @@ def start(spec: ServeSpec, timeout_s: float = 900) -> str:
     if bound is not None and bound != spec.port:
         raise RuntimeError(f"Serve already runs on this cluster with HTTP port {bound}, not {spec.port}: "
                            "use that port or stop the other app first")
+    if spec.aliases:  # before the ingress: its replicas read the table from their first request
+        aliases.create(spec.app_name, spec.aliases, {**spec.alias_info, "url": spec.url}, spec.alias_entries)
     serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix, blocking=False)
     _wait_running(spec.app_name, timeout_s)
     return spec.url
@@ -364,3 +401,4 @@ def stop(app_name: str = "llmc") -> None:
     """Delete the app (its replicas and engines); Serve itself keeps running for other apps."""
     if ray.is_initialized():
         serve.delete(app_name)
+        aliases.remove(app_name)
