@@ -4,7 +4,9 @@ prompt registry, both with their lineage.
 A registered model is one name per served model (e.g. `smollm2-sentiment`); each version is one adapter (or merged
 model) with tags that lead back to where it came from: the run that made it, its data and recipe digests, its base
 model, its parent version and its eval scores. The aliases `candidate` and `champion` say what is proposed and what
-serves. Every function takes the tracking URI of the store (`record.tracking_uri(runs_dir)` for the default one).
+serves, `previous` what `llmc rollback` goes back to; each champion's version is tagged with the one it replaced, so
+rollbacks walk back through every promotion. Every function takes the tracking URI of the store
+(`record.tracking_uri(runs_dir)` for the default one).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ if TYPE_CHECKING:
 
     from workloads.prompting.templates import PromptTemplate
 
-CANDIDATE, CHAMPION = "candidate", "champion"
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+REPLACED = f"{TAG}replaced"  # on a version made champion: the version it replaced ("" when there was none)
+ROLLED_BACK = f"{TAG}rolled_back"  # on a champion taken back by `llmc rollback`: the version that serves instead
 # Run tags a model version carries over: what it was trained from.
 LINEAGE_TAGS = ("data_digest", "recipe_hash", "base_model", "base_model_digest", "git_commit", "kind")
 PARENT = f"{TAG}parent"  # NAME/VERSION of the version this one was trained from; absent for one made from the base
@@ -67,6 +71,64 @@ def champion(uri: str, name: str) -> ModelVersion | None:
 def candidate(uri: str, name: str) -> ModelVersion | None:
     """The version `name`'s candidate alias points at; None before any."""
     return _by_alias(uri, name, CANDIDATE)
+
+
+def version(uri: str, name: str, number: str | int) -> ModelVersion:
+    """Version `number` of registered model `name`; LookupError naming what exists when there is no such version."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        return client.get_model_version(name, str(number))
+    except MlflowException:
+        known = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")]
+        raise LookupError(f"registered model {name!r} has no version {number} in {uri} (versions: "
+                          f"{', '.join(sorted(known, key=int)) or 'none'})") from None
+
+
+def record_promotion(uri: str, name: str, number: str | int) -> str | None:
+    """`number` becomes `name`'s champion and the champion before it (if any) the `previous` alias, which the new
+    champion's REPLACED tag also keeps; returns that previous version."""
+    client, before = _client(uri), champion(uri, name)
+    previous = str(before.version) if before is not None else None
+    client.set_model_version_tag(name, str(number), REPLACED, previous or "")
+    client.set_registered_model_alias(name, CHAMPION, str(number))
+    if previous is not None:
+        client.set_registered_model_alias(name, PREVIOUS, previous)
+    return previous
+
+
+def rollback_target(uri: str, name: str) -> ModelVersion:
+    """The version `llmc rollback` goes back to: the `previous` alias; LookupError when there is none."""
+    found = _by_alias(uri, name, PREVIOUS)
+    if found is None:
+        now = champion(uri, name)
+        raise LookupError(f"registered model {name!r} has no previous champion to roll back to (champion: "
+                          f"{now.version if now else 'none'})")
+    return found
+
+
+def record_rollback(uri: str, name: str) -> tuple[str, str]:
+    """The `previous` version becomes champion again, the one it replaced (if any) becomes `previous`, and the
+    champion taken back is tagged ROLLED_BACK; returns (taken back, now champion)."""
+    client, target, taken = _client(uri), rollback_target(uri, name), champion(uri, name)
+    back, taken_back = str(target.version), str(taken.version) if taken is not None else ""
+    if taken_back:
+        client.set_model_version_tag(name, taken_back, ROLLED_BACK, back)
+    client.set_registered_model_alias(name, CHAMPION, back)
+    earlier = target.tags.get(REPLACED)
+    if earlier:
+        client.set_registered_model_alias(name, PREVIOUS, earlier)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    return taken_back, back
+
+
+def download(uri: str, found: ModelVersion, into: str | Path) -> Path:
+    """The version's files (its adapter) copied from the artifact store into the directory `into`."""
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(artifact_uri=found.source, dst_path=str(into), tracking_uri=uri))
 
 
 def lineage(uri: str, name: str, version: str | int) -> list[ModelVersion]:

@@ -133,6 +133,59 @@ class AdaptersConfig(StrictModel):
         return self
 
 
+class PromotionGateConfig(StrictModel):
+    """What a candidate must score through the live endpoint before `llmc promote` puts it behind its alias: the eval
+    recipe's variant run once with the candidate's adapter and once with the champion's (the pipeline gate's shape:
+    a bar, and/or beating the champion)."""
+
+    eval: str = Field(..., description="An eval recipe (kind: eval): its test set, scorers and the variant below.")
+    variant: str | None = Field(None, description="The eval recipe's variant whose prompt and sampling score each "
+                                "version (its model replaced); null: the first.")
+    set: list[str] = Field(default_factory=list, description="`--set`-style overrides of the eval recipe, e.g. "
+                           "test_set.limit=20 or endpoint.api_key_env=NAME (the variable holding a key of this "
+                           "endpoint).")
+    metric: str = Field("accuracy", min_length=1, description="A column of the eval's variants table, higher is "
+                        "better: accuracy (the first scorer's pass rate) or mean_SCORER.")
+    min: float | None = Field(None, description="The candidate's metric must be at least this.")
+    beats_champion_by: float | None = Field(None, description="The candidate's metric must be at least the current "
+                                            "champion's plus this (0: not worse); none to compare with on the first "
+                                            "promotion.")
+
+    @model_validator(mode="after")
+    def _has_a_bar(self) -> PromotionGateConfig:
+        if self.min is None and self.beats_champion_by is None:
+            raise ValueError(f"gate on {self.metric!r}: give min, beats_champion_by or both")
+        return self
+
+
+class PromotedModelConfig(StrictModel):
+    """A registered model (MLflow) whose champion version this endpoint serves under a stable name."""
+
+    served_as: str = Field("prod", pattern=NAME_PATTERN, description="Clients send ENGINE_MODEL_ID:SERVED_AS (e.g. "
+                           "tiny:prod); `llmc promote` and `llmc rollback` switch what it answers with.")
+    gate: PromotionGateConfig
+
+
+class PromotionConfig(StrictModel):
+    """Registered models served under stable names, their champion put behind each at start (`llmc promote`)."""
+
+    tracking_uri: str | None = Field(None, description="MLflow store holding the registry; null: "
+                                     "$MLFLOW_TRACKING_URI, else runs/mlflow.db.")
+    models: dict[str, PromotedModelConfig] = Field(default_factory=dict, description="REGISTERED_MODEL: how it is "
+                                                   "served and gated.")
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, value: dict[str, PromotedModelConfig]) -> dict[str, PromotedModelConfig]:
+        bad = [name for name in value if not re.match(NAME_PATTERN, name)]
+        if bad:
+            raise ValueError(f"registered model names {bad} may hold only letters, digits, '_', '.', '-'")
+        served = [m.served_as for m in value.values()]
+        if len(set(served)) != len(served):
+            raise ValueError(f"two models are served under one name: served_as {served}")
+        return value
+
+
 class ServerConfig(StrictModel):
     host: str = Field("127.0.0.1", description="HTTP bind address; anything but loopback needs an API key.")
     port: int = Field(8000, ge=1, le=65535)
@@ -181,6 +234,7 @@ class ServeRecipe(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     generate: SamplingConfig = Field(default_factory=SamplingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @model_validator(mode="after")
     def _cross_field(self) -> ServeRecipe:
@@ -195,6 +249,11 @@ class ServeRecipe(StrictModel):
         if self.model.name == "tiny" and e.max_model_len > self.model.tiny.max_position_embeddings:
             raise ValueError(f"engine.max_model_len ({e.max_model_len}) exceeds the tiny model's "
                              f"max_position_embeddings ({self.model.tiny.max_position_embeddings})")
+        if self.promotion.models and not self.adapters.enabled:
+            raise ValueError("promotion.models serves adapters: set adapters.enabled: true")
+        clash = sorted({m.served_as for m in self.promotion.models.values()} & set(self.adapters.paths))
+        if clash:
+            raise ValueError(f"promotion.models: served_as {clash} is also an adapter of adapters.paths")
         if self.generate.max_tokens >= e.max_model_len:
             raise ValueError("generate.max_tokens must leave room for the prompt within engine.max_model_len")
         return self
