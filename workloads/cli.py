@@ -130,6 +130,27 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from workloads.serve.promote import promote
+
+    promote(args.ref, address=args.address, url=args.url, tracking_uri=args.tracking_uri)
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from workloads.serve.promote import rollback
+
+    rollback(args.model, address=args.address, tracking_uri=args.tracking_uri)
+    return 0
+
+
+def _promotion_arguments(p: argparse.ArgumentParser, target: str, help_text: str) -> None:
+    p.add_argument(target, help=help_text)
+    p.add_argument("--address", default=None, help="the Ray cluster serving the endpoint (default: RAY_ADDRESS)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store of the registry (default: the one the endpoint was started with)")
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from workloads.models.recipe import TinyModelConfig
     from workloads.models.tiny import build_tiny_model
@@ -305,6 +326,19 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                    p.add_argument("--from", dest="start_from", default=None, metavar="STAGE",
                                   help="run this stage and every later one even if unchanged")),
         _cmd_pipeline,
+    ),
+    "promote": (
+        "put a registered adapter version behind its stable name on a running endpoint (llmc serve), once the gate's "
+        "eval has scored it and the champion through that endpoint: no restart; a candidate that fails exits 1",
+        lambda p: (_promotion_arguments(p, "ref", "MODEL@VERSION, a version of a registered model"),
+                   p.add_argument("--url", default=None, help="the endpoint's /v1 URL the gate's eval calls "
+                                  "(default: the URL it was started with)")),
+        _cmd_promote,
+    ),
+    "rollback": (
+        "put the previous champion of a registered model back behind its stable name on a running endpoint",
+        lambda p: _promotion_arguments(p, "model", "MODEL, a registered model"),
+        _cmd_rollback,
     ),
     "chat": (
         "talk to a served model (--url) or a local checkpoint (--model-dir) in the terminal; /reset, /exit",

@@ -194,11 +194,17 @@ class Served:
 
     def publish(self, name: str, adapter_dir: str | Path) -> str:
         """Upload the PEFT adapter at `adapter_dir` to the store as NAME; returns the model id clients send."""
-        if self._store is None or self._endpoint is None or not self._store.startswith("s3://"):
-            raise RecipeError("field 'adapters.enabled': publishing an adapter needs an s3:// adapter store")
-        _check_rank(name, Path(adapter_dir), self._max_rank)
-        upload_adapter(Path(adapter_dir), f"{self._store}/{name}", self._endpoint)
+        publish_adapter(self._store, self._endpoint, name, adapter_dir, self._max_rank)
         return f"{self.model_id}:{name}"
+
+
+def publish_adapter(store: str | None, endpoint: S3Endpoint | None, name: str, adapter_dir: str | Path,
+                    max_rank: int) -> None:
+    """Upload a PEFT adapter to a running endpoint's store as NAME: its engines load it on its first request."""
+    if store is None or endpoint is None or not store.startswith("s3://"):
+        raise RecipeError("field 'adapters.enabled': publishing an adapter needs an s3:// adapter store")
+    _check_rank(name, Path(adapter_dir), max_rank)
+    upload_adapter(Path(adapter_dir), f"{store}/{name}", endpoint)
 
 
 @contextlib.contextmanager
@@ -216,10 +222,15 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
 
     with adapter_store(recipe, adapters) as (store, endpoint, env):
         spec = build_spec(recipe, model_source, store, env, keys, port)
+        if recipe.promotion.models:
+            from workloads.serve.promote import alias_table
+
+            spec.aliases, spec.alias_info, spec.alias_entries = alias_table(recipe, store, endpoint)
         print(f"[llmc] deploying {spec.model_id} (engine start takes a minute on CPU) ...", flush=True)
         try:
             url = cluster_serve.start(spec)
             names = [spec.model_id] + [f"{spec.model_id}:{name}" for name in adapters]
+            names += [f"{e['name']} (= {e['target']})" for e in spec.alias_entries]
             print(f"[llmc] serving models {', '.join(names)}", flush=True)
             print(f"[llmc] auth: {'bearer key required' if keys else 'none (loopback only)'}", flush=True)
             print(f"{READY_LINE} {url}", flush=True)
