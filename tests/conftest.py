@@ -320,12 +320,22 @@ ALLOWED_ORIGIN = "https://app.example"  # the one browser origin the test server
 SERVE_RECIPE = REPO / "workloads/configs/serve-tiny.yaml"
 
 
+# The registered model the test server serves under a stable name (`tiny:prod`), gated by the bundled arithmetic
+# eval's adapter variant on 30 cases (its key from GATE_KEY_ENV): tests/test_promote.py promotes and rolls it back.
+PROMOTED_MODEL = "tiny-arith"
+GATE_KEY_ENV = "LLMC_GATE_KEY"
+PROMOTION = json.dumps({PROMOTED_MODEL: {"served_as": "prod", "gate": {
+    "eval": "workloads/configs/tiny-eval.yaml", "variant": "adapter", "beats_champion_by": 0.1,
+    "set": ["test_set.limit=30", f"endpoint.api_key_env={GATE_KEY_ENV}"]}}})  # JSON: a YAML mapping for --set
+
+
 @dataclass
 class Server:
     base: str  # http://127.0.0.1:PORT
     key: str
     process: ServeProcess
     other_key: str  # a second tenant's key
+    registry_uri: str = ""  # the MLflow store whose registry `promotion.models` reads (empty at start)
 
     @property
     def lines(self) -> list[str]:
@@ -340,23 +350,26 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, lora_run, react_run, grpo_run):
+def server(ray_cluster, lora_run, react_run, grpo_run, tmp_path_factory):
     """`llmc serve` of the tiny model with `lora_run`'s adapter as `tiny:arith`, `react_run`'s as `tiny:react` and
     `grpo_run`'s as `tiny:aligned` on the session's cluster, two API keys from the environment, the adapter store a
     local S3 endpoint started by the driver (one vLLM engine start, about a minute on 2 cores, for every test that
-    talks to a served model)."""
+    talks to a served model), and PROMOTED_MODEL declared as `tiny:prod` over an empty registry."""
     key, other_key = ("llmc-test-" + secrets.token_hex(12) for _ in range(2))
+    registry_uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
     process = ServeProcess(SERVE_RECIPE, overrides=[f"adapters.paths.arith={lora_run['adapter']}",
                                                     f"adapters.paths.react={react_run['adapter']}",
                                                     f"adapters.paths.aligned={grpo_run['adapter']}",
                                                     "autoscaling.upscale_delay_s=2",
-                                                    f"server.cors_origins=[{ALLOWED_ORIGIN}]"],
+                                                    f"server.cors_origins=[{ALLOWED_ORIGIN}]",
+                                                    f"promotion.tracking_uri={registry_uri}",
+                                                    f"promotion.models={PROMOTION}"],
                            env={**os.environ, "LLMC_API_KEYS": f"{key},{other_key}"})
     try:
         process.wait_ready(timeout_s=600)
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    yield Server(process.base_url, key, process, other_key)
+    yield Server(process.base_url, key, process, other_key, registry_uri)
     process.stop()  # Ctrl-C: the driver deletes the app and stops its S3 endpoint
     # Serving runs until stopped: Ctrl-C is its normal end (a SIGKILL after a hung stop would be -9).
     assert process.proc.returncode == 0, "".join(process.lines[-40:])
