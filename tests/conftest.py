@@ -486,12 +486,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _first_on_server(items: list[pytest.Item]) -> None:
     """Tests marked `first_on_server` go right before the first other user of the session's `server`: at its
-    minimum replicas, before any load has scaled it up (a replica killed then is the endpoint's only one)."""
+    minimum replicas, before any load has scaled it up (a replica killed then is the endpoint's only one). Tests
+    marked `last_on_server` go last: what they add to the server (promoted adapters in its store, an alias in its
+    listing) is then seen by no test that lists its models exactly."""
     first = [item for item in items if item.get_closest_marker("first_on_server")]
-    rest = [item for item in items if item not in first]
+    last = [item for item in items if item.get_closest_marker("last_on_server")]
+    rest = [item for item in items if item not in first and item not in last]
     at = next((n for n, item in enumerate(rest) if {"server", "ray_cluster"} <= set(getattr(item, "fixturenames", ()))),
               len(rest))
-    items[:] = rest[:at] + first + rest[at:]
+    items[:] = rest[:at] + first + rest[at:] + last
 
 
 def _start_model_build() -> None:

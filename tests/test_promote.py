@@ -5,6 +5,7 @@ checks, the registry's bookkeeping on a real SQLite MLflow store, the gate's ver
 exit statuses before any cluster work. Slow (the session's `server`, which declares `tiny-arith` as `tiny:prod`):
 promotion and rollback under 8 concurrent clients with no failed request, answers switching to the candidate's own and
 back, `/v1/models` showing the version; and the gate refusing a zero-step adapter while the champion keeps serving.
+Those run last on that server (`last_on_server`): the adapters they publish and the alias show in its listing.
 """
 
 from __future__ import annotations
@@ -305,6 +306,7 @@ class Load:
 
 
 @pytest.mark.slow
+@pytest.mark.last_on_server
 def test_promote_and_rollback_under_load_switch_the_alias_with_no_failed_request(server, versions):
     """`tiny:prod` first gets the zero-step adapter (no champion to beat); under 8 clients the trained adapter is
     promoted (the gate's eval sees it beat the champion) and rolled back: no request fails, the alias's greedy answers
@@ -341,6 +343,7 @@ def test_promote_and_rollback_under_load_switch_the_alias_with_no_failed_request
 
 
 @pytest.mark.slow
+@pytest.mark.last_on_server
 def test_the_gate_refuses_a_worse_candidate_naming_the_metric_and_both_values(server, versions):
     """With the trained adapter as champion, a zero-step adapter is refused (exit 1, the metric and both values in
     the message); the champion keeps serving under the alias, in `/v1/models` and in the registry."""
