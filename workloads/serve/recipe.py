@@ -102,6 +102,14 @@ class AutoscalingConfig(StrictModel):
         return self
 
 
+def _safe_names(value: dict, what: str) -> dict:
+    """`value` if its keys are safe names in paths and URLs (NAME_PATTERN), else ValueError naming the others."""
+    bad = [name for name in value if not re.match(NAME_PATTERN, name)]
+    if bad:
+        raise ValueError(f"{what} {bad} may hold only letters, digits, '_', '.', '-', and not be . or ..")
+    return value
+
+
 class AdaptersConfig(StrictModel):
     """LoRA adapters served by name beside the base model, from an object store."""
 
@@ -119,10 +127,7 @@ class AdaptersConfig(StrictModel):
     @field_validator("paths")
     @classmethod
     def _names(cls, value: dict[str, str]) -> dict[str, str]:
-        bad = [name for name in value if not re.match(NAME_PATTERN, name)]
-        if bad:
-            raise ValueError(f"adapter names {bad} may hold only letters, digits, '_', '.', '-', and not be . or ..")
-        return value
+        return _safe_names(value, "adapter names")
 
     @model_validator(mode="after")
     def _store(self) -> AdaptersConfig:
@@ -177,9 +182,7 @@ class PromotionConfig(StrictModel):
     @field_validator("models")
     @classmethod
     def _names(cls, value: dict[str, PromotedModelConfig]) -> dict[str, PromotedModelConfig]:
-        bad = [name for name in value if not re.match(NAME_PATTERN, name)]
-        if bad:
-            raise ValueError(f"registered model names {bad} may hold only letters, digits, '_', '.', '-'")
+        _safe_names(value, "registered model names")
         served = [m.served_as for m in value.values()]
         if len(set(served)) != len(served):
             raise ValueError(f"two models are served under one name: served_as {served}")
