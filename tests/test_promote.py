@@ -21,8 +21,9 @@ import httpx
 import pytest
 from starlette.responses import JSONResponse, StreamingResponse
 
-from cluster.aliases import Alias, AliasTable, alias_for, card, named, renamed, renamed_event_stream
+from cluster.aliases import Alias, AliasReader, AliasTable, alias_for, card, named, renamed, renamed_event_stream
 from tests.conftest import GATE_KEY_ENV, PROMOTED_MODEL, SERVE_RECIPE, run_llmc
+from tests.test_serve import replica_processes
 from workloads.common import registry, tracking
 from workloads.common.recipe import RecipeError
 from workloads.kinds import load_recipe
@@ -64,6 +65,13 @@ def test_the_alias_table_refuses_undeclared_names_other_models_and_aliases_of_al
 
 
 ALIAS = Alias("tiny:prod", "tiny:tiny-arith-v2", "tiny-arith", "2")
+
+
+def test_a_replica_asks_the_table_only_about_declared_aliases():
+    """Any other name is answered at once, without Ray (none is running here): only alias requests pay the call."""
+    reader = AliasReader("llmc", {"tiny:prod": "tiny-arith"})
+    assert asyncio.run(reader.resolve("tiny")) is None and asyncio.run(reader.resolve(None)) is None
+    assert reader._handle is None
 
 
 def test_answers_and_model_cards_carry_the_alias_and_what_it_points_at():
@@ -307,10 +315,15 @@ class Load:
 
 @pytest.mark.slow
 @pytest.mark.last_on_server
-def test_promote_and_rollback_under_load_switch_the_alias_with_no_failed_request(server, versions):
+def test_promote_and_rollback_under_load_switch_the_alias_with_no_failed_request(server, versions, ray_cluster):
     """`tiny:prod` first gets the zero-step adapter (no champion to beat); under 8 clients the trained adapter is
-    promoted (the gate's eval sees it beat the champion) and rolled back: no request fails, the alias's greedy answers
-    are the candidate adapter's own and then the old champion's again, and `/v1/models` shows each version."""
+    promoted (the gate's eval sees it beat the champion) and rolled back: no request fails, no replica restarts, the
+    alias's greedy answers are the candidate adapter's own and then the old champion's again, and `/v1/models` shows
+    each version."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, log_to_driver=False)
     zero, trained = versions["zero"], versions["trained"]
     first = _llmc(server, "promote", f"{PROMOTED_MODEL}@{zero}")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -319,6 +332,7 @@ def test_promote_and_rollback_under_load_switch_the_alias_with_no_failed_request
     zero_answers = _answers(server, f"tiny:{adapter_name(PROMOTED_MODEL, zero)}", server.other_key)
     trained_answers = _answers(server, "tiny:arith", server.other_key)  # the same adapter, under its own name
     assert zero_answers != trained_answers  # the switch is visible in the answers
+    replicas = {name: set(replica_processes(name)) for name in ("ingress", "LLMServer:tiny")}
     load = Load(server)
     try:
         assert _answers(server, "tiny:prod") == zero_answers
@@ -336,6 +350,9 @@ def test_promote_and_rollback_under_load_switch_the_alias_with_no_failed_request
     finally:
         load.finish()
     assert not load.errors, load.errors[:5]
+    # No replica restarted: the same ingress replica, and every engine replica still there (load may add one).
+    assert set(replica_processes("ingress")) == replicas["ingress"]
+    assert set(replica_processes("LLMServer:tiny")) >= replicas["LLMServer:tiny"]
     assert load.answered > answered_before > 0 and load.names == {"tiny:prod"}
     print(f"{load.answered} answers under load, none failed")
     assert str(registry.champion(server.registry_uri, PROMOTED_MODEL).version) == zero
@@ -360,3 +377,6 @@ def test_the_gate_refuses_a_worse_candidate_naming_the_metric_and_both_values(se
     assert _listed(server)["tiny:prod"]["llmc_version"] == trained
     assert _answers(server, "tiny:prod") == _answers(server, "tiny:arith", server.other_key)
     assert str(registry.champion(server.registry_uri, PROMOTED_MODEL).version) == trained
+    gate_tags = registry.version(server.registry_uri, PROMOTED_MODEL, worse).tags  # the refusal's scores are kept
+    kept = float(gate_tags[f"llmc.gate.{PROMOTED_MODEL}@{worse}.accuracy"])
+    assert kept == pytest.approx(float(found.group(1)), abs=1e-3)

@@ -86,6 +86,13 @@ def version(uri: str, name: str, number: str | int) -> ModelVersion:
                           f"{', '.join(sorted(known, key=int)) or 'none'})") from None
 
 
+def tag_version(uri: str, name: str, number: str | int, tags: dict[str, str]) -> None:
+    """Set tags on version `number` of `name` (e.g. a promotion gate's scores)."""
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(number), key, value)
+
+
 def record_promotion(uri: str, name: str, number: str | int) -> str | None:
     """`number` becomes `name`'s champion and the champion before it (if any) the `previous` alias, which the new
     champion's REPLACED tag also keeps; returns that previous version."""

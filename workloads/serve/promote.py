@@ -20,6 +20,7 @@ from typing import Any
 
 from workloads.common import record, registry
 from workloads.common.recipe import NAME_PATTERN, RecipeError
+from workloads.common.record import TAG
 from workloads.pipeline.gates import GateFailed
 from workloads.serve.objectstore import S3Endpoint
 from workloads.serve.recipe import PromotionGateConfig, ServeRecipe
@@ -118,6 +119,8 @@ def promote(ref: str, address: str | None = None, url: str | None = None, tracki
     gate = PromotionGateConfig.model_validate(served.info["gates"][model])
     champion = (current["target"], f"{model}@{current['version']}") if current else None
     values = score(gate, url or served.info["url"], (candidate, ref), champion)
+    registry.tag_version(uri, model, version, {f"{TAG}gate.{label}.{gate.metric}": repr(value)
+                                               for label, value in values.items()})  # kept, pass or fail
     verdict = gate_verdict(gate, ref, values[ref], champion[1] if champion else None,
                            values[champion[1]] if champion else None)
     print(f"[llmc] gate passed: {verdict}", flush=True)
