@@ -94,14 +94,19 @@ def create(app_name: str, declared: dict[str, str], info: dict[str, Any], entrie
     ray.get(handle.__ray_ready__.remote())
 
 
-def remove(app_name: str) -> None:
-    """End the app's table, if there is one."""
+def remove(app_name: str, timeout_s: float = 30) -> None:
+    """End the app's table, if there is one, and wait until its name is free (a kill is asynchronous)."""
+    import time
+
     import ray
 
-    try:
-        ray.kill(ray.get_actor(actor_name(app_name), namespace=NAMESPACE), no_restart=True)
-    except ValueError:  # no such actor
-        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.kill(ray.get_actor(actor_name(app_name), namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # no such actor (any more)
+            return
+        time.sleep(0.2)
 
 
 def apps() -> list[str]:
