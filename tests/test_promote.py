@@ -274,7 +274,7 @@ def _answers(server, model: str, key: str | None = None) -> list[str]:
 
     template, client = load_library().get("arithmetic-bundled"), server.client(key)
     replies = [client.chat.completions.create(model=model, messages=template.render_messages({"input": q}),
-                                              max_tokens=16, temperature=0) for q in QUESTIONS]
+                                              max_tokens=12, temperature=0) for q in QUESTIONS]
     assert {reply.model for reply in replies} == {model}  # an alias answers under its own name
     return [reply.choices[0].message.content for reply in replies]
 

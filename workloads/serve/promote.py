@@ -58,7 +58,7 @@ def alias_table(recipe: ServeRecipe, store: str | None, endpoint: S3Endpoint | N
             "gates": {name: m.gate.model_dump(mode="json") for name, m in promotion.models.items()}}
     entries = []
     for alias, model in declared.items():
-        found = registry.champion(uri, model)
+        found = registry.champion(uri, model) if _may_hold_models(uri) else None
         if found is None:
             print(f"[llmc] {alias}: {model} has no champion yet (llmc promote {model}@VERSION)", flush=True)
             continue
@@ -67,6 +67,11 @@ def alias_table(recipe: ServeRecipe, store: str | None, endpoint: S3Endpoint | N
             publish_adapter(store, endpoint, name, registry.download(uri, found, tmp), recipe.adapters.max_lora_rank)
         entries.append({"name": alias, "target": f"{base}:{name}", "model": model, "version": str(found.version)})
     return declared, info, entries
+
+
+def _may_hold_models(uri: str) -> bool:
+    """False for an SQLite store whose file does not exist yet (nothing registered: no need to create it now)."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
 @dataclass
