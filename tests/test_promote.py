@@ -28,7 +28,8 @@ from workloads.common import registry, tracking
 from workloads.common.recipe import RecipeError
 from workloads.kinds import load_recipe
 from workloads.pipeline.gates import GateFailed
-from workloads.serve.promote import adapter_name, gate_eval_recipe, gate_verdict, parse_ref
+from workloads.serve.objectstore import LocalS3
+from workloads.serve.promote import adapter_name, alias_table, gate_eval_recipe, gate_verdict, parse_ref
 from workloads.serve.recipe import PromotionGateConfig
 
 EVAL = "workloads/configs/tiny-eval.yaml"
@@ -172,6 +173,26 @@ def test_promotions_keep_the_champion_before_as_previous_and_rollbacks_walk_back
         registry.rollback_target(uri, "tiny-arith")
     files = registry.download(uri, registry.version(uri, "tiny-arith", v2), tmp_path / "got")
     assert json.loads((files / "adapter_config.json").read_text())["marker"] == "2"
+
+
+def test_serving_starts_each_alias_on_its_champion_copied_into_the_adapter_store(store, tmp_path):
+    """What `llmc serve` puts in its alias table (a real SQLite registry, a real local S3 store): the champion's
+    adapter uploaded as MODEL-vVERSION and the alias pointing at it; a registry file that does not exist yet holds no
+    champion and is not created."""
+    uri, (_, v2, _) = store
+    registry.record_promotion(uri, "tiny-arith", v2)
+    sets = [f"promotion.models={{tiny-arith: {{gate: {{eval: {EVAL}, min: 0.5}}}}}}"]
+    with LocalS3() as s3:
+        recipe = load_recipe(SERVE_RECIPE, [*sets, f"promotion.tracking_uri={uri}"], kind="serve")
+        declared, info, entries = alias_table(recipe, "s3://llmc-adapters/tiny", s3.endpoint)
+        keys = [o["Key"] for o in s3.endpoint.client().list_objects_v2(Bucket="llmc-adapters")["Contents"]]
+    assert declared == {"tiny:prod": "tiny-arith"}
+    assert entries == [{"name": "tiny:prod", "target": "tiny:tiny-arith-v2", "model": "tiny-arith", "version": v2}]
+    assert keys == ["tiny/tiny-arith-v2/adapter_config.json"]
+    assert info["tracking_uri"] == uri and info["gates"]["tiny-arith"]["min"] == 0.5 and info["s3_local"] is True
+    missing = tmp_path / "none" / "mlflow.db"
+    recipe = load_recipe(SERVE_RECIPE, [*sets, f"promotion.tracking_uri=sqlite:///{missing}"], kind="serve")
+    assert alias_table(recipe, "s3://llmc-adapters/tiny", None)[2] == [] and not missing.parent.exists()
 
 
 def test_a_version_that_does_not_exist_is_named_with_those_that_do(store):
