@@ -28,8 +28,8 @@ from workloads.common import registry, tracking
 from workloads.common.recipe import RecipeError
 from workloads.kinds import load_recipe
 from workloads.pipeline.gates import GateFailed
-from workloads.serve.objectstore import LocalS3
-from workloads.serve.promote import adapter_name, alias_table, gate_eval_recipe, gate_verdict, parse_ref
+from workloads.serve.objectstore import LocalS3, free_port
+from workloads.serve.promote import adapter_name, alias_table, gate_eval_recipe, gate_verdict, parse_ref, score
 from workloads.serve.recipe import PromotionGateConfig
 
 EVAL = "workloads/configs/tiny-eval.yaml"
@@ -226,6 +226,15 @@ def test_the_gate_eval_runs_the_chosen_variant_once_per_version_on_the_live_endp
     assert recipe.test_set.limit == 7
     with pytest.raises(RecipeError, match="has no variant 'nope' .variants: base, base-own-phrasing"):
         gate_eval_recipe(PromotionGateConfig(eval=EVAL, variant="nope", min=0), "http://x/v1", [("a", "b")])
+
+
+def test_a_gate_whose_eval_gets_no_answers_judges_nothing():
+    """Unanswered requests (a wrong key, a dead endpoint) would score 0 for candidate and champion alike: the gate
+    stops with the count and the first error instead of comparing zeros."""
+    gate = PromotionGateConfig(**GATE, set=["test_set.limit=2", "endpoint.max_retries=0"])
+    with pytest.raises(RuntimeError, match=r"got no answer to \{'m@2': 2, 'm@1': 2\} requests \(first error: .*\); "
+                                           "nothing was switched"):
+        score(gate, f"http://127.0.0.1:{free_port()}/v1", ("tiny:m-v2", "m@2"), ("tiny:m-v1", "m@1"))
 
 
 def test_a_version_reference_is_model_at_number():

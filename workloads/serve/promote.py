@@ -11,6 +11,7 @@ ingress replica reads per request: no restart, no failed request), then the regi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -162,6 +163,12 @@ def score(gate: PromotionGateConfig, url: str, *versions: tuple[str, str] | None
     recipe = gate_eval_recipe(gate, url, versions)
     with tempfile.TemporaryDirectory(prefix="llmc-gate-") as tmp:
         rows = {row["variant"]: row for row in run(recipe, output_dir=tmp, show=False)["variants"]}
+        unanswered = {label: row["failures"] for label, row in rows.items() if row.get("failures")}
+        if unanswered:  # a wrong key or a failing adapter would score 0 on both sides: never judge on that
+            records = [json.loads(line) for line in (Path(tmp) / "cases.jsonl").read_text().splitlines()]
+            first = next((r["error"] for r in records if r.get("error")), "not recorded")
+            raise RuntimeError(f"the gate's eval at {url} got no answer to {unanswered} requests (first error: "
+                               f"{first}); nothing was switched")
     missing = [label for label in rows if gate.metric not in rows[label]]
     if missing:
         numbers = sorted(k for k, v in rows[missing[0]].items() if isinstance(v, int | float))
