@@ -408,5 +408,5 @@ def test_the_gate_refuses_a_worse_candidate_naming_the_metric_and_both_values(se
     assert _answers(server, "tiny:prod") == _answers(server, "tiny:arith", server.other_key)
     assert str(registry.champion(server.registry_uri, PROMOTED_MODEL).version) == trained
     gate_tags = registry.version(server.registry_uri, PROMOTED_MODEL, worse).tags  # the refusal's scores are kept
-    kept = float(gate_tags[f"llmc.gate.{PROMOTED_MODEL}@{worse}.accuracy"])
+    kept = float(gate_tags[f"llmc.gate.{PROMOTED_MODEL}/v{worse}.accuracy"])
     assert kept == pytest.approx(float(found.group(1)), abs=1e-3)

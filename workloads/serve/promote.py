@@ -125,7 +125,7 @@ def promote(ref: str, address: str | None = None, url: str | None = None, tracki
     gate = PromotionGateConfig.model_validate(served.info["gates"][model])
     champion = (current["target"], f"{model}@{current['version']}") if current else None
     values = score(gate, url or served.info["url"], (candidate, ref), champion)
-    registry.tag_version(uri, model, version, {f"{TAG}gate.{label}.{gate.metric}": repr(value)
+    registry.tag_version(uri, model, version, {gate_tag(label, gate.metric): repr(value)
                                                for label, value in values.items()})  # kept, pass or fail
     verdict = gate_verdict(gate, ref, values[ref], champion[1] if champion else None,
                            values[champion[1]] if champion else None)
@@ -236,3 +236,9 @@ def _find(model: str, address: str | None) -> _Served:
     raise RecipeError(f"field 'MODEL': no serving app on the cluster at {address} serves registered model {model!r} "
                       f"(apps and their models: {served or 'none'}); declare it under promotion.models of the serve "
                       "recipe")
+
+
+def gate_tag(label: str, metric: str) -> str:
+    """The version tag keeping a gate's score of `label` (`MODEL@VERSION`): MLflow refuses '@' in a tag key, so it is
+    written `llmc.gate.MODEL/vVERSION.METRIC`."""
+    return f"{TAG}gate.{label.replace('@', '/v')}.{metric}"
