@@ -69,6 +69,7 @@ def fit(
     callbacks: Sequence[UserCallback] = (),
     shared: dict[str, Any] | None = None,
     prepare: Callable[[], dict] | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> FitResult:
     """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics.
 
@@ -84,6 +85,8 @@ def fit(
     there: `share`) and handed to `train_fn` in its config under their keys, instead of made again by each worker.
     `prepare()`: called before the first start and before every restart (e.g. role actors health-checked and a dead
     one replaced: `cluster.actors.ensure`); what it returns is merged into that attempt's config.
+    `datasets`: Ray Data datasets by name (`cluster.data`), each split across the workers as they stream; a worker
+    reads its shard with `cluster.data.shard_batches(name, ...)`.
 
     The run's storage is `storage_path/name`. Ray Train V2 treats a snapshot found there as the same
     run and hands its newest checkpoint to the workers: with `resume` that is what is wanted (an error
@@ -102,6 +105,7 @@ def fit(
         return _StoppableTrainer(
             loop,
             train_loop_config={**config, **(prepare() if prepare else {})},
+            datasets=datasets,
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=scaling.num_workers,
