@@ -14,8 +14,10 @@ What differs from the driver path (`formats.build_datasets`), because nothing is
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 from cluster import data as cluster_data
@@ -45,7 +47,8 @@ def build(cfg: DataConfig, seed: int, tokenizer_args: tuple, count: bool) -> Str
                                       label=label, eval_split=False, **step)
         parts.append(cluster_data.limit(train, cfg.max_samples) if cfg.max_samples else train)
         if source.eval_path:
-            field, label, raw = f"{prefix}.eval_path", source.eval_path, _read_path(source.eval_path, source, seed)
+            field, label = f"{prefix}.eval_path", source.eval_path
+            raw = _read_path(source.eval_path, source, seed, field)
         if source.eval_path or cfg.eval_fraction > 0:
             evals.append(cluster_data.map_rows(raw, stream.examples, batch_rows=cfg.streaming.batch_rows,
                                                field=field, label=label, eval_split=True, **step))
@@ -66,7 +69,8 @@ def eval_records(cfg: DataConfig, seed: int):
     """(format, record) of every dataset's eval rows, in order, streamed: for eval generation's first cases."""
     def rows(prefix: str, source: DatasetConfig):
         if source.eval_path:
-            field, label, raw = f"{prefix}.eval_path", source.eval_path, _read_path(source.eval_path, source, seed)
+            field, label = f"{prefix}.eval_path", source.eval_path
+            raw = _read_path(source.eval_path, source, seed, field)
             kept = cluster_data.map_rows(raw, stream.checked_rows, batch_rows=cfg.streaming.batch_rows,
                                          source=source, field=field, label=label)
         else:
@@ -106,24 +110,20 @@ def _read(source: DatasetConfig, prefix: str, seed: int) -> tuple[str, str, Any]
     if source.data_files is not None:
         files = [str(path) for pattern in source.data_files for path in resolve_files(pattern)]
         return f"{prefix}.data_files", ", ".join(source.data_files), _read_files(files, source, seed)
-    return f"{prefix}.path", source.path, _read_path(source.path, source, seed)
+    return f"{prefix}.path", source.path, _read_path(source.path, source, seed, f"{prefix}.path")
 
 
-def _read_path(path: str, source: DatasetConfig, seed: int):
+def _read_path(path: str, source: DatasetConfig, seed: int, field: str):
     resolved = resolve_path(path)
-    if resolved.is_dir():
-        return cluster_data.read_iterable(open_saved(resolved, source.split, "data.path").to_iterable_dataset())
+    if resolved.is_dir():  # a save_to_disk directory: its Arrow files, read as they stream
+        return cluster_data.read_iterable(open_saved(resolved, source.split, field).to_iterable_dataset())
     return _read_files([str(resolved)], source, seed)
 
 
 def _read_files(files: list[str], source: DatasetConfig, seed: int):
-    from pathlib import Path
-
     reader = builder_for(Path(files[0]), source.builder)
     header = None
-    if reader == "csv":
-        import csv
-
+    if reader == "csv":  # read as text, as `sources` reads a CSV: its header names the columns
         with open(files[0], newline="", encoding="utf-8") as handle:
             header = next(csv.reader(handle), [])
     return cluster_data.read_files(reader, files, shuffle_seed=seed, text_columns=header)
