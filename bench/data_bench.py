@@ -88,14 +88,14 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 400_000])
     args = parser.parse_args()
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    runs = []
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": args.rows, "steps": STEPS,
+               "runs": []}
     for rows in args.rows:
         data = write_jsonl(_rows(rows), WORK_DIR / f"rows-{rows}.jsonl")
         for path in PATHS:
-            runs.append(_run(path, data, rows))
-            print(json.dumps(runs[-1]), flush=True)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": args.rows, "steps": STEPS,
-               "runs": runs}
+            results["runs"].append(_run(path, data, rows))
+            print(json.dumps(results["runs"][-1]), flush=True)
+            (WORK_DIR / "partial.json").write_text(json.dumps(results, indent=2))  # what a stopped bench measured
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "data.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "data.md").write_text(render(results))

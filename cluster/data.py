@@ -78,14 +78,6 @@ def iter_rows(ds: ray.data.Dataset) -> Iterator[dict]:
         yield from ds.iter_rows()
 
 
-def num_blocks(ds: ray.data.Dataset) -> int | None:
-    """How many blocks a pass reads, where Ray Data knows it without reading (else None)."""
-    try:
-        return ds._plan.initial_num_blocks()  # noqa: SLF001 - Ray Data's own estimate, shown in the data plan
-    except Exception:  # noqa: BLE001 - an estimate only
-        return None
-
-
 def _ordered(ds: ray.data.Dataset) -> ray.data.Dataset:
     ds.context.execution_options.preserve_order = True
     return ds
