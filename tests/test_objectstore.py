@@ -61,6 +61,12 @@ def test_a_local_adapter_store_is_refused_for_a_remote_cluster(tmp_path):
             os.environ["RAY_ADDRESS"] = previous
 
 
+def test_an_adapter_above_the_engines_lora_rank_is_refused_before_start(tmp_path):
+    recipe = load_recipe(SERVE, [f"adapters.paths.arith={adapter_dir(tmp_path)}", "adapters.max_lora_rank=4"])
+    with pytest.raises(RecipeError, match="adapters.max_lora_rank.*'arith' has rank 8, above max_lora_rank 4"):
+        check_before_start(recipe, [], address="127.0.0.1:6379")
+
+
 @pytest.mark.parametrize("name", [".", ".."])
 def test_adapter_and_run_names_cannot_be_dot_paths(tmp_path, name):
     with pytest.raises(RecipeError, match="adapters.paths"):
@@ -79,3 +85,18 @@ def test_short_api_keys_are_refused_and_the_key_variable_leaves_the_environment(
     with pytest.raises(RecipeError, match=r"field 'server.api_keys': 1 key\(s\) .* shorter than 32 characters \(9\)"):
         check_before_start(recipe, keys)
     assert check_before_start(recipe, ["k" * 40]) == {}
+
+
+def test_publishing_to_a_running_deployment_uploads_under_its_name_and_checks_the_rank(tmp_path):
+    from workloads.serve.deploy import Served
+
+    folder = adapter_dir(tmp_path)
+    with LocalS3() as s3:
+        served = Served("http://127.0.0.1:9/v1", "smollm2", "s3://published/smollm2", s3.endpoint, 16)
+        assert served.publish("sentiment", folder) == "smollm2:sentiment"
+        keys = [o["Key"] for o in s3.endpoint.client().list_objects_v2(Bucket="published")["Contents"]]
+        assert sorted(keys) == ["smollm2/sentiment/adapter_config.json", "smollm2/sentiment/adapter_model.safetensors"]
+        with pytest.raises(RecipeError, match="adapters.max_lora_rank.*'wide' has rank 8"):
+            Served("http://127.0.0.1:9/v1", "smollm2", "s3://published/smollm2", s3.endpoint, 4).publish("wide", folder)
+    with pytest.raises(RecipeError, match="adapters.enabled"):
+        Served("http://127.0.0.1:9/v1", "smollm2", None, None, 16).publish("sentiment", folder)

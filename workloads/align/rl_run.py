@@ -45,8 +45,9 @@ from workloads.models.lora import merge_adapter
 ENGINE_ROLE = "rollout-engine"
 
 
-def run(recipe: AlignRecipe, run_dir: Path, address: str | None = None) -> dict:
-    """Train as the recipe says; returns the summary also written to `<run dir>/summary.json`."""
+def run(recipe: AlignRecipe, run_dir: Path, address: str | None = None, show: bool = True) -> dict:
+    """Train as the recipe says; returns the summary also written to `<run dir>/summary.json` (`show` prints it as
+    a table too)."""
     from cluster.runtime import connect
 
     train_prompts, held_out = split_prompts(recipe.data, recipe.train.seed)  # bad rows fail here, naming them
@@ -98,7 +99,7 @@ def run(recipe: AlignRecipe, run_dir: Path, address: str | None = None) -> dict:
             actors.stop(group)
     final = list_checkpoints(checkpoints)[-1]  # the loop always checkpoints after its last iteration
     state = json.loads((final / rl.TRAINER_STATE).read_text())
-    return write_outputs(recipe, run_dir, model_path, state, final, time.perf_counter() - started)
+    return write_outputs(recipe, run_dir, model_path, state, final, time.perf_counter() - started, show)
 
 
 def rl_worker(config: dict) -> None:
@@ -196,7 +197,8 @@ def _start_engines(recipe: AlignRecipe, engine, model_path: str) -> actors.Actor
                         wait=False)
 
 
-def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, state: dict, final: Path, wall: float) -> dict:
+def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, state: dict, final: Path, wall: float,
+                  show: bool = True) -> dict:
     """summary.json, metrics.csv and curves.png from the last checkpoint's rows (the artifact is the workers')."""
     rows, restarts = state["rows"], state["restarts"]
     artifact = run_dir / ("adapter" if recipe.train.method == "lora" else "model")
@@ -210,7 +212,8 @@ def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, state: di
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporting.write_csv(rows, run_dir / "metrics.csv")
     plot_curves(rows, run_dir / "curves.png", recipe.method)
-    reporting.print_summary(f"{recipe.method} summary", summary, run_dir)
+    if show:
+        reporting.print_summary(f"{recipe.method} summary", summary, run_dir)
     return summary
 
 

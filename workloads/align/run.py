@@ -28,8 +28,9 @@ _CURVES = {"reward": ("accuracy", "eval_accuracy", "pairwise accuracy"),
 
 
 def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None = None,
-        overwrite: bool = False) -> dict:
-    """Train as the recipe says; returns the summary also written to `<run dir>/summary.json`."""
+        overwrite: bool = False, show: bool = True) -> dict:
+    """Train as the recipe says; returns the summary also written to `<run dir>/summary.json` (`show` prints it as
+    a table too)."""
     from cluster.runtime import connect
 
     run_dir = Path(output_dir or Path(recipe.run.output_dir) / recipe.run.name).resolve()
@@ -40,7 +41,7 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
 
         import_rewards(recipe.rewards)  # the run starts: only now does a reward module's code run
         with note_checkpoints_on_stop(str(checkpoint_dir(recipe, run_dir))):
-            return rl_run.run(recipe, run_dir, address)
+            return rl_run.run(recipe, run_dir, address, show=show)
     train, held_out = split_pairs(recipe.data, recipe.train.seed)  # bad pairs fail here, naming field and row
     model_path = resolve_model_path(recipe.model)
     load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)  # a missing model fails here
@@ -64,10 +65,11 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
         )
     if result.checkpoint_dir is None:
         raise RuntimeError(f"alignment finished without a checkpoint (storage {result.storage_dir})")
-    return write_outputs(recipe, run_dir, model_path, result.checkpoint_dir, time.perf_counter() - started)
+    return write_outputs(recipe, run_dir, model_path, result.checkpoint_dir, time.perf_counter() - started, show)
 
 
-def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, checkpoint: Path, wall: float) -> dict:
+def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, checkpoint: Path, wall: float,
+                  show: bool = True) -> dict:
     """The artifact (adapter/ for LoRA, model/ for full weights), summary.json, metrics.csv, curves.png."""
     state = json.loads((checkpoint / STATE).read_text())
     history, evals = state["history"], state["evals"]
@@ -90,7 +92,8 @@ def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, checkpoin
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     reporting.write_csv(history, run_dir / "metrics.csv")
     plot_curves(history, evals, run_dir / "curves.png", recipe.method)
-    reporting.print_summary(f"{recipe.method} summary", summary, run_dir)
+    if show:
+        reporting.print_summary(f"{recipe.method} summary", summary, run_dir)
     return summary
 
 

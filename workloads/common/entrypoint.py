@@ -58,8 +58,11 @@ def set_output(verbose: bool) -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel fallback note, on every import
-    # Per-request INFO lines of the local S3 endpoint (werkzeug) and of client retries (openai, httpx, boto).
-    for name in ("werkzeug", "moto", "openai", "httpx", "botocore", "boto3", "urllib3"):
+    # vLLM's import-time notes (Triton) when Ray Serve LLM imports it before vLLM configures its own logging.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    # Per-request INFO lines of the local S3 endpoint (werkzeug) and of client retries (openai, httpx, boto), and
+    # matplotlib's font cache note on a fresh HOME.
+    for name in ("werkzeug", "moto", "openai", "httpx", "botocore", "boto3", "urllib3", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if not glob.glob("/dev/nvidia[0-9]*"):  # no NVIDIA GPU: what DeepSpeed would pick, without its warning
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (a device-file check: importing torch costs a second)

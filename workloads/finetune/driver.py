@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 
 def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | None = None,
-        overwrite: bool = False) -> dict:
-    """Fine-tune as the recipe says; returns the summary also written to `<run dir>/summary.json`.
+        overwrite: bool = False, show: bool = True) -> dict:
+    """Fine-tune as the recipe says; returns the summary also written to `<run dir>/summary.json` (`show` prints it
+    as a table too).
 
     A run directory that already holds a run is refused unless `overwrite` (or `run.resume_from` continues it).
     """
@@ -62,7 +63,7 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     wall = time.perf_counter() - started
     if result.checkpoint_dir is None:
         raise RuntimeError(f"training finished without a checkpoint (storage {result.storage_dir})")
-    return write_outputs(recipe, run_dir, prepared.model_path, result, wall)
+    return write_outputs(recipe, run_dir, prepared.model_path, result, wall, show=show)
 
 
 @dataclass(frozen=True)

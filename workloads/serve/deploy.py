@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -84,12 +85,17 @@ def check_before_start(recipe: ServeRecipe, keys: list[str], address: str | None
         config = found / "adapter_config.json" if found else None
         if config is None or not config.is_file():
             raise RecipeError(f"field 'adapters.paths.{name}': {path!r} is not a PEFT adapter directory")
-        rank = adapter_rank(found)
-        if rank > recipe.adapters.max_lora_rank:
-            raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank {rank}, "
-                              f"above max_lora_rank {recipe.adapters.max_lora_rank}")
+        _check_rank(name, found, recipe.adapters.max_lora_rank)
         adapters[name] = found
     return adapters
+
+
+def _check_rank(name: str, adapter_dir: Path, max_rank: int) -> None:
+    """Refuse an adapter whose LoRA rank the engine was not started for (`adapters.max_lora_rank`)."""
+    rank = adapter_rank(adapter_dir)
+    if rank > max_rank:
+        raise RecipeError(f"field 'adapters.max_lora_rank': adapter {name!r} has rank {rank}, "
+                          f"above max_lora_rank {max_rank}")
 
 
 def check_tool_call_parser(name: str) -> None:
@@ -122,11 +128,13 @@ def vllm_tool_parsers() -> list[str] | None:
 
 
 @contextlib.contextmanager
-def adapter_store(recipe: ServeRecipe, adapters: dict[str, Path]) -> Iterator[tuple[str | None, dict[str, str]]]:
-    """Upload adapters and yield (store URI or None, environment for the S3 endpoint); local S3 lives as long."""
+def adapter_store(recipe: ServeRecipe,
+                  adapters: dict[str, Path]) -> Iterator[tuple[str | None, S3Endpoint | None, dict[str, str]]]:
+    """Upload adapters and yield (store URI or None, its S3 endpoint or None, environment for that endpoint); a local
+    S3 endpoint lives as long."""
     a = recipe.adapters
     if not a.enabled:
-        yield None, {}
+        yield None, None, {}
         return
     with contextlib.ExitStack() as stack:
         if a.endpoint_url == "local":
@@ -141,7 +149,7 @@ def adapter_store(recipe: ServeRecipe, adapters: dict[str, Path]) -> Iterator[tu
                 ensure_prefix(store, endpoint)
         elif adapters:
             raise RecipeError(f"field 'adapters.store_uri': uploading is implemented for s3:// only, got {store!r}")
-        yield store, endpoint.env()
+        yield store, endpoint, endpoint.env()
 
 
 def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: dict[str, str], keys: list[str],
@@ -169,12 +177,33 @@ def build_spec(recipe: ServeRecipe, model_source: str, store: str | None, env: d
         ingress_replicas=recipe.server.ingress_replicas,
         ingress_cpus=SERVE_INGRESS_CPUS,
         cors_origins=list(recipe.server.cors_origins),
+        route_prefix=recipe.server.route_prefix,
     )
 
 
+@dataclass
+class Served:
+    """A running deployment: its base URL (`http://HOST:PORT/v1`) and base model id; `publish` adds an adapter while
+    it serves (the engine loads `MODEL:NAME` from the adapter store on its first request, as it does at start)."""
+
+    url: str
+    model_id: str
+    _store: str | None
+    _endpoint: S3Endpoint | None
+    _max_rank: int
+
+    def publish(self, name: str, adapter_dir: str | Path) -> str:
+        """Upload the PEFT adapter at `adapter_dir` to the store as NAME; returns the model id clients send."""
+        if self._store is None or self._endpoint is None or not self._store.startswith("s3://"):
+            raise RecipeError("field 'adapters.enabled': publishing an adapter needs an s3:// adapter store")
+        _check_rank(name, Path(adapter_dir), self._max_rank)
+        upload_adapter(Path(adapter_dir), f"{self._store}/{name}", self._endpoint)
+        return f"{self.model_id}:{name}"
+
+
 @contextlib.contextmanager
-def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = None) -> Iterator[str]:
-    """Deploy the recipe and yield the base URL (`http://HOST:PORT/v1`); the app is deleted on exit."""
+def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = None) -> Iterator[Served]:
+    """Deploy the recipe and yield it as `Served`; the app is deleted on exit."""
     keys = api_keys(recipe)
     adapters = check_before_start(recipe, keys, address)
     from cluster import runtime
@@ -185,7 +214,7 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
     print(f"[llmc] {runtime.connect(address)}", flush=True)
     check_serving(recipe.adapters, model_source)  # before any upload or deployment
 
-    with adapter_store(recipe, adapters) as (store, env):
+    with adapter_store(recipe, adapters) as (store, endpoint, env):
         spec = build_spec(recipe, model_source, store, env, keys, port)
         print(f"[llmc] deploying {spec.model_id} (engine start takes a minute on CPU) ...", flush=True)
         try:
@@ -194,7 +223,7 @@ def serving(recipe: ServeRecipe, address: str | None = None, port: int | None = 
             print(f"[llmc] serving models {', '.join(names)}", flush=True)
             print(f"[llmc] auth: {'bearer key required' if keys else 'none (loopback only)'}", flush=True)
             print(f"{READY_LINE} {url}", flush=True)
-            yield url
+            yield Served(url, spec.model_id, store, endpoint, recipe.adapters.max_lora_rank)
         finally:
             print("[llmc] stopping ...", flush=True)
             cluster_serve.stop(spec.app_name)
@@ -214,13 +243,15 @@ class ServeProcess:
     """`llmc serve RECIPE` in a child process of its own session, for tests and benchmarks.
 
     Every output line is kept in `lines` (a reader thread drains the pipe, so the driver never blocks);
-    `wait_ready` returns once the READY_LINE appears; `stop` sends Ctrl-C so the app is deleted.
+    `wait_ready` returns once the READY_LINE appears (`url` is then the API's base URL, route prefix included);
+    `stop` sends Ctrl-C so the app is deleted.
     """
 
     def __init__(self, recipe: str | Path, port: int | None = None, overrides: list[str] = (),
                  env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.url: str | None = None
         command = [sys.executable, "-m", "workloads.cli", "serve", str(recipe), "--port", str(self.port)]
         for item in overrides:
             command += ["--set", item]
@@ -234,6 +265,7 @@ class ServeProcess:
         for line in self.proc.stdout:
             self.lines.append(line)
             if line.startswith(READY_LINE):
+                self.url = line.removeprefix(READY_LINE).strip()
                 self._ready.set()
 
     def wait_ready(self, timeout_s: float) -> None:

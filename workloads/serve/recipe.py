@@ -149,6 +149,11 @@ class ServerConfig(StrictModel):
                     "access. Preflight requests are answered before the key check.",
     )
     ingress_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP router (cache is per replica).")
+    route_prefix: str = Field(
+        "/", pattern=r"^/([A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*)?$",
+        description="Path the app answers under (`/smollm2` serves `/smollm2/v1/...`): another model can then be "
+                    "served on the same cluster and port, each under its own prefix.",
+    )
 
 
 class CacheConfig(StrictModel):
