@@ -86,7 +86,9 @@ def fit(
     `prepare()`: called before the first start and before every restart (e.g. role actors health-checked and a dead
     one replaced: `cluster.actors.ensure`); what it returns is merged into that attempt's config.
     `datasets`: Ray Data datasets by name (`cluster.data`), each split across the workers as they stream; a worker
-    reads its shard with `cluster.data.shard_batches(name, ...)`.
+    reads its shard with `cluster.data.shard_batches(name, ...)`. The split runs with each dataset's own execution
+    options: a dataset made to keep its order (`cluster.data`) gives every worker the same rows on every pass and
+    every restart (`_ordered_split`).
 
     The run's storage is `storage_path/name`. Ray Train V2 treats a snapshot found there as the same
     run and hands its newest checkpoint to the workers: with `resume` that is what is wanted (an error
@@ -106,6 +108,7 @@ def fit(
             loop,
             train_loop_config={**config, **(prepare() if prepare else {})},
             datasets=datasets,
+            dataset_config=_ordered_split(datasets),
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=scaling.num_workers,
@@ -138,6 +141,16 @@ def fit(
         best, _ = pick(result.best_checkpoints, key=lambda kept: kept[1][metric])
         best_dir = _local(best, local_copy_to and local_copy_to.with_name(f"{local_copy_to.name}_best"))
     return FitResult(checkpoint_dir, dict(result.metrics or {}), experiment_path(storage_path, name), best_dir)
+
+
+def _ordered_split(datasets: dict[str, Any] | None) -> ray.train.DataConfig | None:
+    """Ray Train splits a dataset with the driver's current Ray Data options, not the dataset's own: so a dataset
+    that keeps its order (`preserve_order`) is split in order too, each block going to the worker with the fewest rows
+    so far instead of to whichever asked first (or held it locally). What a worker streams is then the same on every
+    pass and after a restart, which exact resume needs (`workloads.finetune.worker.StreamedSteps`)."""
+    if not datasets:
+        return None
+    return ray.train.DataConfig(execution_options={name: ds.context.execution_options for name, ds in datasets.items()})
 
 
 @dataclass(frozen=True)

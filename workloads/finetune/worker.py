@@ -67,20 +67,27 @@ class StreamedSteps:
             recipe.train.micro_batch_size, recipe.train.gradient_accumulation_steps, recipe.train.seed
         )
 
-    def after(self, step: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """Steps `step + 1`, `step + 2`, ...: a resumed run reads past the steps it has made (their examples are
-        streamed again, not trained on); each pass's local shuffle is seeded with train.seed + its epoch."""
+    def after(self, step: int, steps_per_epoch: int | None = None) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Steps `step + 1`, `step + 2`, ...: exactly the steps an uninterrupted run makes there. A resumed run
+        streams its epoch again from the start and skips the steps it has made (their examples are read, not trained
+        on): a pass holds the same examples in the same order every time (files in seeded order, an ordered split
+        across workers, each pass's local shuffle seeded with train.seed + its epoch). `steps_per_epoch`: as a
+        checkpoint recorded it, when the driver did not count it (else a resume past the first pass reads from the
+        first pass on)."""
+        self.steps_per_epoch = self.steps_per_epoch or steps_per_epoch
+        return self._steps(step)
+
+    def _steps(self, step: int) -> Iterator[list[dict[str, torch.Tensor]]]:
         epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
-        done = epoch * (self.steps_per_epoch or 0)
         while True:
-            made, group = 0, []
+            first, made, group = epoch * (self.steps_per_epoch or 0), 0, []  # the pass's steps: first + 1, ...
             for rows in cluster_data.shard_batches("train", self.micro, shuffle_seed=self.seed + epoch,
                                                    shuffle_buffer_rows=self.streaming.shuffle_buffer_rows):
                 group.append(rows)
                 if len(group) < self.accum:
                     continue
-                made, done = made + 1, done + 1
-                if done > step:
+                made += 1
+                if first + made > step:
                     yield [collate(micro, self.pad_id) for micro in group]
                 group = []
             if made == 0:
@@ -186,8 +193,8 @@ def train_worker(config: dict) -> None:
     evaluate = Evaluator(recipe, tokenizer, evals, cases, rank, world_size, device)
     strategy = Strategy(_setup_model(recipe, config["model_path"], device), recipe, world_size, device, total)
     state = _restore(strategy, config.get("resume_from"), config.get("fit_id"))
+    steps = batches.after(state["step"], state.get("steps_per_epoch")) if recipe.data.streaming.enabled else None
     state.update(total_steps=total, steps_per_epoch=batches.steps_per_epoch)
-    steps = batches.after(state["step"]) if recipe.data.streaming.enabled else None
     if state["step"] == 0 and evals:
         state["initial_eval"] = evaluate(strategy)
         state["initial_eval_loss"] = state["initial_eval"]["eval_loss"]
