@@ -108,8 +108,10 @@ def _prepare_streams(recipe: FinetuneRecipe, model_path: str, tokenizer, address
     print(f"[llmc] {connect(address)}", flush=True)
     counted = recipe.train.max_steps is None
     streams = pipeline.build(data, seed, (model_path, recipe.model.revision, recipe.model.chat_template), counted)
+    how = {"cached": " (an earlier run's count: the data is unchanged)", "counted": " (counted in a streamed pass)"}
     print(f"[llmc] data streamed with Ray Data: tokenized in batches of {data.streaming.batch_rows} rows on the "
-          f"cluster's CPUs{f'; {streams.train_examples} train examples' if counted else ''}", flush=True)
+          f"cluster's CPUs{f'; {streams.train_examples} train examples' + how[streams.counted] if counted else ''}",
+          flush=True)
     cases = generation_cases(recipe, tokenizer, pipeline.eval_records(data, seed)) \
         if recipe.eval.generate and streams.eval is not None else []
     total = _total_steps(recipe, streams.train_examples) if counted else recipe.train.max_steps
