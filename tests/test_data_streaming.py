@@ -304,7 +304,7 @@ def read_shard(config):
     from cluster import data as cluster_data
     from cluster import train as cluster_train
     examples = tokens = 0
-    for rows in cluster_data.shard_batches("train", 64):
+    for rows in cluster_data.shard_batches("train", 64, drop_last=False):
         examples, tokens = examples + len(rows), tokens + sum(len(row["input_ids"]) for row in rows)
     cluster_train.report({"examples": examples, "tokens": tokens})
     with open(f"{config['out']}/rank{cluster_train.world()[0]}.json", "w") as handle:
