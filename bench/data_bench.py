@@ -1,16 +1,20 @@
-"""Driver memory against dataset size (issue 25): the driver path against the streaming path (`data.streaming`).
+"""Training input through Ray Data (issue 25): `data.streaming` against the driver path, in one run.
 
-`python -m bench.data_bench [--rows 20000 400000]` generates alpaca rows of the bundled kind (N of them, in one JSONL
-file), then runs `llmc finetune workloads/configs/tiny-lora.yaml` on them for a few steps through each path, one fresh
-process per run with its own embedded Ray, and records the driver process's own peak RSS (`ru_maxrss` of that
-process, read as it exits: Ray's processes are not in it) and its wall time. Prints a table of the peaks and the
-ratio largest / smallest per path, and writes `bench/results/data.{json,md}`. Measured in one run, on a shared
-machine: read the ratios, not the seconds.
+`python -m bench.data_bench [--rows 20000 400000] [--steps 40]` measures, one fresh process per run with its own
+embedded Ray:
+- tokens/s of training on the bundled data (`workloads/configs/tiny-lora.yaml` as shipped, `--steps` steps, the first
+  `WARMUP` left out): the sum of every later step's tokens over the sum of their seconds, from the run's metrics.csv;
+  the streaming path's over the driver path's is the ratio (target at least 0.95x);
+- the driver's peak RSS (`ru_maxrss` of the driver process, read as it exits: Ray's processes are not in it) and the
+  wall time of a 3-step run on N generated alpaca rows of the bundled kind (one JSONL file), for each N in `--rows`.
+Prints the tables and writes `bench/results/data.{json,md,png}` (`--render` rewrites the Markdown and the plot from
+the JSON). Measured in one run, on a shared machine: read the ratios, not the seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -30,6 +34,8 @@ RECIPE = "workloads/configs/tiny-lora.yaml"
 STEPS = 3
 COMMON = (f"train.max_steps={STEPS}", "train.eval_every=1000", "train.checkpoint_every=1000", "data.eval_path=null",
           "data.eval_fraction=0.005", "deepspeed.enabled=false", "run.merge_adapter=false")
+WARMUP = 5  # first steps of a throughput run left out: the streaming path's first batches wait for its pipeline
+TARGET = 0.95  # the issue's bound on streaming tokens/s, in driver-path tokens/s
 PATHS = {"driver": ("data.streaming.enabled=false",), "streaming": ("data.streaming.enabled=true",)}
 CHILD = "--child"
 
@@ -51,34 +57,89 @@ def _child(argv: list[str]) -> int:
 
 
 def _run(path: str, data: Path, rows: int) -> dict:
-    out = WORK_DIR / f"{path}-{rows}"
-    argv = ["finetune", RECIPE, "--output-dir", str(out), "--overwrite", "--set", f"data.path={data}",
-            "--set", f"run.name=bench-data-{path}-{rows}"]
-    for override in (*COMMON, *PATHS[path]):
+    """A 3-step run on `rows` generated rows: the driver's peak RSS and the wall time."""
+    run = _finetune(f"{path}-{rows}", [f"data.path={data}", *COMMON, *PATHS[path]])
+    return {"path": path, "rows": rows, "driver_peak_rss_mib": run["driver_peak_rss_mib"], "wall_s": run["wall_s"]}
+
+
+def _throughput(path: str, steps: int) -> dict:
+    """The shipped recipe on the bundled data for `steps` steps: tokens/s of the steps after the first WARMUP."""
+    name = f"{path}-bundled"
+    run = _finetune(name, [f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
+                           "run.merge_adapter=false", *PATHS[path]])
+    with (WORK_DIR / name / "metrics.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["step"]) > WARMUP]
+    tokens, seconds = sum(float(r["tokens"]) for r in rows), sum(float(r["step_seconds"]) for r in rows)
+    return {"path": path, "steps": steps, "measured_steps": len(rows), "tokens": int(tokens),
+            "tokens_per_s": round(tokens / seconds, 1), **run}
+
+
+def _finetune(name: str, overrides: list[str]) -> dict:
+    """`llmc finetune RECIPE` with `overrides` in a fresh process: its driver's peak RSS and the wall time."""
+    out = WORK_DIR / name
+    argv = ["finetune", RECIPE, "--output-dir", str(out), "--overwrite", "--set", f"run.name=bench-data-{name}"]
+    for override in overrides:
         argv += ["--set", override]
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "bench.data_bench", CHILD, *argv], cwd=REPO_ROOT, text=True,
                           capture_output=True,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # its own embedded Ray
     wall = time.perf_counter() - started
-    (WORK_DIR / f"{path}-{rows}.log").write_text(proc.stdout + proc.stderr)
+    (WORK_DIR / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         said = (proc.stdout + proc.stderr)[-3000:]
-        raise RuntimeError(f"{path} with {rows} rows failed ({proc.returncode}):\n{said}")
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{said}")
     peak = int(next(line for line in proc.stdout.splitlines()[::-1] if line.startswith("PEAK_RSS")).split()[1])
-    return {"path": path, "rows": rows, "driver_peak_rss_mib": round(peak / 2**20, 1), "wall_s": round(wall, 1)}
+    return {"driver_peak_rss_mib": round(peak / 2**20, 1), "wall_s": round(wall, 1)}
 
 
 def render(results: dict) -> str:
-    lines = [f"Driver peak RSS of `llmc finetune` ({RECIPE}, {STEPS} steps, LoRA, DDP 2 x 1) against generated rows, "
-             f"{results['machine']}:", "", "| path | " + " | ".join(f"{n:,} rows" for n in results["rows"])
-             + " | ratio |", "|---|" + "---|" * (len(results["rows"]) + 1)]
+    """data.md: the throughput table and the memory table, from the results."""
+    lines = [f"# Training input: Ray Data streaming against the driver path ({results['machine']}, "
+             f"{results['date']})", ""]
+    speed = {r["path"]: r for r in results.get("throughput", [])}
+    if len(speed) == len(PATHS):
+        ratio = speed["streaming"]["tokens_per_s"] / speed["driver"]["tokens_per_s"]
+        lines += [f"Training tokens/s, `{RECIPE}` as shipped on the bundled data, {speed['driver']['steps']} steps "
+                  f"(the first {WARMUP} left out):", "", "| path | tokens/s | run wall | driver peak RSS |",
+                  "|---|---|---|---|"]
+        lines += [f"| {path} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.0f} s | {r['driver_peak_rss_mib']:,.0f} MiB |"
+                  for path, r in speed.items()]
+        lines += ["", f"Streaming over driver path: **{ratio:.2f}x** tokens/s (target at least {TARGET}x).", ""]
+    lines += [f"Driver peak RSS of a {results['steps']}-step run (LoRA, DDP 2 x 1) against generated rows (wall time "
+              "in brackets):", "", "| path | " + " | ".join(f"{n:,} rows" for n in results["rows"]) + " | ratio |",
+              "|---|" + "---|" * (len(results["rows"]) + 1)]
     for path in PATHS:
         runs = sorted((r for r in results["runs"] if r["path"] == path), key=lambda r: r["rows"])
+        if not runs:
+            continue
         cells = [f"{r['driver_peak_rss_mib']:,.0f} MiB ({r['wall_s']:.0f} s)" for r in runs]
         ratio = runs[-1]["driver_peak_rss_mib"] / runs[0]["driver_peak_rss_mib"]
         lines.append(f"| {path} | {' | '.join(cells)} | {ratio:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n![driver memory and tokens/s](data.png)\n"
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Driver peak RSS against rows per path (left), training tokens/s per path (right)."""
+    from workloads.common import reporting
+
+    fig, (left, right) = reporting.two_panels()
+    for name in PATHS:
+        runs = sorted((r for r in results["runs"] if r["path"] == name), key=lambda r: r["rows"])
+        left.plot([r["rows"] for r in runs], [r["driver_peak_rss_mib"] for r in runs], "o-", label=name)
+    left.set(xlabel="rows", ylabel="driver peak RSS (MiB)", ylim=(0, None))
+    left.set_xticks(results["rows"], [f"{n:,}" for n in results["rows"]])
+    left.legend()
+    speed = results.get("throughput", [])
+    right.bar([r["path"] for r in speed], [r["tokens_per_s"] for r in speed])
+    right.set(ylabel="training tokens/s (bundled data)")
+    return reporting.save_figure(fig, path, "llmc finetune: driver path vs data.streaming")
+
+
+def _write(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "data.md").write_text(render(results))
+    plot(results, RESULTS / "data.png")
 
 
 def main() -> int:
@@ -86,19 +147,30 @@ def main() -> int:
         return _child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 400_000])
+    parser.add_argument("--steps", type=int, default=40, help="steps of each throughput run")
+    parser.add_argument("--render", action="store_true", help="rewrite data.md and data.png from data.json")
     args = parser.parse_args()
+    if args.render:
+        _write(json.loads((RESULTS / "data.json").read_text()))
+        return 0
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": args.rows, "steps": STEPS,
-               "runs": []}
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": args.rows, "steps": STEPS,
+               "throughput": [], "runs": []}
+
+    def keep(kind: str, run: dict) -> None:
+        results[kind].append(run)
+        print(json.dumps(run), flush=True)
+        (WORK_DIR / "partial.json").write_text(json.dumps(results, indent=2))  # what a stopped bench measured
+
+    for path in PATHS:
+        keep("throughput", _throughput(path, args.steps))
     for rows in args.rows:
         data = write_jsonl(_rows(rows), WORK_DIR / f"rows-{rows}.jsonl")
         for path in PATHS:
-            results["runs"].append(_run(path, data, rows))
-            print(json.dumps(results["runs"][-1]), flush=True)
-            (WORK_DIR / "partial.json").write_text(json.dumps(results, indent=2))  # what a stopped bench measured
-    RESULTS.mkdir(parents=True, exist_ok=True)
+            keep("runs", _run(path, data, rows))
     (RESULTS / "data.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "data.md").write_text(render(results))
+    _write(results)
     print(render(results))
     return 0
 
