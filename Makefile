@@ -41,9 +41,11 @@ demo: setup model
 test: setup
 	$(PY) -m pytest -x -q --durations=40
 
-bench: setup
+# On SmolLM2-135M-Instruct (each benchmark's --model default); `--model tiny` reproduces the tiny-factory results.
+bench: setup model
 	$(PY) -m bench.finetune_bench
 	$(PY) -m bench.serve_bench
+	$(PY) -m bench.rollout_bench
 	$(PY) -m bench.prompt_bench
 
 lint: setup

@@ -1,6 +1,8 @@
 """Fine-tuning benchmark (issues 2 and 10): platform overhead, method throughput and peak memory, in one run.
 
-`python -m bench.finetune_bench` (or `make bench`) measures, sequentially on this machine:
+`python -m bench.finetune_bench` (or `make bench`) measures a real model by default (`--model smollm2-135m`: its
+shipped LoRA layout against a plain single-process loop, `bench.finetune_real`). `--model tiny` runs the layout
+study on the tiny-model factory's models, sequentially on this machine:
 
 1. Peak memory of full / LoRA / QLoRA (NF4) on a 85M-parameter Llama, one fresh subprocess per
    method: load through `workloads.models.loading.load_model` / `attach_lora`, then a few plain AdamW steps.
@@ -173,10 +175,11 @@ def cadence_steps(warmup: int, period: int) -> int:
 
 
 def bench_recipe(
-    method: str, layout: Layout, steps: int, model: TinyModelConfig, *, packed: bool, micro_batch: int | None = None,
-    cadence: bool = False, extra: tuple[str, ...] = (),
+    method: str, layout: Layout, steps: int, model: TinyModelConfig | None, *, packed: bool,
+    micro_batch: int | None = None, cadence: bool = False, extra: tuple[str, ...] = (), base: str = BASE_RECIPE,
 ) -> FinetuneRecipe:
-    """A recipe for `steps` optimizer steps of global batch 8 (x 64 packed tokens when `packed`).
+    """A recipe for `steps` optimizer steps of global batch 8 (x 64 packed tokens when `packed`), from `base`
+    with the tiny-factory `model` (None: the base recipe's own model).
 
     With `cadence` it keeps the base recipe's report / eval / checkpoint cadence and eval set; without, it
     reports, evaluates (nothing: no eval set) and checkpoints once, at the end. `extra`: more `--set` fields.
@@ -193,14 +196,14 @@ def bench_recipe(
         f"deepspeed.stage={layout.stage}",
         f"scaling.num_workers={layout.workers}",
         f"scaling.cpus_per_worker={layout.cpus_per_worker}",
-        *_model_overrides(model),
+        *(_model_overrides(model) if model is not None else []),
     ]
     if not cadence:
         overrides += [f"train.eval_every={steps}", f"train.checkpoint_every={steps}", f"train.log_every={steps}",
                       "data.eval_path=null", "data.eval_fraction=0"]
     if packed:  # every example exactly SEQ_LEN tokens: GLOBAL_BATCH x SEQ_LEN
         overrides += ["data.packing=true", "data.max_samples=600"]
-    return load_recipe(BASE_RECIPE, [*overrides, *extra], kind="finetune")
+    return load_recipe(base, [*overrides, *extra], kind="finetune")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,13 +255,15 @@ def progress_stream() -> TextIO:
 
 def plain_loop(recipe: FinetuneRecipe, model_path: str) -> dict[str, list[float]]:
     """Seconds per optimizer step of forward/backward/clip/AdamW in this process, same batches as rank 0, and
-    of its forward/backward part (the rest is clipping and the optimizer)."""
+    of its forward/backward part (the rest is clipping and the optimizer). A LoRA recipe trains the same adapters
+    (`attach_lora`, as the workers do); any other method trains every weight."""
     import torch
 
     from workloads.data.formats import build_datasets
     from workloads.finetune.strategy import lr_lambda
     from workloads.finetune.worker import StepBatches
     from workloads.models.loading import load_model, load_tokenizer
+    from workloads.models.lora import attach_lora
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(recipe.train.seed)
@@ -266,6 +271,8 @@ def plain_loop(recipe: FinetuneRecipe, model_path: str) -> dict[str, list[float]
     examples, _ = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     batches = StepBatches(examples, recipe, 0, 1, tokenizer.pad_token_id)
     model = load_model(model_path, dtype=recipe.model.dtype)
+    if recipe.train.method == "lora":
+        model = attach_lora(model, recipe.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
@@ -729,12 +736,22 @@ def winner(layouts: dict[str, Any]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.finetune_bench [--only ROWS] [--quick]`: measure, then write results, tables and plot."""
+    """`python -m bench.finetune_bench [--model M] [--only ROWS] [--quick]`: measure, then write results, tables
+    and plot."""
+    from bench._models import DEFAULT_MODEL, REAL_MODELS, is_real, results_dir
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per variant run (85M model); the "
-                        "layouts run one whole period of the shipped cadence after --warmup, plus one step")
-    parser.add_argument("--plain-steps", type=int, default=6, help="optimizer steps per plain-loop run")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the steady-state median")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=[*REAL_MODELS, "tiny"],
+                        help="a real model by name: its shipped LoRA layout against a plain loop "
+                        "(bench.finetune_real), results in bench/results/NAME/; or tiny: the layout study on the "
+                        "tiny-model factory's models described above, results in bench/results/")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per variant run (85M model; default "
+                        "8) or per platform run (a real model; default 6); the layouts run one whole period of the "
+                        "shipped cadence after --warmup, plus one step")
+    parser.add_argument("--plain-steps", type=int, default=None, help="optimizer steps per plain-loop run (default 6; "
+                        "4 on a real model)")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the steady-state median "
+                        "(default 2; 1 on a real model)")
     parser.add_argument("--method-steps", type=int, default=30, help="steps per method run (tiny model)")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory probes")
     parser.add_argument("--only", default=None, help="comma-separated groups (" + ", ".join(GROUPS) + ") or rows "
@@ -754,13 +771,17 @@ def main(argv: list[str] | None = None) -> int:
                         "bench/results/finetune.json from its raw timings (after a change to how they are summarized), "
                         "then rewrite the Markdown, plot and README block; measures nothing")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if is_real(args.model) and not args.probe:
+        return _real(args, results_dir(args.model))
+    for key, value in {"steps": 8, "plain_steps": 6, "warmup": 2}.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.resummarize:
         results = json.loads((RESULTS / "finetune.json").read_text())
         summarize_platform_runs(results)
         results["winner"] = winner(results["layouts"])
         return _write(results, RESULTS, readme=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.probe:
         result = memory_probe(args.probe, args.probe_model, args.probe_steps, args.probe_batch,
                               args.probe_checkpointing)
@@ -773,6 +794,23 @@ def main(argv: list[str] | None = None) -> int:
     results = run_bench(args)
     partial = bool(args.only or args.quick)
     return _write(results, PARTIAL if partial else RESULTS, readme=not partial)
+
+
+def _real(args: argparse.Namespace, folder: Path) -> int:
+    """The real-model benchmark (`bench.finetune_real`), sized by REAL_STEPS where the flags leave it."""
+    from bench import finetune_real
+
+    sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in finetune_real.REAL_STEPS.items()}
+    if args.address is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    results = finetune_real.run(args.model, sizes["steps"], sizes["plain_steps"], sizes["warmup"], args.address)
+    partial = args.quick or args.only
+    finetune_real.write(results, PARTIAL if partial else folder)
+    if not partial:  # the docs' real-model benchmark block quotes these results: keep it in step
+        from scripts.readme_numbers import rewrite_bench_block
+
+        rewrite_bench_block()
+    return 0
 
 
 def _write(results: dict[str, Any], folder: Path, readme: bool) -> int:

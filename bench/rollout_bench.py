@@ -1,10 +1,11 @@
 """Rollout benchmark: the vLLM engine against the policy's own `model.generate` on one batch, and the weight sync.
 
-On the shipped PPO recipe (tiny-ppo.yaml) as one of its Train workers runs it (here in one process, without Ray or
+On the shipped PPO recipe of the model (smollm2-ppo.yaml for SmolLM2-135M-Instruct, the default; tiny-ppo.yaml for
+the tiny-factory models) as one of its Train workers runs it (here in one process, without Ray or
 DeepSpeed, so the phases are one worker's), for its LoRA policy (a fresh adapter, or `--adapter
 DIR`) and for a fully trained policy (`train.method: full`, an engine of its own, no LoRA in it):
-  throughput   the same 64 training prompts (the bundled arithmetic ones, chat-rendered as the RL loop renders
-               them), group_size completions each, rl.max_new_tokens at most, sampled `--repeats` times by
+  throughput   the same training prompts (64 of the recipe's, chat-rendered as the RL loop renders them; 16 on
+               the real model), group_size completions each, rl.max_new_tokens at most, sampled `--repeats` times by
                GenerateSampler (`model.generate`, torch threads as the loop sets them) and by VLLMSampler (the
                in-process engine, its one core as vLLM binds it): completion tokens per second of each, median over
                repeats, and their ratio (target: 3x)
@@ -12,9 +13,12 @@ DIR`) and for a fully trained policy (`train.method: full`, an engine of its own
                weights (save, reload in place): median of `--syncs` syncs
   iteration    one PPO iteration's phases (generation, scoring, log-probs, training, weight sync) with each kind
                of rollout, after one warm-up iteration: medians of `--iterations`
-Writes bench/results/rollout.{json,md,png}; `python -m bench.rollout_bench --render` rewrites the Markdown and the
-chart from the JSON. `python -m bench.rollout_bench [--adapter DIR] [--model small]` (small: serve_bench's ~85M
-Llama, built the same way, untrained). Never asserts timings.
+Sizes (SIZES, per model): the real model, sized for a few minutes on 2 cores, samples 16 prompts once per side, syncs
+3 times and times 1 iteration of 4 prompts (16 completions); the tiny models 64 prompts, 3 rollouts, 5 syncs, 3
+iterations of the recipe's size. Writes rollout.{json,md,png} into the model's results folder
+(`bench._models.results_dir`); `python -m bench.rollout_bench --render [MODEL]` rewrites the Markdown and the chart
+from the JSON. `python -m bench.rollout_bench [--adapter DIR] [--model smollm2-135m | tiny | small]` (small:
+serve_bench's ~85M Llama, built the same way, untrained). Never asserts timings.
 """
 
 from __future__ import annotations
@@ -28,21 +32,25 @@ import sys
 import time
 from pathlib import Path
 
+from bench._models import DEFAULT_MODEL, REAL_MODELS, is_real, results_dir
 from bench.serve_bench import MODELS
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
-RECIPE = REPO / "workloads/configs/tiny-ppo.yaml"
+RECIPE = REPO / "workloads/configs/tiny-ppo.yaml"  # the tiny-factory models
+REAL_RECIPE = REPO / "workloads/configs/smollm2-ppo.yaml"  # a real model, by name
 IN_PROCESS = ["scaling.num_workers=1", "deepspeed.enabled=false"]  # one worker's loop, in this process
-PROMPTS = 64
+# prompts per rollout, timed rollouts per side, syncs per policy kind, timed iterations per rollout kind, and the
+# recipe fields that size an iteration
+SIZES = {"prompts": 64, "repeats": 3, "syncs": 5, "iterations": 3, "iteration": []}
+REAL_SIZES = {"prompts": 16, "repeats": 1, "syncs": 3, "iterations": 1, "iteration": ["rl.prompts_per_iteration=4"]}
 TARGET = 3.0  # vLLM rollout tokens/s over model.generate's, on the same batch
 POLICIES = {"lora": "LoRA adapter (the engine applies it per request)", "full": "full weights (no LoRA)"}
 PHASES = {"generation_s": "generation", "scoring_s": "scoring", "logprobs_s": "log-probs", "training_s": "training",
           "weight_sync_s": "weight sync"}
 
 
-def trainer(overrides: list[str]):
-    """An RLTrainer of the shipped PPO recipe with `overrides`, set up as a Train worker of `llmc align` sets it up."""
+def trainer(recipe_path: Path, overrides: list[str]):
+    """An RLTrainer of the PPO recipe with `overrides`, set up as a Train worker of `llmc align` sets it up."""
     import torch
 
     from workloads.align.prompts import split_prompts
@@ -50,7 +58,7 @@ def trainer(overrides: list[str]):
     from workloads.kinds import load_recipe
     from workloads.models.loading import resolve_model_path
 
-    recipe = load_recipe(RECIPE, [*IN_PROCESS, *overrides], kind="align")
+    recipe = load_recipe(recipe_path, [*IN_PROCESS, *overrides], kind="align")
     torch.set_num_threads(recipe.scaling.cpus_per_worker)
     train, held_out = split_prompts(recipe.data, recipe.train.seed)
     return RLTrainer(recipe, resolve_model_path(recipe.model), train, held_out)
@@ -99,34 +107,39 @@ def iteration_phases(trainer, iterations: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="the model's shape (serve_bench's)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=[*REAL_MODELS, *sorted(MODELS)],
+                        help="a real model by name, or a shape of the tiny-model factory (serve_bench's)")
     parser.add_argument("--adapter", help="a PEFT adapter of that model as the policy (default: a fresh LoRA)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rollouts of the batch per side")
-    parser.add_argument("--syncs", type=int, default=5, help="timed weight syncs per policy kind")
-    parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per rollout kind")
+    parser.add_argument("--repeats", type=int, help="timed rollouts of the batch per side (default: the model's size)")
+    parser.add_argument("--syncs", type=int, help="timed weight syncs per policy kind (default: the model's size)")
+    parser.add_argument("--iterations", type=int, help="timed PPO iterations per rollout kind (default: the model's "
+                        "size)")
     args = parser.parse_args(argv)
-    shape = [f"model.tiny.{key}={value}" for key, value in MODELS[args.model].items()]
-    policy = [*shape, *([f"rl.adapter={args.adapter}"] if args.adapter else [])]
+    real = is_real(args.model)
+    recipe_path, sizes = (REAL_RECIPE, dict(REAL_SIZES)) if real else (RECIPE, dict(SIZES))
+    sizes.update({k: getattr(args, k) for k in ("repeats", "syncs", "iterations") if getattr(args, k) is not None})
+    shape = [] if real else [f"model.tiny.{key}={value}" for key, value in MODELS[args.model].items()]
+    policy = [*shape, *sizes["iteration"], *([f"rl.adapter={args.adapter}"] if args.adapter else [])]
     load_before, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
     print("[bench] LoRA policy: the vLLM engine starts ...", flush=True)
-    engine = trainer([*policy, "rl.rollout=vllm"])
+    engine = trainer(recipe_path, [*policy, "rl.rollout=vllm"])
     rl = engine.rl
-    prompt_ids = [ids for _, ids in engine.train_prompts[:PROMPTS]]
+    prompt_ids = [ids for _, ids in engine.train_prompts[:sizes["prompts"]]]
     try:
         print(f"[bench] {len(prompt_ids)} prompts x {rl.group_size}: model.generate, then the engine", flush=True)
-        sides = {"lora": compare(engine, prompt_ids, args.repeats)}
+        sides = {"lora": compare(engine, prompt_ids, sizes["repeats"])}
         print("[bench] LoRA weight sync, then PPO iterations with each kind of rollout", flush=True)
-        sync = {"lora": sync_seconds(engine, args.syncs)}
-        phases = {"vllm": iteration_phases(engine, args.iterations)}
+        sync = {"lora": sync_seconds(engine, sizes["syncs"])}
+        phases = {"vllm": iteration_phases(engine, sizes["iterations"])}
     finally:
         engine.sampler.close()
-    phases["generate"] = iteration_phases(trainer([*policy, "rl.rollout=generate"]), args.iterations)
+    phases["generate"] = iteration_phases(trainer(recipe_path, [*policy, "rl.rollout=generate"]), sizes["iterations"])
     print("[bench] fully trained policy: an engine of its own ...", flush=True)
-    full = trainer([*shape, "rl.rollout=vllm", "train.method=full"])
+    full = trainer(recipe_path, [*shape, "rl.rollout=vllm", "train.method=full"])
     try:
-        sides["full"] = compare(full, prompt_ids, args.repeats)
-        sync["full"] = sync_seconds(full, args.syncs)
+        sides["full"] = compare(full, prompt_ids, sizes["repeats"])
+        sync["full"] = sync_seconds(full, sizes["syncs"])
     finally:
         full.sampler.close()
 
@@ -134,21 +147,26 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "started": started,
-        "settings": {"recipe": str(RECIPE.relative_to(REPO)), "model": args.model,
+        "settings": {"recipe": str(recipe_path.relative_to(REPO)), "model": args.model,
                      "policy": args.adapter or "a fresh LoRA", "prompts": len(prompt_ids),
                      "group_size": rl.group_size, "max_new_tokens": rl.max_new_tokens,
                      "temperature": rl.temperature, "torch_threads": engine.recipe.scaling.cpus_per_worker,
-                     "engine_max_num_seqs": rl.engine.max_num_seqs, "repeats": args.repeats, "syncs": args.syncs,
-                     "iterations": args.iterations,
+                     "engine_max_num_seqs": rl.engine.max_num_seqs, "repeats": sizes["repeats"],
+                     "syncs": sizes["syncs"], "iterations": sizes["iterations"],
                      "iteration_completions": rl.prompts_per_iteration * rl.group_size},
         "throughput": {**sides, "target": TARGET},
         "weight_sync": sync,
         "iteration_phases_s": phases,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rollout.json").write_text(json.dumps(results, indent=2))
-    write_report(results)
+    folder = results_dir(args.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rollout.json").write_text(json.dumps(results, indent=2))
+    write_report(results, folder)
     print(render(results))
+    if real:  # the docs' real-model benchmark block quotes these results: keep it in step
+        from scripts.readme_numbers import rewrite_bench_block
+
+        rewrite_bench_block()
     return 0
 
 
@@ -174,14 +192,25 @@ def render(r: dict) -> str:
             f"![phases](rollout.png)\n")
 
 
-def write_report(r: dict) -> None:
-    """rollout.md and rollout.png (one stacked bar of phases per kind of rollout) from the results."""
+def readme_sentences(r: dict, source: str) -> str:
+    """The docs' sentence about a rollout run (scripts/readme_numbers.py), from its rollout.json at `source`."""
+    s, t, w = r["settings"], r["throughput"], r["weight_sync"]
+    return (f"Rollouts (`{source}`), {s['prompts']} prompts x {s['group_size']} completions of at most "
+            f"{s['max_new_tokens']} tokens: the vLLM engine samples {t['lora']['ratio']}x the tokens/s of "
+            f"`model.generate` for the LoRA policy ({t['lora']['vllm']['tokens_per_s']} against "
+            f"{t['lora']['generate']['tokens_per_s']}) and {t['full']['ratio']}x for full weights (target "
+            f"{t['target']}x); weight sync into the engine {w['lora']['median_s']} s for the LoRA adapter, "
+            f"{w['full']['median_s']} s for the full weights.")
+
+
+def write_report(r: dict, folder: Path) -> None:
+    """rollout.md and rollout.png (one stacked bar of phases per kind of rollout) from the results, into `folder`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (RESULTS / "rollout.md").write_text(render(r))
+    (folder / "rollout.md").write_text(render(r))
     kinds = {"generate": "model.generate", "vllm": "vLLM engine"}
     fig, ax = plt.subplots(figsize=(6, 4))
     bottoms = [0.0] * len(kinds)
@@ -192,12 +221,13 @@ def write_report(r: dict) -> None:
     ax.set(ylabel="seconds per PPO iteration", title="One PPO iteration, by phase")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "rollout.png", dpi=110)
+    fig.savefig(folder / "rollout.png", dpi=110)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--render"]:
-        write_report(json.loads((RESULTS / "rollout.json").read_text()))
+    if sys.argv[1:2] == ["--render"]:  # --render [MODEL]: the tiny models' results, or MODEL's
+        folder = results_dir(sys.argv[2] if len(sys.argv) > 2 else "tiny")
+        write_report(json.loads((folder / "rollout.json").read_text()), folder)
         raise SystemExit(0)
     raise SystemExit(main())

@@ -109,11 +109,21 @@ def notes(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _requests(meta: dict[str, Any]) -> str:
+    """The requests each side was sent, where the results say (files before `--model` lack the generate count)."""
+    if "sequential_generate_requests" not in meta:
+        return ""
+    levels = ", ".join(f"{n} at concurrency {c}" for c, n in meta["requests_per_level"].items())
+    return (f" requests: {levels}, {meta['sequential_generate_requests']} for (a), after "
+            f"{meta['warmup_requests']} warm-up requests;")
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     meta = results["meta"]
     text = f"""# Serving benchmark
 
-`python -m bench.serve_bench`: {meta['machine']}; {meta['new_tokens_per_request']} new tokens per request (greedy,
+`python -m bench.serve_bench`: {meta['machine']};{_requests(meta)} {meta['new_tokens_per_request']} new tokens per \
+request (greedy,
 `ignore_eos`); output tokens/s (p50 / p99 latency in s). One replica on embedded Ray for each served side: the
 llmc endpoint (`llmc serve`, response cache off, no API key) and the stock Ray Serve LLM app
 (`ray.serve.llm.build_openai_app` on the same LLMConfig: same engine, placement and deployment settings, Ray
@@ -132,13 +142,16 @@ Targets at concurrency 32: at least {meta['targets_at_32']['vs_sequential_genera
     path.write_text(text)
 
 
-def readme_sentences(results: dict[str, Any]) -> str:
-    """What the README says about serving, from a `serve.json`."""
-    top = str(max(int(c) for c in results["meta"]["requests_per_level"]))
+def readme_sentences(results: dict[str, Any], source: str) -> str:
+    """What the docs say about serving, from the `serve.json` at `source`. A file that records its sizes (written
+    since `--model`) also gets them and the ratio to the sequential `generate` loop."""
+    meta = results["meta"]
+    top = str(max(int(c) for c in meta["requests_per_level"]))
+    sized = "sequential_generate_requests" in meta
     parts, missing = [], False
     for run in results["runs"]:
         ours, stock = _at(run, "endpoint", top), _at(run, "stock_app", top)
-        engine = _at(run, "inprocess_vllm", top)
+        engine, generate = _at(run, "inprocess_vllm", top), _at(run, "sequential_generate", top)
         if not ours:
             continue
         text = f"{_label(run)} {ours['tokens_per_s']:.0f} tokens/s ({_fmt(_ratio(ours, engine))}x in-process vLLM"
@@ -146,8 +159,12 @@ def readme_sentences(results: dict[str, Any]) -> str:
             text += f", {_fmt(_ratio(ours, stock))}x the stock Ray Serve LLM app"
         else:
             missing = True
+        if sized:
+            text += f", {_fmt(_ratio(ours, generate))}x a sequential `generate` loop"
         parts.append(text + ")")
-    sentence = (f"Serving (`bench/results/serve.json`), at concurrency {top}, the endpoint: " + "; ".join(parts) + ".")
+    size = (f" ({meta['requests_per_level'][top]} requests of {meta['new_tokens_per_request']} new tokens; "
+            f"{meta['sequential_generate_requests']} for the `generate` loop)" if sized else "")
+    sentence = f"Serving (`{source}`), at concurrency {top}{size}, the endpoint: " + "; ".join(parts) + "."
     if missing:
         sentence += (" The stock Ray Serve LLM app (`build_openai_app`, same engine settings) is not in that run "
                      "(`python -m bench.serve_bench` measures it).")

@@ -36,11 +36,12 @@ class ActorGroup:
 
 def start(cls: type, count: int, bundles: Sequence[dict[str, float]], *, args: tuple = (),
           actor_resources: dict[str, float] | None = None, strategy: str = "PACK", name: str = "role",
-          wait: bool = True) -> ActorGroup:
+          wait: bool = True, env_vars: dict[str, str] | None = None) -> ActorGroup:
     """`count` actors of `cls(*args)`, each owning `len(bundles) // count` consecutive bundles of one placement group
     (e.g. a tensor-parallel engine: one GPU bundle per shard) and running in the first of them with
     `actor_resources` (default: that whole bundle). With `wait`, returns once every constructor has; without, once
-    the resources are reserved (a call queues until its actor is up; a constructor's error surfaces there)."""
+    the resources are reserved (a call queues until its actor is up; a constructor's error surfaces there).
+    `env_vars`: set in each actor's process (its runtime environment's)."""
     if count < 1 or len(bundles) % count:
         raise ValueError(f"{len(bundles)} bundles cannot be split evenly among {count} actors")
     group = placement_group([dict(b) for b in bundles], strategy=strategy, name=f"{name}-group")
@@ -58,6 +59,8 @@ def start(cls: type, count: int, bundles: Sequence[dict[str, float]], *, args: t
                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
                        group, placement_group_bundle_index=index * per_actor,
                        placement_group_capture_child_tasks=True)}
+        if env_vars:
+            options["runtime_env"] = {"env_vars": dict(env_vars)}
         return ray.remote(cls).options(**options).remote(*args)
 
     started = ActorGroup([spawn(index) for index in range(count)], group, spawn)

@@ -9,9 +9,10 @@ Each block sits between its begin and end markers in whichever files hold them (
 tests/test_readme.py checks every one is what these results give.
 
 The real model's skill table comes from its card (`workloads/bundled/skill_cards/smollm2-135m.json`, written by
-`scripts/measure_skills.py`). The benchmark block comes from `bench/results/finetune.json`, `serve.json` and
-`prompt.json` (the sentences are written by `bench.finetune_report`, `bench.serve_report` and `bench.prompt_bench`);
-`python -m bench.finetune_bench`, `bench.serve_bench` and `bench.prompt_bench` rewrite it after a full run.
+`scripts/measure_skills.py`). The tiny-factory models' benchmark block comes from `bench/results/finetune.json`,
+`serve.json` and `prompt.json` (the sentences are written by `bench.finetune_report`, `bench.serve_report` and
+`bench.prompt_bench`); the real model's from `bench/results/smollm2-135m/{finetune,serve,rollout,prompt}.json` (and
+`bench.finetune_real`, `bench.rollout_bench`). Each benchmark rewrites both after a full run.
 
 The tiny model's build numbers (`bench/results/tiny_model.json`) are its `skill.json` as measured on a clean clone.
 """
@@ -35,6 +36,10 @@ BENCH_RESULTS = tuple(REPO / "bench" / "results" / f"{name}.json" for name in ("
 SKILLS_BEGIN, SKILLS_END = "<!-- skills:begin (scripts/readme_numbers.py) -->", "<!-- skills:end -->"
 SKILL_CARD = REPO / "workloads" / "bundled" / "skill_cards" / "smollm2-135m.json"
 TINY_RESULTS = REPO / "bench" / "results" / "tiny_model.json"
+REAL_BENCH_BEGIN = "<!-- bench-smollm2-numbers:begin (scripts/readme_numbers.py) -->"
+REAL_BENCH_END = "<!-- bench-smollm2-numbers:end -->"
+REAL_BENCH_DIR = REPO / "bench" / "results" / "smollm2-135m"
+REAL_BENCHES = ("finetune", "serve", "rollout", "prompt")  # the sentences' order
 TINY_BEGIN, TINY_END = "<!-- tiny-numbers:begin (scripts/readme_numbers.py) -->", "<!-- tiny-numbers:end -->"
 
 
@@ -120,7 +125,35 @@ def bench_block(finetune: dict, serve: dict, prompt: dict) -> str:
     from bench.prompt_bench import readme_sentences as prompt_sentences
     from bench.serve_report import readme_sentences as serve_sentences
 
-    return f"{finetune_sentences(finetune)}\n\n{serve_sentences(serve)}\n\n{prompt_sentences(prompt)}"
+    serve_text = serve_sentences(serve, "bench/results/serve.json")
+    return f"{finetune_sentences(finetune)}\n\n{serve_text}\n\n{prompt_sentences(prompt, 'bench/results/prompt.json')}"
+
+
+def real_bench_block(results: dict[str, dict | None]) -> str:
+    """The docs' sentences about the benchmarks on the real model, from its results files (None: not run yet)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import finetune_real, prompt_bench, rollout_bench, serve_report
+
+    writers = {"finetune": finetune_real.readme_sentences, "serve": serve_report.readme_sentences,
+               "rollout": rollout_bench.readme_sentences, "prompt": prompt_bench.readme_sentences}
+    paragraphs = []
+    for name in REAL_BENCHES:
+        source = f"{(REAL_BENCH_DIR / name).relative_to(REPO)}.json"
+        paragraphs.append(writers[name](results[name], source) if results.get(name) else
+                          f"`{source}`: not measured yet (`python -m bench.{name}_bench`).")
+    return "\n\n".join(paragraphs)
+
+
+def real_bench_results() -> dict[str, dict | None]:
+    """The real model's committed benchmark results, by benchmark (None where a file is missing)."""
+    files = {name: REAL_BENCH_DIR / f"{name}.json" for name in REAL_BENCHES}
+    return {name: json.loads(path.read_text()) if path.exists() else None for name, path in files.items()}
+
+
+def rewrite_real_bench(readme: str, results: dict[str, dict | None]) -> str:
+    """`readme` with the text between the real-model benchmark markers replaced by `real_bench_block(results)`."""
+    return _replace_block(readme, REAL_BENCH_BEGIN, REAL_BENCH_END, real_bench_block(results))
 
 
 def rewrite_bench(readme: str, finetune: dict, serve: dict, prompt: dict) -> str:
@@ -129,9 +162,11 @@ def rewrite_bench(readme: str, finetune: dict, serve: dict, prompt: dict) -> str
 
 
 def rewrite_bench_block() -> None:
-    """Rewrite the benchmark block, wherever it is, from the committed results files."""
+    """Rewrite both benchmark blocks (tiny-factory models, real model), wherever they are, from the results files."""
     results = [json.loads(path.read_text()) for path in BENCH_RESULTS]
     _rewrite_holders(BENCH_BEGIN, lambda text: rewrite_bench(text, *results))
+    real = real_bench_results()
+    _rewrite_holders(REAL_BENCH_BEGIN, lambda text: rewrite_real_bench(text, real))
 
 
 def rewrite_skills(readme: str, card: dict) -> str:

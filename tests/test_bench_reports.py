@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import finetune_report, serve_report
+from bench import finetune_real, finetune_report, prompt_bench, rollout_bench, serve_report
+from bench._models import DEFAULT_MODEL, parameter_count, results_dir
 from bench.finetune_bench import cadence_timing, shipped_cadence
+from scripts.readme_numbers import REAL_BENCH_DIR, real_bench_block
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
@@ -149,7 +151,7 @@ def test_serve_reading_compares_ours_stock_and_the_engine(tmp_path):
     assert "llmc / stock by concurrency: 0.94 at 1, 0.80 at 32" in notes
     serve_report.write_markdown(results, tmp_path / "serve.md")
     assert "| tiny (0.5M) | 32 | 1000.0 (0.5 / 0.9) | 1250.0 (0.5 / 0.9) |" in (tmp_path / "serve.md").read_text()
-    assert "0.80x the stock Ray Serve LLM app" in serve_report.readme_sentences(results)
+    assert "0.80x the stock Ray Serve LLM app" in serve_report.readme_sentences(results, "serve.json")
     del run["stock_app"]
     assert "The stock Ray Serve LLM app: not measured in this run." in serve_report.notes(results)
 
@@ -158,6 +160,118 @@ def test_rollout_report_is_rendered_from_its_results_file_alone():
     """Every figure in rollout.md comes from rollout.json (no typed constants beside the results)."""
     from bench import rollout_bench
 
-    results = json.loads((rollout_bench.RESULTS / "rollout.json").read_text())
-    assert (rollout_bench.RESULTS / "rollout.md").read_text() == rollout_bench.render(results)
+    results = json.loads((RESULTS / "rollout.json").read_text())
+    assert (RESULTS / "rollout.md").read_text() == rollout_bench.render(results)
     assert "anchors" not in json.dumps(results) and "anchors" not in rollout_bench.render(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model (`--model smollm2-135m`, the default): its own results folder and reports
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_real_model_has_its_own_results_folder_and_the_tiny_results_stay():
+    assert DEFAULT_MODEL == "smollm2-135m"
+    assert results_dir("smollm2-135m") == RESULTS / "smollm2-135m" == REAL_BENCH_DIR
+    assert results_dir("tiny") == results_dir("small") == RESULTS
+
+
+def test_parameter_count_follows_grouped_query_attention_and_tied_embeddings():
+    from types import SimpleNamespace  # a config's fields, as transformers' LlamaConfig names them
+
+    smollm2 = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                              num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+    assert parameter_count(smollm2) == 134_515_008  # SmolLM2-135M-Instruct's 134.5M, as loaded
+    untied = SimpleNamespace(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, vocab_size=100, tie_word_embeddings=False)
+    assert parameter_count(untied) == 2 * (4 * 128 * 128 + 3 * 128 * 256 + 2 * 128) + 2 * 100 * 128 + 128
+
+
+def _real_finetune(error: str | None = None) -> dict:
+    plain = [{"steady": {"median_s": m, "min_s": m, "max_s": m + 0.5, "n": 3}} for m in (3.0, 3.4)]
+    platform = ({"error": error} if error else
+                {"steady": {"median_s": 4.8, "min_s": 4.6, "max_s": 5.0, "n": 5}, "ratio_vs_neighbour_plain": 1.5,
+                 "ratio_vs_plain": 1.55, "tokens_per_second_steady": 106.7, "startup_seconds": 61.0})
+    layout = {"name": "shipped", "deepspeed": True, "stage": 2, "workers": 2, "cpus_per_worker": 1}
+    return {"model": "smollm2-135m", "recipe": "workloads/configs/smollm2-lora.yaml", "method": "lora",
+            "started": "then", "ray_init_seconds": 9.0,
+            "machine": {"cpus": 2, "load_average_at_start": 0.5, "load_average_at_end": 1.9},
+            "settings": {"global_batch": 8, "seq_len": 64, "steps": 6, "plain_steps": 4, "warmup": 1,
+                         "plain_threads": 2, "layout": layout},
+            "plain": {"runs": plain, "median_s": 3.2, "run_medians_s": [3.0, 3.4], "tokens_per_second": 160.0},
+            "platform": {"layout": layout, **platform}}
+
+
+def test_real_finetune_report_reads_the_shipped_layout_against_the_plain_loop(tmp_path):
+    results = _real_finetune()
+    text = finetune_real.render(results)
+    assert "| DeepSpeed ZeRO-2, 2 workers x 1 CPU (smollm2-lora.yaml), through `llmc finetune`'s path | 4.80 " \
+           "(4.60-5.00) | 107 | **1.50x** |" in text
+    assert "| plain single-process loop, 2 torch threads (after) | 3.40 (3.40-3.90) | 151 | 1.00x |" in text
+    assert "took 61 s, after 9 s of Ray start" in text
+    sentence = finetune_real.readme_sentences(results, "bench/results/smollm2-135m/finetune.json")
+    assert "a plain single-process torch loop takes 3.20 s per step; the shipped layout (DeepSpeed ZeRO-2, 2 " \
+           "workers x 1 CPU (smollm2-lora.yaml)) steps at 1.50x that (4.80 s)" in sentence
+    finetune_real.plot(results, tmp_path / "finetune.png")
+    failed = _real_finetune(error="RuntimeError: no workers")
+    assert "failed: RuntimeError: no workers" in finetune_real.render(failed)
+    assert "failed in that run" in finetune_real.readme_sentences(failed, "x.json")
+
+
+def test_serve_sentence_of_a_sized_run_names_its_sizes_and_the_generate_loop(tmp_path):
+    run = {"model": "smollm2-135m", "shape": {"parameters": 134_515_008}, "endpoint": {"32": _side(60.0)},
+           "stock_app": {"32": _side(62.0)}, "inprocess_vllm": {"32": _side(75.0)}, "sequential_generate": _side(15.0)}
+    results = {"meta": {"machine": "x86_64, 2 cores", "new_tokens_per_request": 32, "requests_per_level": {"32": 32},
+                        "sequential_generate_requests": 6, "warmup_requests": 8, "note": "shared cores",
+                        "targets_at_32": {"vs_sequential_generate": 10, "vs_inprocess_vllm": 0.7}}, "runs": [run]}
+    sentence = serve_report.readme_sentences(results, "bench/results/smollm2-135m/serve.json")
+    assert sentence.startswith("Serving (`bench/results/smollm2-135m/serve.json`), at concurrency 32 (32 requests of "
+                               "32 new tokens; 6 for the `generate` loop), the endpoint: smollm2-135m (134.5M) 60 "
+                               "tokens/s (0.80x in-process vLLM, 0.97x the stock Ray Serve LLM app, 4.00x a "
+                               "sequential `generate` loop)")
+    serve_report.write_markdown(results, tmp_path / "serve.md")
+    assert "requests: 32 at concurrency 32, 6 for (a), after 8 warm-up requests;" in (tmp_path / "serve.md").read_text()
+
+
+def test_prompt_report_without_the_multi_fidelity_part():
+    results = json.loads((RESULTS / "prompt.json").read_text())
+    results.update({"model": "smollm2-135m", "cases_file": "workloads/bundled/json_extraction_dev.jsonl",
+                    "max_tokens": 24, "multi_fidelity": None})
+    text = prompt_bench.render(results)
+    assert text.startswith("# Prompt-engineering benchmark (smollm2-135m, ")
+    assert "cases of `workloads/bundled/json_extraction_dev.jsonl`, at most 24 tokens each" in text
+    assert text.endswith("ASHA against exhaustive search: not measured in this run.\n")
+    assert "ASHA" not in prompt_bench.readme_sentences(results, "p.json")
+
+
+def test_prompt_reading_follows_where_the_time_goes():
+    """Per request on the tiny model (concurrency gains little), per token on the real one (the engine batches)."""
+    tiny = json.loads((RESULTS / "prompt.json").read_text())
+    assert "more requests in flight only queue" in prompt_bench.render(tiny)
+    assert (RESULTS / "prompt.md").read_text() == prompt_bench.render(tiny)
+    real = json.loads((REAL_BENCH_DIR / "prompt.json").read_text())
+    assert real["chat"]["ceiling_speedup"] >= prompt_bench.QUEUED
+    assert "most of it decoding" in prompt_bench.render(real) and "only queue" not in prompt_bench.render(real)
+
+
+def test_rollout_sentence_comes_from_its_results_file():
+    results = json.loads((RESULTS / "rollout.json").read_text())
+    sentence = rollout_bench.readme_sentences(results, "bench/results/rollout.json")
+    assert "64 prompts x 4 completions of at most 24 tokens: the vLLM engine samples 0.21x" in sentence
+    assert "weight sync into the engine 0.0187 s for the LoRA adapter, 0.02 s for the full weights" in sentence
+
+
+def test_real_bench_block_names_what_is_not_measured_yet():
+    block = real_bench_block({"finetune": None, "serve": None, "rollout": None, "prompt": None})
+    assert block.count("not measured yet") == 4
+    assert "`bench/results/smollm2-135m/rollout.json`: not measured yet (`python -m bench.rollout_bench`)." in block
+
+
+def test_the_real_models_committed_reports_are_rendered_from_their_results_files(tmp_path):
+    """Every Markdown table in bench/results/smollm2-135m/ is what its JSON gives (no figure typed beside it)."""
+    renderers = {"finetune": finetune_real.render, "rollout": rollout_bench.render, "prompt": prompt_bench.render}
+    for name, render in renderers.items():
+        results = json.loads((REAL_BENCH_DIR / f"{name}.json").read_text())
+        assert (REAL_BENCH_DIR / f"{name}.md").read_text() == render(results), name
+    serve_report.write_markdown(json.loads((REAL_BENCH_DIR / "serve.json").read_text()), tmp_path / "serve.md")
+    assert (tmp_path / "serve.md").read_text() == (REAL_BENCH_DIR / "serve.md").read_text()

@@ -12,14 +12,17 @@ from scripts.readme_numbers import (
     BENCH_BEGIN,
     BENCH_RESULTS,
     README,
+    REAL_BENCH_BEGIN,
     RESULTS,
     SKILL_CARD,
     SKILLS_BEGIN,
     TINY_BEGIN,
     TINY_RESULTS,
     holders,
+    real_bench_results,
     rewrite,
     rewrite_bench,
+    rewrite_real_bench,
     rewrite_skills,
     rewrite_tiny,
 )
@@ -42,6 +45,12 @@ def test_the_bench_numbers_are_the_committed_results(path):
     results = [json.loads(result.read_text()) for result in BENCH_RESULTS]
     text = path.read_text()
     assert rewrite_bench(text, *results) == text, "run: python scripts/readme_numbers.py"
+
+
+@pytest.mark.parametrize("path", holders(REAL_BENCH_BEGIN), ids=lambda p: p.name)
+def test_the_real_model_bench_numbers_are_the_committed_results(path):
+    text = path.read_text()
+    assert rewrite_real_bench(text, real_bench_results()) == text, "run: python scripts/readme_numbers.py"
 
 
 @pytest.mark.parametrize("path", holders(SKILLS_BEGIN), ids=lambda p: p.name)
