@@ -129,13 +129,14 @@ def test_a_cached_count_is_keyed_by_the_data_the_seed_and_the_tokenizer(tiny_mod
 
 
 def shard_loop(config: dict) -> None:
-    """A Train worker that records every example of one pass over its shard, one row at a time."""
+    """A Train worker that records every example of one pass over its shard of each dataset, one row at a time."""
     from cluster import data as cluster_data
     from cluster import train as cluster_train
 
     rank, _, _ = cluster_train.world()
-    seen = [row for batch in cluster_data.shard_batches("train", 1) for row in batch]
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
+    for name in config["names"]:
+        seen = [row for batch in cluster_data.shard_batches(name, 1) for row in batch]
+        Path(config["out"], f"{name}-rank{rank}.json").write_text(json.dumps(seen))
 
 
 def _segments(example: dict) -> list[tuple[int, ...]]:
@@ -146,9 +147,10 @@ def _segments(example: dict) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers,packing", [(1, False), (2, False), (1, True), (2, True)])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_workers_stream_disjoint_shards_whose_union_is_the_train_split(ray_cluster, tiny_model_dir, tmp_path,
-                                                                       workers, packing):
+                                                                       workers):
+    """One run of `workers` workers streams the same rows packed and unpacked (two datasets)."""
     import ray
     import ray.cloudpickle
 
@@ -157,30 +159,35 @@ def test_workers_stream_disjoint_shards_whose_union_is_the_train_split(ray_clust
 
     ray.init(ignore_reinit_error=True, log_to_driver=False)  # the session's cluster (RAY_ADDRESS)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    rows = _rows(600)
-    cfg = _config(write_jsonl(rows, tmp_path / "rows.jsonl"), packing=packing, streaming={"batch_rows": 50})
-    args = (str(tiny_model_dir), None, None)
-    streams = pipeline.build(cfg, 5, args, count=True)
-    again = pipeline.build(cfg, 5, args, count=True)  # the same data: its count is not streamed again
-    assert (streams.counted, again.counted, again.train_examples) == ("counted", "cached", streams.train_examples)
+    rows, args = _rows(600), (str(tiny_model_dir), None, None)
+    path = write_jsonl(rows, tmp_path / "rows.jsonl")
+    configs = {name: _config(path, packing=packing, streaming={"batch_rows": 50})
+               for name, packing in (("plain", False), ("packed", True))}
+    streams = {name: pipeline.build(cfg, 5, args, count=True) for name, cfg in configs.items()}
+    again = pipeline.build(configs["plain"], 5, args, count=True)  # the same data: its count is not streamed again
+    assert (streams["plain"].counted, again.counted) == ("counted", "cached")
+    assert again.train_examples == streams["plain"].train_examples
     tokenizer = load_tokenizer(*args)
-    ids = {tuple(tokenize_examples([r], "alpaca", cfg, tokenizer)[0]["input_ids"]): i for i, r in enumerate(rows)}
+    ids = {tuple(tokenize_examples([r], "alpaca", configs["plain"], tokenizer)[0]["input_ids"]): i
+           for i, r in enumerate(rows)}
     expected = {i for i, r in enumerate(rows) if not stream.held_out(r, "alpaca", 5, 0.25)}
     (tmp_path / "seen").mkdir()
-    cluster_train.fit(shard_loop, {"out": str(tmp_path / "seen")}, name=f"shards-{workers}-{packing}",
-                      storage_path=str(tmp_path / "storage"), datasets={"train": streams.train},
+    cluster_train.fit(shard_loop, {"out": str(tmp_path / "seen"), "names": list(streams)}, name=f"shards-{workers}",
+                      storage_path=str(tmp_path / "storage"),
+                      datasets={name: built.train for name, built in streams.items()},
                       scaling=cluster_train.WorkerScaling(num_workers=workers, resources_per_worker={"CPU": 1}))
-    seen = [json.loads((tmp_path / "seen" / f"rank{r}.json").read_text()) for r in range(workers)]
-    assert len({len(shard) for shard in seen}) == 1  # every worker the same number of (packed) examples
-    shards = [[ids[segment] for example in shard for segment in _segments(example)] for shard in seen]
-    union = set().union(*map(set, shards))
-    assert sum(map(len, shards)) == len(union)  # no row twice, in one shard or across them
-    assert union <= expected
-    dropped = len(expected) - len(union)  # Ray Train's equal split drops fewer examples (blocks) than workers
-    assert dropped == 0 if workers == 1 else dropped < (workers * 64 if packing else workers), dropped
-    assert 0 <= streams.train_examples - sum(map(len, seen)) < workers  # the driver's count of one pass
-    if packing:
-        assert any(len(_segments(example)) > 1 for example in seen[0])
+    for name, packing in (("plain", False), ("packed", True)):
+        seen = [json.loads((tmp_path / "seen" / f"{name}-rank{r}.json").read_text()) for r in range(workers)]
+        assert len({len(shard) for shard in seen}) == 1, name  # every worker the same number of (packed) examples
+        shards = [[ids[segment] for example in shard for segment in _segments(example)] for shard in seen]
+        union = set().union(*map(set, shards))
+        assert sum(map(len, shards)) == len(union), name  # no row twice, in one shard or across them
+        assert union <= expected, name
+        dropped = len(expected) - len(union)  # Ray Train's equal split drops fewer examples (blocks) than workers
+        assert dropped == 0 if workers == 1 else dropped < (workers * 64 if packing else workers), (name, dropped)
+        assert 0 <= streams[name].train_examples - sum(map(len, seen)) < workers, name  # the driver's count of a pass
+        if packing:
+            assert any(len(_segments(example)) > 1 for example in seen[0])
 
 
 @pytest.mark.slow
