@@ -290,7 +290,8 @@ def rl_step(method: str, use_gpu: bool, work: Path) -> dict:
         config = {"recipe": recipe.model_dump(mode="json"), "model_path": resolve_model_path(recipe.model),
                   "run_dir": str(run_dir), "checkpoints": str(checkpoints), "source": None, "engines": []}
         _fit(rl_run.rl_worker, config, name=recipe.run.name, storage_path=str(checkpoints.parent / ".ray"),
-             scaling=finetune.worker_scaling(recipe), shared={"train_prompts": train_prompts, "held_out": held_out})
+             scaling=finetune.worker_scaling(recipe),
+             shared={"train_prompts": rl_run.worker_prompts(recipe, train_prompts), "held_out": held_out})
         state = json.loads((list_checkpoints(checkpoints)[-1] / rl.TRAINER_STATE).read_text())
         rows = rows or state["rows"]
     resumed = state["rows"]
