@@ -135,7 +135,7 @@ def shard_loop(config: dict) -> None:
 
     rank, _, _ = cluster_train.world()
     for name in config["names"]:
-        seen = [row for batch in cluster_data.shard_batches(name, 1) for row in batch]
+        seen = [row for batch in cluster_data.shard_batches(name, 64, drop_last=False) for row in batch]
         Path(config["out"], f"{name}-rank{rank}.json").write_text(json.dumps(seen))
 
 
@@ -163,7 +163,7 @@ def test_workers_stream_disjoint_shards_whose_union_is_the_train_split(ray_clust
     path = write_jsonl(rows, tmp_path / "rows.jsonl")
     configs = {name: _config(path, packing=packing, streaming={"batch_rows": 50})
                for name, packing in (("plain", False), ("packed", True))}
-    streams = {name: pipeline.build(cfg, 5, args, count=True) for name, cfg in configs.items()}
+    streams = {name: pipeline.build(cfg, 5, args, count=name == "plain") for name, cfg in configs.items()}
     again = pipeline.build(configs["plain"], 5, args, count=True)  # the same data: its count is not streamed again
     assert (streams["plain"].counted, again.counted) == ("counted", "cached")
     assert again.train_examples == streams["plain"].train_examples
@@ -185,7 +185,8 @@ def test_workers_stream_disjoint_shards_whose_union_is_the_train_split(ray_clust
         assert union <= expected, name
         dropped = len(expected) - len(union)  # Ray Train's equal split drops fewer examples (blocks) than workers
         assert dropped == 0 if workers == 1 else dropped < (workers * 64 if packing else workers), (name, dropped)
-        assert 0 <= streams[name].train_examples - sum(map(len, seen)) < workers, name  # the driver's count of a pass
+        if name == "plain":  # the driver's count of a pass (counted for this one only: each count is a pass)
+            assert 0 <= streams[name].train_examples - sum(map(len, seen)) < workers
         if packing:
             assert any(len(_segments(example)) > 1 for example in seen[0])
 
