@@ -85,7 +85,7 @@ def reward_trainer(recipe: AlignRecipe, model_path: str, tokenizer, train, held_
                           model_init_kwargs={"dtype": recipe.model.dtype, "revision": recipe.model.revision})
     peft = peft_lora_config(recipe.lora, "SEQ_CLS", ("score",)) if recipe.train.method == "lora" else None
     return _keeping_shards(RewardTrainer)(model=model_path, args=config, train_dataset=train, eval_dataset=held_out,
-                         processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+                                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
 
 
 def dpo_trainer(recipe: AlignRecipe, model_path: str, tokenizer, train, held_out, args: dict, callbacks):
@@ -103,7 +103,7 @@ def dpo_trainer(recipe: AlignRecipe, model_path: str, tokenizer, train, held_out
         peft = peft_lora_config(recipe.lora)
     config = DPOConfig(**args, beta=recipe.dpo.beta, loss_type=[recipe.dpo.loss_type])
     return _keeping_shards(DPOTrainer)(model=model, args=config, train_dataset=train, eval_dataset=held_out,
-                      processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+                                       processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
 
 
 def _keeping_shards(trainer_class: type) -> type:
