@@ -54,6 +54,7 @@ bench: setup model
 	$(PY) -m bench.serve_bench
 	$(PY) -m bench.rollout_bench
 	$(PY) -m bench.prompt_bench
+	$(PY) -m bench.data_bench
 
 lint: setup
 	$(VENV)/bin/ruff check .

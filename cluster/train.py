@@ -69,6 +69,7 @@ def fit(
     callbacks: Sequence[UserCallback] = (),
     shared: dict[str, Any] | None = None,
     prepare: Callable[[], dict] | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> FitResult:
     """Run `train_fn(config)` on every worker; returns the newest checkpoint and rank 0's metrics.
 
@@ -81,9 +82,14 @@ def fit(
     controller forwards them through a queue actor, so the driver can show progress without worker logs.
     `callbacks`: more Ray Train callbacks for the run (e.g. `cluster.tune.train_reporter` inside a Tune trial).
     `shared`: values every worker needs (e.g. the tokenized dataset), put in the object store once (or already
-    there: `share`) and handed to `train_fn` in its config under their keys, instead of made again by each worker.
+    there: `share`) and handed to `train_fn` in its config under their keys, instead of made again by each worker;
+    a `per_rank` value hands each worker only its own share (rank r reads the r-th, and only that one).
     `prepare()`: called before the first start and before every restart (e.g. role actors health-checked and a dead
     one replaced: `cluster.actors.ensure`); what it returns is merged into that attempt's config.
+    `datasets`: Ray Data datasets by name (`cluster.data`), each split across the workers as they stream; a worker
+    reads its shard with `cluster.data.shard_batches(name, ...)`. The split runs with each dataset's own execution
+    options: a dataset made to keep its order (`cluster.data`) gives every worker the same rows on every pass and
+    every restart (`_ordered_split`).
 
     The run's storage is `storage_path/name`. Ray Train V2 treats a snapshot found there as the same
     run and hands its newest checkpoint to the workers: with `resume` that is what is wanted (an error
@@ -95,13 +101,19 @@ def fit(
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     reports = _report_queue(on_report)
 
-    refs = {key: (value if isinstance(value, Shared) else share(value)).ref for key, value in (shared or {}).items()}
+    refs = {key: value if isinstance(value, PerRank) else (value if isinstance(value, Shared) else share(value)).ref
+            for key, value in (shared or {}).items()}
+    for key, value in refs.items():
+        if isinstance(value, PerRank) and len(value.refs) != scaling.num_workers:
+            raise ValueError(f"shared {key!r}: {len(value.refs)} shares for {scaling.num_workers} workers")
     loop = functools.partial(_run_with_shared, train_fn, refs) if refs else train_fn
 
     def trainer() -> _StoppableTrainer:
         return _StoppableTrainer(
             loop,
             train_loop_config={**config, **(prepare() if prepare else {})},
+            datasets=datasets,
+            dataset_config=_ordered_split(datasets),
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=scaling.num_workers,
@@ -136,6 +148,16 @@ def fit(
     return FitResult(checkpoint_dir, dict(result.metrics or {}), experiment_path(storage_path, name), best_dir)
 
 
+def _ordered_split(datasets: dict[str, Any] | None) -> ray.train.DataConfig | None:
+    """Ray Train splits a dataset with the driver's current Ray Data options, not the dataset's own: so a dataset
+    that keeps its order (`preserve_order`) is split in order too, each block going to the worker with the fewest rows
+    so far instead of to whichever asked first (or held it locally). What a worker streams is then the same on every
+    pass and after a restart, which exact resume needs (`workloads.finetune.worker.StreamedSteps`)."""
+    if not datasets:
+        return None
+    return ray.train.DataConfig(execution_options={name: ds.context.execution_options for name, ds in datasets.items()})
+
+
 @dataclass(frozen=True)
 class Shared:
     """A value in the cluster's object store (`share`), for `fit(shared=...)`: passed on without another copy."""
@@ -148,8 +170,23 @@ def share(value: Any) -> Shared:
     return Shared(ray.put(value))
 
 
+@dataclass(frozen=True)
+class PerRank:
+    """One value per worker rank in the object store (`per_rank`), for `fit(shared=...)`: each worker reads its own."""
+
+    refs: tuple  # ray.ObjectRef per rank
+
+
+def per_rank(shares: Sequence[Any]) -> PerRank:
+    """Each of `shares` put in the object store on its own: worker r of a run it is passed to reads only `shares[r]`
+    (e.g. its shard of the training rows), so no worker holds the others'."""
+    return PerRank(tuple(ray.put(value) for value in shares))
+
+
 def _run_with_shared(train_fn: Callable[[dict], None], refs: dict[str, Any], config: dict) -> None:
-    train_fn({**config, **{key: ray.get(ref) for key, ref in refs.items()}})
+    rank = ray.train.get_context().get_world_rank()
+    train_fn({**config, **{key: ray.get(ref.refs[rank] if isinstance(ref, PerRank) else ref)
+                           for key, ref in refs.items()}})
 
 
 # Exceptions a train loop raises for what it was given (recipe, data, code): a restart would raise them again.

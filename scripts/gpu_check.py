@@ -161,11 +161,23 @@ def _fit(train_fn: Callable[[dict], None], config: dict, *, name: str, storage_p
     _RUN.reports, _RUN.published = [], []
     if not dist.is_initialized() or (dist.get_backend() == "nccl") != ("nccl" in _shipped_backend(scaling.use_gpu)):
         raise RuntimeError("start the process group first (_process_group), for the scaling the recipe asks for")
-    train_fn({**config, **(shared or {})})
+    train_fn({**config, **{key: value.shares[0] if isinstance(value, _PerRank) else value
+                           for key, value in (shared or {}).items()}})
     for row in _RUN.reports if on_report else ():
         on_report(row)
     found = sorted(storage.glob("checkpoint_*"))
     return FitResult(found[-1] if found else None, _RUN.reports[-1] if _RUN.reports else {}, str(storage))
+
+
+@dataclass(frozen=True)
+class _PerRank:  # cluster.train.per_rank's value: one share per worker; the one worker here takes the first
+    shares: tuple
+
+
+def _per_rank(shares) -> _PerRank:
+    if len(shares) != 1:
+        raise ValueError(f"{len(shares)} shares for gpu_check's one worker")
+    return _PerRank(tuple(shares))
 
 
 def _report(metrics: dict, checkpoint_dir=None) -> None:
@@ -203,6 +215,7 @@ def _one_worker_train() -> None:
     train = types.ModuleType("cluster.train")
     train.__dict__.update(fit=_fit, world=lambda: (0, 0, 1), report=_report, publish=_publish,
                           latest_checkpoint=_latest_checkpoint, FitResult=FitResult, Shared=object,
+                          per_rank=_per_rank, PerRank=_PerRank,
                           WorkerScaling=types.SimpleNamespace,
                           experiment_path=lambda storage_path, name: f"{storage_path.rstrip('/')}/{name}",
                           __getattr__=_missing("cluster.train"))
@@ -290,7 +303,8 @@ def rl_step(method: str, use_gpu: bool, work: Path) -> dict:
         config = {"recipe": recipe.model_dump(mode="json"), "model_path": resolve_model_path(recipe.model),
                   "run_dir": str(run_dir), "checkpoints": str(checkpoints), "source": None, "engines": []}
         _fit(rl_run.rl_worker, config, name=recipe.run.name, storage_path=str(checkpoints.parent / ".ray"),
-             scaling=finetune.worker_scaling(recipe), shared={"train_prompts": train_prompts, "held_out": held_out})
+             scaling=finetune.worker_scaling(recipe),
+             shared={"train_prompts": rl_run.worker_prompts(recipe, train_prompts), "held_out": held_out})
         state = json.loads((list_checkpoints(checkpoints)[-1] / rl.TRAINER_STATE).read_text())
         rows = rows or state["rows"]
     resumed = state["rows"]

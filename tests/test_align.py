@@ -30,6 +30,20 @@ def finish(run: tuple[Path, StartedLlmc]) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def assert_sharded(summary: dict, recipe: str) -> None:
+    """Each of the 2 workers trained on its own half of the training pairs (dealt by the driver, padded to equal
+    length), every pair in one of them, its loader not splitting that half again."""
+    from workloads.align.preference import split_pairs
+    from workloads.kinds import load_recipe
+
+    loaded = load_recipe(CONFIGS / recipe, kind="align")
+    pairs = len(split_pairs(loaded.data, loaded.train.seed)[0])
+    half = -(-pairs // 2)
+    assert summary["train_pairs"] == pairs, summary  # distinct pairs over both shards: all of them
+    assert summary["pairs_per_worker"] == [half, half], summary
+    assert summary["batches_per_worker"] == [-(-half // loaded.train.micro_batch_size)] * 2, summary
+
+
 @pytest.fixture(scope="module")
 def align_runs(ray_cluster, tmp_path_factory, request) -> dict[str, tuple[Path, StartedLlmc]]:
     """The reward-model and DPO runs, started together (4 Train workers on the 8 logical CPUs) and each waited for by
@@ -52,6 +66,7 @@ def test_reward_model_ranks_held_out_pairs_well_above_chance(align_runs):
     out = align_runs["reward"][0]
     summary = finish(align_runs["reward"])
     assert summary["method"] == "reward" and summary["workers"] == 2 and summary["held_out_pairs"] == 200
+    assert_sharded(summary, "tiny-reward.yaml")
     assert summary["heldout_pairwise_accuracy"] >= 0.6, summary  # chance is 0.5; 200 pairs: sd 0.035
     assert summary["initial_eval_accuracy"] < summary["heldout_pairwise_accuracy"], summary  # learned, not given
     rows = read_metrics_csv(out)
@@ -76,6 +91,7 @@ def test_dpo_from_the_sft_adapter_raises_the_held_out_margin(align_runs, lora_ru
     out = align_runs["dpo"][0]
     summary = finish(align_runs["dpo"])
     assert summary["method"] == "dpo" and summary["start_adapter"] == str(lora_run["adapter"])
+    assert_sharded(summary, "tiny-dpo.yaml")
     assert summary["initial_margin"] == pytest.approx(0.0, abs=1e-6), summary  # reference = starting policy
     assert summary["final_margin"] > 0.1, summary
     assert summary["final_logp_margin"] > summary["initial_logp_margin"] + 1.0, summary

@@ -58,6 +58,15 @@ def split_pairs(cfg: AlignDataConfig, seed: int) -> tuple[list[dict], list[dict]
     return hold_out(cfg, seed, read_pairs, "pairs")
 
 
+def deal(rows: list, workers: int, equal: bool = False) -> list[list]:
+    """`rows` dealt round-robin into one shard per worker (shard r: rows r, r + workers, ...), so a worker is handed
+    only its own. `equal`: rows from the start are dealt again until every shard is as long as the first (as torch's
+    DistributedSampler pads), so every worker takes as many batches per pass."""
+    if equal and rows:
+        rows = rows + (rows * workers)[: -len(rows) % workers]
+    return [rows[r::workers] for r in range(workers)]
+
+
 def hold_out(cfg: AlignDataConfig, seed: int, read, what: str) -> tuple[list, list]:
     """Training and held-out rows as `read(path, field)` gives them: `eval_path`'s rows, else a seeded
     `eval_fraction` of `path`'s; `max_samples` caps the training rows (pairs here, prompts for the RL methods)."""

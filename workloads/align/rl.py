@@ -193,7 +193,7 @@ class RLTrainer:
     def iteration(self) -> dict:
         """One rollout batch and its updates; returns the iteration's metrics row (without its number): means over
         all workers, the phase times this worker's."""
-        prompts = self._next_prompts()[self.rank :: self.world]  # this worker's share
+        prompts = self._next_prompts()
         clock = time.perf_counter()
         rollout = self.sampler.sample(self.policy.model, [ids for _, ids in prompts], self.rl.group_size)
         generated = time.perf_counter()
@@ -216,11 +216,12 @@ class RLTrainer:
                 "weight_sync_s": time.perf_counter() - trained}
 
     def _next_prompts(self) -> list[tuple[Prompt, list[int]]]:
-        """The next `prompts_per_iteration` training prompts of a seeded shuffle (the same on every worker),
-        reshuffled once used up."""
-        while len(self._order) < self.rl.prompts_per_iteration:
+        """This worker's share of the iteration's prompts (`prompts_per_iteration` / workers): the next of a seeded
+        shuffle of its own training prompts (the driver dealt each worker a shard), reshuffled once used up."""
+        share = self.rl.prompts_per_iteration // self.world
+        while len(self._order) < share:
             self._order += self._rng.sample(range(len(self.train_prompts)), len(self.train_prompts))
-        taken, self._order = self._order[: self.rl.prompts_per_iteration], self._order[self.rl.prompts_per_iteration:]
+        taken, self._order = self._order[:share], self._order[share:]
         return [self.train_prompts[i] for i in taken]
 
     @torch.no_grad()
@@ -329,10 +330,11 @@ class RLTrainer:
 
     def save_checkpoint(self, directory: Path, state: dict) -> None:
         """Everything `load_checkpoint` continues from, into `directory` (every worker calls it): each worker's random
-        generators (`rng-rank<r>.pt`) and its share of the DeepSpeed engine's state; from rank 0 `state` (iteration,
-        rows, restarts) and the KL coefficient as JSON and the tensors in `trainer.pt`, all under a SHA-256 manifest
-        (as fine-tuning's)."""
-        torch.save(_rng_state(), directory / RNG_STATE.format(rank=self.rank))
+        generators and place in its prompts' shuffle (`rng-rank<r>.pt`) and its share of the DeepSpeed engine's state;
+        from rank 0 `state` (iteration, rows, restarts) and the KL coefficient as JSON and the tensors in `trainer.pt`,
+        all under a SHA-256 manifest (as fine-tuning's)."""
+        torch.save({**_rng_state(), "prompt_rng": self._rng.getstate(), "prompt_order": self._order},
+                   directory / RNG_STATE.format(rank=self.rank))
         if self.engine is not None:
             self.engine.save_checkpoint(str(directory / DEEPSPEED_STATE), tag="state", exclude_frozen_parameters=True)
         barrier()  # every worker's files are in place before rank 0's manifest lists them
@@ -341,9 +343,8 @@ class RLTrainer:
         weights = {n: p.detach().cpu() for n, p in self.policy.model.named_parameters() if p.requires_grad}
         torch.save({"weights": weights, "critic": self.critic.state_dict() if self.critic is not None else None,
                     "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                    "prompt_rng": self._rng.getstate(),
-                    "prompt_order": self._order}, directory / TENSORS)
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None},
+                   directory / TENSORS)
         fits = {"method": self.recipe.method, "train_method": self.recipe.train.method}  # what resume_source checks
         (directory / TRAINER_STATE).write_text(json.dumps({**state, **fits, "kl_coef": self.kl.value}))
         write_manifest(directory, rank=0)
@@ -370,9 +371,10 @@ class RLTrainer:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(directory / RNG_STATE.format(rank=self.rank))
-        self._rng.setstate(saved["prompt_rng"])
-        self._order = list(saved["prompt_order"])
+        mine = _set_rng_state(directory / RNG_STATE.format(rank=self.rank))
+        if mine is not None:  # where this worker was in its shard's shuffle
+            self._rng.setstate(mine["prompt_rng"])
+            self._order = list(mine["prompt_order"])
         state = json.loads((directory / TRAINER_STATE).read_text())
         self.kl.value = state["kl_coef"]
         return state
@@ -384,17 +386,18 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _set_rng_state(path: Path) -> None:
-    """Back to the generators `_rng_state` saved in `path` (this worker's own file); a worker without one (a run
-    resumed on more workers than saved it) keeps the generators seeded at its start, and CUDA's are restored only
-    where as many devices are seen as saved them."""
+def _set_rng_state(path: Path) -> dict | None:
+    """Back to the generators `_rng_state` saved in `path` (this worker's own file), which is returned; a worker without
+    one (a run resumed on more workers than saved it) keeps the generators seeded at its start, and CUDA's are restored
+    only where as many devices are seen as saved them."""
     if not path.is_file():
-        return
+        return None
     state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["cpu"])
     random.setstate(state["python"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    return state
 
 
 def train(trainer: RLTrainer, on_row: Callable[[dict], None] = lambda row: None, rows: list[dict] | None = None,

@@ -26,6 +26,7 @@ from cluster import actors
 from cluster import train as cluster_train
 from workloads.align import rl
 from workloads.align.plan import rl_engine_bundles
+from workloads.align.preference import deal
 from workloads.align.prompts import split_prompts
 from workloads.align.recipe import AlignRecipe
 from workloads.align.rl_checkpoints import (
@@ -36,6 +37,7 @@ from workloads.align.rl_checkpoints import (
     write_checkpoint,
 )
 from workloads.common import multinode, reporting
+from workloads.common.collectives import sum_across
 from workloads.common.paths import PATHS_CHECKED, resolve_path
 from workloads.common.run import RESUME_LATEST
 from workloads.finetune.driver import worker_scaling
@@ -93,7 +95,8 @@ def run(recipe: AlignRecipe, run_dir: Path, address: str | None = None, show: bo
             cluster_train.fit(rl_worker, config, name=recipe.run.name, storage_path=str(checkpoints.parent / ".ray"),
                               scaling=worker_scaling(recipe),  # type: ignore[arg-type]
                               max_failures=recipe.run.max_failures, on_report=progress.update,
-                              shared={"train_prompts": train_prompts, "held_out": held_out}, prepare=prepare)
+                              shared={"train_prompts": worker_prompts(recipe, train_prompts), "held_out": held_out},
+                              prepare=prepare)
     finally:
         for group in engines:
             actors.stop(group)
@@ -102,8 +105,13 @@ def run(recipe: AlignRecipe, run_dir: Path, address: str | None = None, show: bo
     return write_outputs(recipe, run_dir, model_path, state, final, time.perf_counter() - started, show)
 
 
+def worker_prompts(recipe: AlignRecipe, prompts: list) -> cluster_train.PerRank:
+    """The training prompts dealt into one shard per worker (`fit(shared=...)` hands each worker its own)."""
+    return cluster_train.per_rank(deal(prompts, recipe.scaling.num_workers))
+
+
 def rl_worker(config: dict) -> None:
-    """One Ray Train worker: the trainer (its share of prompts, the shared engines), resumed from the newest
+    """One Ray Train worker: the trainer (its shard of the prompts, the shared engines), resumed from the newest
     checkpoint of this run if there is one (a restart), else from the one `run.resume_from` named; the loop, each
     row reported; rank 0 saves the policy into the run directory."""
     recipe = AlignRecipe.model_validate(config["recipe"], context=PATHS_CHECKED)  # its prompts came with `config`
@@ -117,6 +125,7 @@ def rl_worker(config: dict) -> None:
     engines = [actors.Remote(handle) for handle in config["engines"]] or None
     trainer = rl.RLTrainer(recipe, config["model_path"], config["train_prompts"], config["held_out"],
                            work_dir=run_dir, engines=engines, device=device)
+    train_prompts = int(sum_across([len(trainer.train_prompts)])[0])  # every worker's shard
     try:
         named = Path(config["source"]) if config["source"] else None
         found = list_checkpoints(checkpoints)
@@ -129,7 +138,7 @@ def rl_worker(config: dict) -> None:
 
         def checkpoint(rows: list[dict]) -> Path:
             state = {"iteration": rows[-1]["iteration"], "rows": rows, "restarts": restarts,
-                     "train_prompts": len(trainer.train_prompts), "held_out_prompts": len(trainer.held_out)}
+                     "train_prompts": train_prompts, "held_out_prompts": len(trainer.held_out)}
             return write_checkpoint(trainer, state, checkpoints, recipe.train.keep_checkpoints)
 
         rl.train(trainer, on_row=cluster_train.report, rows=rows, checkpoint=checkpoint)

@@ -1,5 +1,5 @@
-"""`llmc align RECIPE`: the driver. Validate and read the pairs, connect, run the workers on Ray Train (the pairs
-handed to them, not read again from their own disks), then write
+"""`llmc align RECIPE`: the driver. Validate and read the pairs, connect, run the workers on Ray Train (each handed
+its own shard of the training pairs, not reading the files again from its own disk), then write
 the model or adapter, summary.json, metrics.csv and a curves PNG into the run directory. The RL methods have a driver
 of their own (workloads.align.rl_run: Train workers and vLLM engine actors), with the same outputs.
 """
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cluster import train as cluster_train
-from workloads.align.preference import split_pairs
+from workloads.align.preference import deal, split_pairs
 from workloads.align.recipe import RL_METHODS, AlignRecipe
 from workloads.align.rewards import import_rewards
 from workloads.align.trainers import MODEL_DIR, STATE, train_worker
@@ -58,7 +58,8 @@ def run(recipe: AlignRecipe, output_dir: str | None = None, address: str | None 
             reporting.TrainProgress(recipe.train.max_steps, description=recipe.method) as progress:
         result = cluster_train.fit(
             train_worker, {"recipe": recipe.model_dump(mode="json"), "model_path": model_path},
-            shared={"train_pairs": train, "held_out_pairs": held_out}, name=recipe.run.name, storage_path=storage,
+            shared={"train_pairs": cluster_train.per_rank(deal(train, recipe.scaling.num_workers, equal=True)),
+                    "held_out_pairs": held_out}, name=recipe.run.name, storage_path=storage,
             scaling=worker_scaling(recipe),  # type: ignore[arg-type]
             max_failures=recipe.run.max_failures, keep_checkpoints=1,
             local_copy_to=run_dir / "final_checkpoint" if "://" in storage else None, on_report=progress.update,
@@ -84,6 +85,7 @@ def write_outputs(recipe: AlignRecipe, run_dir: Path, model_path: str, checkpoin
                "initial_eval_loss": initial["eval_loss"], "final_eval_loss": final["eval_loss"],
                "initial_train_loss": history[0]["loss"], "final_train_loss": history[-1]["loss"],
                "steps": history[-1]["step"], "train_pairs": state["train_pairs"],
+               "pairs_per_worker": state["pairs_per_worker"], "batches_per_worker": state["batches_per_worker"],
                "held_out_pairs": state["held_out_pairs"], "train_method": recipe.train.method,
                "model": recipe.model.name, "base_model_path": model_path, "workers": state["workers"],
                "deepspeed_stage": recipe.deepspeed.stage if recipe.deepspeed.enabled else None,

@@ -8,6 +8,7 @@ exported model or adapter plus the history, from which the driver writes summary
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from transformers import TrainerCallback
 
 from cluster import train as cluster_train
 from workloads.align.recipe import SCHEDULERS, AlignRecipe
+from workloads.common.collectives import gather
 from workloads.common.paths import PATHS_CHECKED
 from workloads.finetune.plan import deepspeed_config
 from workloads.models.loading import load_model, load_tokenizer
@@ -82,8 +84,8 @@ def reward_trainer(recipe: AlignRecipe, model_path: str, tokenizer, train, held_
     config = RewardConfig(**args, center_rewards_coefficient=recipe.reward.center_rewards_coefficient,
                           model_init_kwargs={"dtype": recipe.model.dtype, "revision": recipe.model.revision})
     peft = peft_lora_config(recipe.lora, "SEQ_CLS", ("score",)) if recipe.train.method == "lora" else None
-    return RewardTrainer(model=model_path, args=config, train_dataset=train, eval_dataset=held_out,
-                         processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    return _keeping_shards(RewardTrainer)(model=model_path, args=config, train_dataset=train, eval_dataset=held_out,
+                                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
 
 
 def dpo_trainer(recipe: AlignRecipe, model_path: str, tokenizer, train, held_out, args: dict, callbacks):
@@ -100,8 +102,35 @@ def dpo_trainer(recipe: AlignRecipe, model_path: str, tokenizer, train, held_out
     elif recipe.train.method == "lora":  # the reference is the base with the adapter disabled
         peft = peft_lora_config(recipe.lora)
     config = DPOConfig(**args, beta=recipe.dpo.beta, loss_type=[recipe.dpo.loss_type])
-    return DPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out,
-                      processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    return _keeping_shards(DPOTrainer)(model=model, args=config, train_dataset=train, eval_dataset=held_out,
+                                       processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+
+
+def _keeping_shards(trainer_class: type) -> type:
+    """`trainer_class` training on this worker's own pairs only: the driver dealt each worker its shard
+    (`preference.deal`, equal lengths), so the batch sampler accelerate wraps around the loader must not split it
+    across the workers again (as transformers does for its own rank-aware samplers)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    class OwnShard(trainer_class):
+        def get_train_dataloader(self):
+            loader = super().get_train_dataloader()
+            if isinstance(sampler := getattr(loader, "batch_sampler", None), BatchSamplerShard):
+                sampler.num_processes, sampler.process_index = 1, 0
+            return loader
+
+    OwnShard.__name__ = trainer_class.__name__
+    return OwnShard
+
+
+def _shards(trainer, pairs: list[dict]) -> dict:
+    """What the workers train on, gathered from all: the batches each one's loader gives per pass, and how many
+    distinct pairs there are in all shards together (every training pair once, when the shards are disjoint)."""
+    digests = {hashlib.sha256(json.dumps(pair, sort_keys=True).encode()).hexdigest() for pair in pairs}
+    shards = gather({"batches": len(trainer.get_train_dataloader()), "pairs": len(pairs), "digests": digests})
+    return {"train_pairs": len(set().union(*(shard["digests"] for shard in shards))),
+            "pairs_per_worker": [shard["pairs"] for shard in shards],
+            "batches_per_worker": [shard["batches"] for shard in shards]}
 
 
 def train_worker(config: dict) -> None:
@@ -114,18 +143,21 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(recipe.scaling.cpus_per_worker)
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(config["model_path"], recipe.model.revision, recipe.model.chat_template)
-    train, held_out = config["train_pairs"], config["held_out_pairs"]  # as the driver read and checked them
+    # As the driver read and checked them: this worker's shard of the training pairs, every held-out pair (evaluation
+    # splits those across the workers itself).
+    train, held_out = config["train_pairs"], config["held_out_pairs"]
     history = History(recipe.train.log_every)
     build = reward_trainer if recipe.method == "reward" else dpo_trainer
     with tempfile.TemporaryDirectory(prefix="llmc-align-") as scratch:
         trainer = build(recipe, config["model_path"], tokenizer, datasets.Dataset.from_list(train),
                         datasets.Dataset.from_list(held_out), training_args(recipe, scratch, world_size), [history])
         trainer.remove_callback(PrinterCallback)  # rows go to metrics.csv, progress to the driver
+        shards = _shards(trainer, train)
         trainer.train()
         if history.evals[-1]["step"] != recipe.train.max_steps:
             trainer.evaluate()
-        save_and_report(trainer, recipe, history, {"held_out_pairs": len(held_out), "train_pairs": len(train),
-                                                   "workers": world_size}, held_out)
+        save_and_report(trainer, recipe, history, {"held_out_pairs": len(held_out), "workers": world_size, **shards},
+                        held_out)
 
 
 def save_and_report(trainer, recipe: AlignRecipe, history: History, facts: dict, held_out: list[dict]) -> None:

@@ -1,5 +1,5 @@
-"""The only torch.distributed collectives the workloads call: sums, in-place sums and a barrier, on the device the
-process group's backend reduces on.
+"""The only torch.distributed collectives the workloads call: sums, in-place sums, a gather of small Python values and
+a barrier, on the device the process group's backend reduces on.
 
 Ray Train starts the group with `nccl` on GPUs and `gloo` on CPUs (`cluster.train.fit`). NCCL reduces only CUDA
 tensors ("No backend type associated with device type cpu"), so a sum of Python floats made on the CPU goes to the
@@ -52,6 +52,15 @@ def sum_(tensor: torch.Tensor) -> None:
     moved = tensor.to(device)
     dist.all_reduce(moved)
     tensor.copy_(moved)
+
+
+def gather(value: object) -> list:
+    """Every process's `value` (small and picklable), in rank order; `[value]` without a process group."""
+    if world()[1] == 1:
+        return [value]
+    values: list = [None] * world()[1]
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier() -> None:

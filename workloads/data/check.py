@@ -10,14 +10,16 @@ training reads them (`data_sources`), rows numbered from 1.
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
-from workloads.common.paths import resolve_path
+from workloads.common.paths import resolve_files, resolve_path
 from workloads.common.recipe import RecipeError
 from workloads.data.recipe import DataConfig, DatasetConfig
-from workloads.data.sources import builder_for, map_columns, missing_column, read_path, read_source
+from workloads.data.sources import builder_for, map_columns, missing_column, open_saved, read_path, read_source
 
 SHOWN = 5  # problems listed one by one; the rest are counted
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -37,30 +39,39 @@ class FileReport:
         return self.rows - self.too_long
 
 
-def read_rows(path: Path, builder: str | None = None) -> tuple[list[tuple[str, object]], list[str]]:
-    """(where, row) for every row of a JSONL, JSON or Parquet file, and the rows that could not be parsed."""
+def read_rows(path: Path, builder: str | None = None,
+              limit: int | None = None) -> tuple[list[tuple[str, object]], list[str]]:
+    """(where, row) for every row (or the first `limit`) of a JSONL, JSON or Parquet file, and the rows that could
+    not be parsed. With `limit`, a JSONL or Parquet file is read only that far."""
     if builder_for(path, builder) == "parquet":
         try:
             import pyarrow.parquet as pq
 
-            return [(f"row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())], []
+            table = pq.read_table(path) if limit is None else \
+                next(pq.ParquetFile(path).iter_batches(batch_size=limit), None)
+            rows = table.to_pylist() if table is not None else []
+            return [(f"row {i + 1}", row) for i, row in enumerate(rows)], []
         except Exception as exc:  # noqa: BLE001 - any reader error is the file's fault here
             return [], [f"not a readable Parquet file ({exc})"]
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON list of rows; else JSON lines
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return [], [f"line {exc.lineno}: not valid JSON ({exc.msg})"]
-        return [(f"row {i + 1}", row) for i, row in enumerate(data)], []
-    rows, broken = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            broken.append(f"line {number}: not valid JSON ({exc.msg})")
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        first = handle.read(4096)
+        if path.suffix == ".json" and first.lstrip().startswith("["):  # a JSON list of rows; else JSON lines
+            try:
+                data = json.loads(first + handle.read())
+            except json.JSONDecodeError as exc:
+                return [], [f"line {exc.lineno}: not valid JSON ({exc.msg})"]
+            return [(f"row {i + 1}", row) for i, row in enumerate(data[:limit])], []
+        handle.seek(0)
+        rows, broken = [], []
+        for number, line in enumerate(handle, start=1):
+            if limit is not None and len(rows) + len(broken) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                broken.append(f"line {number}: not valid JSON ({exc.msg})")
     return rows, broken
 
 
@@ -164,14 +175,50 @@ def check_data(cfg: DataConfig, tokenizer=None) -> list[FileReport]:
     return reports
 
 
-def _path_rows(path: str, builder: str | None, split: str, field: str) -> tuple[str, list, list[str]]:
-    """(label, numbered rows, unparsable rows) of a file or save_to_disk directory."""
+def check_heads(cfg: DataConfig, tokenizer=None) -> list[FileReport]:
+    """`check_data` on the first `data.streaming.check_rows` rows of every dataset (its first file) and eval file:
+    the streaming path's check before Ray starts, so a broken file is refused in seconds without reading it all."""
+    limit, reports = cfg.streaming.check_rows, []
+    for prefix, source in cfg.sources():
+        for eval_file in (False, True) if source.eval_path else (False,):
+            if eval_file or source.path is not None:
+                field = f"{prefix}.eval_path" if eval_file else f"{prefix}.path"
+                label, rows, problems = _path_rows(source.eval_path if eval_file else source.path, source.builder,
+                                                   source.split, field, limit)
+            elif source.data_files is not None:
+                field = f"{prefix}.data_files"
+                first = next(p for pattern in source.data_files for p in resolve_files(pattern))
+                label, rows, problems = _path_rows(str(first), source.builder, "train", field, limit)
+            else:
+                from workloads.data.sources import open_hub
+
+                field, label = f"{prefix}.hub", f"{source.hub}:{source.split}"
+                rows, problems = _numbered(islice(open_hub(source.hub, source.subset, source.split, prefix,
+                                                           streaming=True), limit)), []
+            reports.append(_check_rows(rows, problems, field, label, source, cfg, tokenizer))
+    return reports
+
+
+def _path_rows(path: str, builder: str | None, split: str, field: str,
+               limit: int | None = None) -> tuple[str, list, list[str]]:
+    """(label, numbered rows, unparsable rows) of a file or save_to_disk directory (its first `limit` rows)."""
     resolved = resolve_path(path)
     if resolved is None:
         raise RecipeError(f"field '{field}': {path!r} not found")
     if resolved.is_file() and builder_for(resolved, builder) != "csv":
-        return str(resolved), *read_rows(resolved, builder)
-    return str(resolved), _numbered(read_path(path, builder, split, field)), []
+        return str(resolved), *read_rows(resolved, builder, limit)
+    if limit is None:
+        return str(resolved), _numbered(read_path(path, builder, split, field)), []
+    if resolved.is_dir():
+        saved = open_saved(resolved, split, field)
+        return str(resolved), _numbered(saved.select(range(min(limit, len(saved))))), []
+    return str(resolved), _numbered(_csv_head(resolved, limit)), []
+
+
+def _csv_head(path: Path, limit: int) -> list[dict]:
+    """The first `limit` rows of a CSV file, every value as text (as `data_sources` reads a CSV)."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(islice(csv.DictReader(handle), limit))
 
 
 def _numbered(rows: list[dict]) -> list[tuple[str, object]]:

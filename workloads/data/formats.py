@@ -112,11 +112,12 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
 
 def tokenize_records(records: list[dict], cfg: DataConfig, tokenizer, fmt: str | None = None) -> list[dict]:
     """Tokenize records of format `fmt` (default `cfg.format`); drops those with no trainable token; packs if asked."""
-    out = _tokenize(records, fmt or cfg.format, cfg, tokenizer)
+    out = tokenize_examples(records, fmt or cfg.format, cfg, tokenizer)
     return pack(out, cfg.max_length) if cfg.packing else out
 
 
-def _tokenize(records: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> list[dict]:
+def tokenize_examples(records: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> list[dict]:
+    """Records of format `fmt` as examples (input_ids, labels), in order; those with no trainable token dropped."""
     out = []
     for record in records:
         if fmt == "text":
@@ -165,13 +166,13 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[dict], l
     parts, evals = [], []
     for prefix, source in sources:
         train, held_out = split_records(cfg, seed, source, prefix)
-        examples = _tokenize(train, source.format, cfg, tokenizer)
+        examples = tokenize_examples(train, source.format, cfg, tokenizer)
         if not examples:
             where = next(f"{prefix}.{name} {getattr(source, name)}" for name in ("path", "data_files", "hub")
                          if getattr(source, name) is not None)
             raise ValueError(f"{where}: no example has a trainable token within max_length")
         parts.append(examples)
-        evals += _tokenize(held_out, source.format, cfg, tokenizer)
+        evals += tokenize_examples(held_out, source.format, cfg, tokenizer)
     train_ex = parts[0] if len(parts) == 1 else mix(parts, [source.weight for _, source in sources], seed)
     if cfg.packing:
         return pack(train_ex, cfg.max_length), pack(evals, cfg.max_length)

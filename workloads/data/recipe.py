@@ -123,6 +123,23 @@ class DatasetConfig(_DatasetSource):
         return self
 
 
+class StreamingConfig(StrictModel):
+    """`data.streaming`: Ray Data reads, checks and tokenizes (and packs) the training data on the cluster's CPUs, and
+    each training worker streams its own shard; the driver holds no rows."""
+
+    enabled: bool = Field(
+        False, description="Stream the data through Ray Data (`llmc finetune`): for datasets larger than one "
+        "machine's memory. Off: the driver reads and tokenizes every row once and each worker gets a copy (exact "
+        "seeded order and mix; best for small data). See docs/data.md for what differs."
+    )
+    check_rows: int = Field(1000, ge=1, description="Rows of each dataset (first file) checked on the driver before "
+                                                   "Ray starts; every row is checked again while streaming.")
+    batch_rows: int = Field(256, ge=1, description="Rows per tokenization batch (`map_batches`); with packing, "
+                                                  "examples are packed within such a batch.")
+    shuffle_buffer_rows: int = Field(2048, ge=1, description="Each worker's local shuffle buffer (examples), "
+                                                            "seeded with train.seed plus the epoch.")
+
+
 class DataConfig(_DatasetSource):
     """The training data: one dataset (path, data_files or hub, with its format) or a weighted mix (`datasets`)."""
 
@@ -146,6 +163,8 @@ class DataConfig(_DatasetSource):
     )
     max_samples: int | None = Field(None, ge=1, description="Use only the first N training records (of each dataset).")
     system_prompt: str | None = Field(None, description="Prepended as a system turn to every example.")
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig, description="Ray Data streaming of the "
+                                       "training data (fine-tuning).")
 
     @model_validator(mode="after")
     def _one_form(self) -> DataConfig:

@@ -53,6 +53,11 @@ def read_path(path: str, builder: str | None = None, split: str = "train", field
 
 def read_hub(name: str, subset: str | None, split: str, prefix: str = "data") -> list[dict]:
     """Rows of a hub dataset; an unreachable hub fails within HUB_PROBE_TIMEOUT_S, not after datasets' retries."""
+    return list(open_hub(name, subset, split, prefix))
+
+
+def open_hub(name: str, subset: str | None, split: str, prefix: str = "data", streaming: bool = False):
+    """A hub dataset as a `datasets` Dataset (or, `streaming`, an IterableDataset that reads as it is iterated)."""
     import datasets
     import datasets.config
 
@@ -60,7 +65,7 @@ def read_hub(name: str, subset: str | None, split: str, prefix: str = "data") ->
         _probe_hub(f"{prefix}.hub")
     datasets.disable_progress_bars()
     try:
-        return list(datasets.load_dataset(name, subset, split=split))
+        return datasets.load_dataset(name, subset, split=split, streaming=streaming)
     except Exception as exc:  # noqa: BLE001 - whatever the hub or its cache says, it is this field's dataset
         raise RecipeError(f"field '{prefix}.hub': hub dataset {name!r} (subset {subset}, split {split!r}) cannot be "
                           f"read: {_cause(exc)}") from None
@@ -122,6 +127,11 @@ def _csv_as_text(first: Path) -> dict:
 
 
 def _read_saved(directory: Path, split: str, field: str) -> list[dict]:
+    return list(open_saved(directory, split, field))
+
+
+def open_saved(directory: Path, split: str, field: str):
+    """A `save_to_disk` directory's dataset (its `split`, if it holds several), memory-mapped: no row is read yet."""
     import datasets
 
     try:
@@ -134,7 +144,7 @@ def _read_saved(directory: Path, split: str, field: str) -> list[dict]:
             split_field = field.rsplit(".", 1)[0] + ".split"
             raise RecipeError(f"field '{split_field}': {directory} has no split {split!r}; allowed: {sorted(loaded)}")
         loaded = loaded[split]
-    return list(loaded)
+    return loaded
 
 
 def _probe_hub(field: str) -> None:

@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster import train as cluster_train
 from workloads.common import multinode, reporting, tracking
 from workloads.common.recipe import RecipeError
 from workloads.common.run import RESUME_LATEST, RunConfig
-from workloads.data.check import check_data, describe
+from workloads.data.check import check_data, check_heads, describe
 from workloads.data.formats import build_datasets
 from workloads.finetune import schedule
 from workloads.finetune.evaluation import GenerationCase, generation_cases
@@ -29,6 +30,9 @@ from workloads.finetune.recipe import FinetuneRecipe
 from workloads.finetune.worker import BEST_RANK, TRAINER_STATE, train_worker
 from workloads.models.loading import load_tokenizer, resolve_model_path
 from workloads.models.lora import merge_adapter
+
+if TYPE_CHECKING:
+    from workloads.data.pipeline import Streams
 
 
 def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | None = None,
@@ -44,7 +48,7 @@ def run(recipe: FinetuneRecipe, output_dir: str | None = None, address: str | No
     refuse_to_replace(run_dir, recipe.run, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporting.save_recipe(recipe, run_dir)
-    prepared = prepare(recipe)
+    prepared = prepare(recipe, address)
     print(f"[llmc] {connect(address)}", flush=True)
     storage = storage_of(recipe, run_dir)
     multinode.check_training(recipe.run.storage_path, storage, prepared.model_path)
@@ -70,22 +74,48 @@ class Prepared:
     model_path: str
     total_steps: int
     data: tuple[list[dict], list[dict], list[GenerationCase]] | cluster_train.Shared
+    streams: Streams | None = None  # data.streaming: the pipelines workers stream from (then `data` holds only cases)
 
     def shared(self) -> Prepared:
         """The same, its data put in the object store once: for several runs (search trials) that share it."""
         return replace(self, data=cluster_train.share(self.data))
 
 
-def prepare(recipe: FinetuneRecipe) -> Prepared:
+def prepare(recipe: FinetuneRecipe, address: str | None = None) -> Prepared:
     """Check the data, then tokenize it once for all workers: bad data fails here, in seconds, naming file, line
-    and field, not in every worker after Ray starts."""
+    and field, not in every worker after Ray starts. With data.streaming, only the first rows are checked here; then
+    Ray is connected (`address`) and the data becomes Ray Data pipelines (`_prepare_streams`)."""
     model_path = resolve_model_path(recipe.model)
     print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
     tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
+    if recipe.data.streaming.enabled:
+        return _prepare_streams(recipe, model_path, tokenizer, address)
     print(f"[llmc] {describe(check_data(recipe.data, tokenizer))}", flush=True)
     train_ex, eval_ex = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     cases = generation_cases(recipe, tokenizer) if recipe.eval.generate and eval_ex else []
     return Prepared(model_path, _total_steps(recipe, len(train_ex)), (train_ex, eval_ex, cases))
+
+
+def _prepare_streams(recipe: FinetuneRecipe, model_path: str, tokenizer, address: str | None) -> Prepared:
+    """The streaming path's preparation: the first rows of every file checked here, then the pipelines; the train
+    examples are counted (a streamed pass, on the cluster) only when num_epochs needs them."""
+    from cluster.runtime import connect
+    from workloads.data import pipeline
+
+    data, seed = recipe.data, recipe.train.seed
+    print(f"[llmc] {describe(check_heads(data, tokenizer))} (the first {data.streaming.check_rows} rows of each "
+          "checked here, every row as it streams)", flush=True)
+    print(f"[llmc] {connect(address)}", flush=True)
+    counted = recipe.train.max_steps is None
+    streams = pipeline.build(data, seed, (model_path, recipe.model.revision, recipe.model.chat_template), counted)
+    how = {"cached": " (an earlier run's count: the data is unchanged)", "counted": " (counted in a streamed pass)"}
+    print(f"[llmc] data streamed with Ray Data: tokenized in batches of {data.streaming.batch_rows} rows on the "
+          f"cluster's CPUs{f'; {streams.train_examples} train examples' + how[streams.counted] if counted else ''}",
+          flush=True)
+    cases = generation_cases(recipe, tokenizer, pipeline.eval_records(data, seed)) \
+        if recipe.eval.generate and streams.eval is not None else []
+    total = _total_steps(recipe, streams.train_examples) if counted else recipe.train.max_steps
+    return Prepared(model_path, total, ([], [], cases), streams)
 
 
 def storage_of(recipe: FinetuneRecipe, run_dir: Path) -> str:
@@ -102,7 +132,8 @@ def fit(recipe: FinetuneRecipe, run_dir: Path, prepared: Prepared, *, resume_fro
     return cluster_train.fit(
         train_worker,
         {"recipe": recipe.model_dump(mode="json"), "model_path": prepared.model_path, "resume_from": resume_from,
-         "fit_id": uuid.uuid4().hex, "tracking_dir": str(tracking.tracking_dir(recipe.tracking, run_dir))},
+         "fit_id": uuid.uuid4().hex, "tracking_dir": str(tracking.tracking_dir(recipe.tracking, run_dir)),
+         "streamed": _streamed(recipe, prepared.streams)},
         name=recipe.run.name,
         resume=resume,
         storage_path=storage,
@@ -114,7 +145,26 @@ def fit(recipe: FinetuneRecipe, run_dir: Path, prepared: Prepared, *, resume_fro
         on_report=on_report,
         callbacks=callbacks,
         shared={"data": prepared.data},
+        datasets=_datasets(prepared.streams),
     )
+
+
+def _datasets(streams) -> dict | None:
+    """The streamed datasets by the names the workers read them under (`worker.StreamedSteps`, `StreamedEval`)."""
+    if streams is None:
+        return None
+    return {"train": streams.train, **({"eval": streams.eval} if streams.eval is not None else {})}
+
+
+def _streamed(recipe: FinetuneRecipe, streams) -> dict | None:
+    """What a worker of the streaming path needs to know of its data: steps per pass (when counted), whether an eval
+    set streams."""
+    if streams is None:
+        return None
+    train, examples = recipe.train, streams.train_examples
+    per_epoch = None if examples is None else schedule.steps_per_epoch(
+        examples, train.micro_batch_size, train.gradient_accumulation_steps, recipe.scaling.num_workers)
+    return {"steps_per_epoch": per_epoch, "eval": streams.eval is not None}
 
 
 def _total_steps(recipe: FinetuneRecipe, examples: int) -> int:

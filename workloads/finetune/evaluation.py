@@ -8,6 +8,7 @@ so every rank reaches the same decision (stop, new best) without exchanging anyt
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,12 +36,14 @@ class GenerationCase:
     reference: str
 
 
-def generation_cases(recipe: FinetuneRecipe, tokenizer) -> list[GenerationCase]:
+def generation_cases(recipe: FinetuneRecipe, tokenizer, records: Iterable[tuple[str, dict]] | None = None
+                     ) -> list[GenerationCase]:
     """The first `eval.generate_samples` eval records (datasets in order) that end in an assistant reply, the
     reference. Raw text records and prompts of data.max_length tokens or more (never seen whole) are left out.
+    `records`: (format, record) of the eval sets, read no further than needed; default: `eval_records`.
     """
     cases: list[GenerationCase] = []
-    for fmt, record in eval_records(recipe.data, recipe.train.seed):
+    for fmt, record in records if records is not None else eval_records(recipe.data, recipe.train.seed):
         messages = [] if fmt == "text" else to_messages(record, fmt, recipe.data.system_prompt)
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             continue

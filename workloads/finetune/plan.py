@@ -75,8 +75,14 @@ def finetune_plan(recipe: FinetuneRecipe) -> dict:
 
 
 def validation_plan(recipe: FinetuneRecipe) -> dict:
-    """What `llmc validate` prints for a fine-tuning recipe: its data files' row counts (structure only, no tokenizer),
-    then `finetune_plan`."""
-    from workloads.data.check import check_data  # reads the data files: only when asked
+    """What `llmc validate` prints for a fine-tuning recipe: its data files' rows, checked (structure only, no
+    tokenizer; with data.streaming, the first `check_rows` of each), the data plan (sources, estimated rows, where
+    tokenization runs), then `finetune_plan`."""
+    from workloads.data.check import check_data, check_heads  # reads the data files: only when asked
+    from workloads.data.plan import data_plan
 
-    return {"data_rows": {r.path: r.rows for r in check_data(recipe.data)}, **finetune_plan(recipe)}
+    if recipe.data.streaming.enabled:
+        checked = {"data_rows_checked": {r.path: r.rows for r in check_heads(recipe.data)}}
+    else:
+        checked = {"data_rows": {r.path: r.rows for r in check_data(recipe.data)}}
+    return {**checked, "data_plan": data_plan(recipe.data), **finetune_plan(recipe)}

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from cluster import data as cluster_data
 from cluster import train as cluster_train
 from workloads.common import reporting, tracking
 from workloads.common.collectives import sum_across
@@ -52,6 +54,61 @@ class StepBatches:
             collate([self.examples[i] for i in chunk[k : k + self.micro]], self.pad_id)
             for k in range(0, size, self.micro)
         ]
+
+
+class StreamedSteps:
+    """The micro-batches of each optimizer step from this worker's shard of the streamed data (`data.streaming`),
+    pass after pass. A pass's last examples that fill no whole step are skipped, as `StepBatches` skips them."""
+
+    def __init__(self, recipe: FinetuneRecipe, pad_id: int, steps_per_epoch: int | None):
+        """`steps_per_epoch`: counted by the driver (num_epochs), else learned at the end of the first pass."""
+        self.pad_id, self.steps_per_epoch, self.streaming = pad_id, steps_per_epoch, recipe.data.streaming
+        self.micro, self.accum, self.seed = (
+            recipe.train.micro_batch_size, recipe.train.gradient_accumulation_steps, recipe.train.seed
+        )
+
+    def after(self, step: int, steps_per_epoch: int | None = None) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Steps `step + 1`, `step + 2`, ...: exactly the steps an uninterrupted run makes there. A resumed run
+        streams its epoch again from the start and skips the steps it has made (their examples are read, not trained
+        on): a pass holds the same examples in the same order every time (files in seeded order, an ordered split
+        across workers, each pass's local shuffle seeded with train.seed + its epoch). `steps_per_epoch`: as a
+        checkpoint recorded it, when the driver did not count it (else a resume past the first pass reads from the
+        first pass on)."""
+        self.steps_per_epoch = self.steps_per_epoch or steps_per_epoch
+        return self._steps(step)
+
+    def _steps(self, step: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
+        while True:
+            first, made, group = epoch * (self.steps_per_epoch or 0), 0, []  # the pass's steps: first + 1, ...
+            for rows in cluster_data.shard_batches("train", self.micro, shuffle_seed=self.seed + epoch,
+                                                   shuffle_buffer_rows=self.streaming.shuffle_buffer_rows):
+                group.append(rows)
+                if len(group) < self.accum:
+                    continue
+                made += 1
+                if first + made > step:
+                    yield [collate(micro, self.pad_id) for micro in group]
+                group = []
+            if made == 0:
+                raise ValueError(f"data: a pass over this worker's shard fills no optimizer step of micro_batch_size "
+                                 f"{self.micro} x gradient_accumulation_steps {self.accum}")
+            self.steps_per_epoch = self.steps_per_epoch or made
+            epoch += 1
+
+
+class StreamedEval:
+    """This worker's shard of the streamed eval set, batched; read again at every evaluation."""
+
+    def __init__(self, recipe: FinetuneRecipe, pad_id: int):
+        self.micro, self.pad_id = recipe.train.micro_batch_size, pad_id
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for rows in cluster_data.shard_batches("eval", self.micro, drop_last=False):
+            yield collate(rows, self.pad_id)
 
 
 def eval_batches(examples: list[dict], recipe: FinetuneRecipe, rank: int, world_size: int, pad_id: int):
@@ -122,15 +179,21 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(train.seed)
     device = torch.device(f"cuda:{local_rank}") if recipe.scaling.use_gpu else torch.device("cpu")
 
-    # Setup: the data the driver tokenized once for every worker (`prepare`), then the model.
+    # Setup: the data the driver tokenized once for every worker (`prepare`), or this worker's streamed shard of it
+    # (data.streaming), then the model.
     tokenizer = load_tokenizer(config["model_path"], recipe.model.revision, recipe.model.chat_template)
     train_ex, eval_ex, cases = config["data"]
-    batches = StepBatches(train_ex, recipe, rank, world_size, tokenizer.pad_token_id)
-    evals = eval_batches(eval_ex, recipe, rank, world_size, tokenizer.pad_token_id)
-    total = schedule.total_steps(train, batches.steps_per_epoch)  # the run's length: max_steps or num_epochs
+    if recipe.data.streaming.enabled:
+        batches = StreamedSteps(recipe, tokenizer.pad_token_id, config["streamed"]["steps_per_epoch"])
+        evals = StreamedEval(recipe, tokenizer.pad_token_id) if config["streamed"]["eval"] else []
+    else:
+        batches = StepBatches(train_ex, recipe, rank, world_size, tokenizer.pad_token_id)
+        evals = eval_batches(eval_ex, recipe, rank, world_size, tokenizer.pad_token_id)
+    total = schedule.total_steps(train, batches.steps_per_epoch or 0)  # the run's length: max_steps or num_epochs
     evaluate = Evaluator(recipe, tokenizer, evals, cases, rank, world_size, device)
     strategy = Strategy(_setup_model(recipe, config["model_path"], device), recipe, world_size, device, total)
     state = _restore(strategy, config.get("resume_from"), config.get("fit_id"))
+    steps = batches.after(state["step"], state.get("steps_per_epoch")) if recipe.data.streaming.enabled else None
     state.update(total_steps=total, steps_per_epoch=batches.steps_per_epoch)
     if state["step"] == 0 and evals:
         state["initial_eval"] = evaluate(strategy)
@@ -142,12 +205,14 @@ def train_worker(config: dict) -> None:
     with _tracker(recipe, config, state, rank) as tracker:
         for step in range(state["step"] + 1, total + 1):
             started = time.perf_counter()
-            micro_batches = batches.for_step(step - 1)
+            micro_batches = next(steps) if steps is not None else batches.for_step(step - 1)
             loss, grad_norm = strategy.train_step(micro_batches)
             tokens = sum(count_tokens(b) for b in micro_batches)
             loss_sum, token_sum = sum_across([loss, tokens])
             seconds = time.perf_counter() - started
-            row = {"step": step, "epoch": round(step / batches.steps_per_epoch, 4), "loss": loss_sum / world_size,
+            per_epoch = batches.steps_per_epoch  # streamed with max_steps: known once a pass has ended
+            row = {"step": step, "epoch": round(step / per_epoch, 4) if per_epoch else None,
+                   "loss": loss_sum / world_size,
                    "lr": strategy.lr(), "grad_norm": grad_norm, "tokens": int(token_sum), "step_seconds": seconds,
                    "tokens_per_second": token_sum / seconds}
             evaluated = step % train.eval_every == 0 or step == total
@@ -156,7 +221,7 @@ def train_worker(config: dict) -> None:
             new_best = evaluated and stopper.update(step, row.get(recipe.eval.metric))
             last = step == total or (evaluated and stopper.should_stop)
             state["history"].append(row)
-            state.update(step=step, early_stopping=stopper.state())
+            state.update(step=step, early_stopping=stopper.state(), steps_per_epoch=batches.steps_per_epoch)
             if rank == 0:  # the dashboard's and `llmc status`'s view of the run (llmc_train_* gauges), the trackers
                 cluster_train.publish({**row, "restarts": sum(r["via"] == "failure" for r in state["restarts"])})
                 tracker.log_metrics(row, step)

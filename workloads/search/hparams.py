@@ -53,7 +53,7 @@ def run(recipe: HparamSearchRecipe, output_dir: str | Path | None = None, addres
         shutil.rmtree(out / stale, ignore_errors=True)
     reporting.save_recipe(recipe, out)
     trials, base = recipe.trials(), recipe.base()
-    prepared = finetune.prepare(base)  # model and data are every trial's: checked and tokenized once, here
+    prepared = finetune.prepare(base, address)  # model and data are every trial's: checked and tokenized once, here
     lengths = {t.name: t.recipe.train.max_steps or prepared.total_steps for t in trials}
     where = connect(address)
     prepared = prepared.shared()  # in the object store once: every trial's workers read that copy
