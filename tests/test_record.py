@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import pytest
 from tests.conftest import REPO, run_llmc
 from workloads.common import record, registry
 from workloads.common.paths import resolve_files
-from workloads.kinds import load_recipe
+from workloads.common.recipe import RecipeError
+from workloads.kinds import KINDS, load_recipe
 from workloads.prompting.templates import load_library
 from workloads.serve.objectstore import free_port
 
@@ -96,6 +98,44 @@ def test_a_command_with_results_leaves_a_run_and_a_failed_one_is_marked(tmp_path
     monkeypatch.setenv(record.SWITCH_ENV, "off")
     with record.recording("eval", recipe, tmp_path / "runs" / "off") as off:
         assert off is None and record.current() is None
+
+
+def test_a_run_registers_its_adapter_as_a_candidate_child_of_the_version_it_started_from(tmp_path, monkeypatch):
+    """`run.register_as`: each finished run's adapter becomes the next version (alias candidate), its parent the
+    version registered from the adapter the run started from; an adapter from elsewhere has no parent."""
+    monkeypatch.setenv(record.SWITCH_ENV, "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = load_recipe(REPO / "workloads/configs/tiny-lora.yaml")
+    made = {}
+    for name, start in (("sft", None), ("dpo", "sft"), ("other", str(tmp_path / "elsewhere"))):
+        out = tmp_path / "runs" / name
+        (out / "adapter").mkdir(parents=True)
+        (out / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "run": name}))
+        summary = {"artifact": str(out / "adapter"), "start_adapter": made.get(start, start)}
+        with record.recording("finetune", recipe, out) as run:
+            run.finish(summary)
+            made[name] = summary["artifact"]
+            assert registry.register_output(run, "tiny-arith", summary) == f"tiny-arith@{len(made)}"
+            run_id = run.run_id
+    uri = record.tracking_uri(tmp_path / "runs")
+    assert [str(v.version) for v in registry.lineage(uri, "tiny-arith", 2)] == ["2", "1"]
+    assert [str(v.version) for v in registry.lineage(uri, "tiny-arith", 3)] == ["3"]
+    third = registry.version(uri, "tiny-arith", 3)
+    assert third.tags["llmc.run_id"] == run_id and third.tags[registry.ARTIFACT_PATH] == made["other"]
+    assert str(registry.candidate(uri, "tiny-arith").version) == "3" and registry.champion(uri, "tiny-arith") is None
+    with tempfile.TemporaryDirectory() as into:  # the registered files are the run's logged adapter
+        config = json.loads((registry.download(uri, third, into) / "adapter_config.json").read_text())
+    assert config["run"] == "other"
+    with pytest.raises(ValueError, match="field 'run.register_as': the run wrote no artifact"):
+        registry.register_output(run, "tiny-arith", {"artifact": None})
+
+
+def test_registering_without_the_record_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv(record.SWITCH_ENV, "off")
+    recipe = load_recipe(REPO / "workloads/configs/tiny-lora.yaml", ["run.register_as=tiny-arith"])
+    with pytest.raises(RecipeError, match="field 'run.register_as': registering 'tiny-arith' needs the MLflow record"):
+        KINDS["finetune"].run(recipe, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_tracking_store_that_cannot_be_used_fails_before_any_work(tmp_path):

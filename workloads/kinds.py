@@ -43,10 +43,16 @@ class Kind:
         (workloads.common.record) opened before any work. `options` go to the runner (address, overwrite, ...)."""
         from workloads.common import record
 
+        register_as = getattr(getattr(recipe, "run", None), "register_as", None)
+        if register_as and not record.enabled():
+            raise RecipeError(f"field 'run.register_as': registering {register_as!r} needs the MLflow record, which "
+                              f"{record.SWITCH_ENV}=off turns off")
         with record.recording(self.name, recipe, recipe.output_dir(output_dir)) as run:
             summary = self.runner(recipe, output_dir=output_dir, **options)
             if run is not None:
                 run.finish(summary)
+                if register_as:
+                    summary = _registered(run, register_as, summary)
         return summary
 
     def plan(self, recipe: StrictModel) -> dict:
@@ -67,6 +73,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("prompt_search", "search", "workloads.prompting.recipe:PromptSearchRecipe", "workloads.search.prompts:run"),
     Kind("hparam_search", "search", "workloads.search.recipe:HparamSearchRecipe", "workloads.search.hparams:run",
          "workloads.search.recipe:HparamSearchRecipe.plan"),
+    Kind("promote", "promote", "workloads.serve.recipe:PromoteRecipe", "workloads.serve.promote:run"),
     Kind("pipeline", "pipeline", "workloads.pipeline.recipe:PipelineRecipe", "workloads.pipeline.run:run",
          "workloads.pipeline.recipe:PipelineRecipe.plan"),
 )}
@@ -94,6 +101,21 @@ def validate_recipe(raw: dict, kind: str | tuple[str, ...] | None = None, source
         return KINDS[kind].schema.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(format_errors(exc, source)) from None
+
+
+def _registered(run: Any, name: str, summary: dict) -> dict:
+    """The summary with the version its artifact was registered as (`registered_version`), in summary.json too."""
+    import json
+
+    from workloads.common import registry
+
+    summary = {**summary, "registered_version": registry.register_output(run, name, summary)}
+    print(f"[llmc] registered {summary['registered_version']} (alias candidate)", flush=True)
+    written = run.out / "summary.json"
+    if written.exists():
+        written.write_text(json.dumps({**json.loads(written.read_text()), **summary}, indent=2, default=str))
+        run.run.client.log_artifact(run.run_id, str(written))  # the copy logged before it was registered, replaced
+    return summary
 
 
 def _resolve(path: str) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workloads.common.record import TAG, Recording, check_store
+from workloads.common.record import BY_PATH, TAG, Recording, check_store
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion, PromptVersion
@@ -27,6 +27,7 @@ ROLLED_BACK = f"{TAG}rolled_back"  # on a champion taken back by `llmc rollback`
 # Run tags a model version carries over: what it was trained from.
 LINEAGE_TAGS = ("data_digest", "recipe_hash", "base_model", "base_model_digest", "git_commit", "kind")
 PARENT = f"{TAG}parent"  # NAME/VERSION of the version this one was trained from; absent for one made from the base
+ARTIFACT_PATH = f"{TAG}artifact_path"  # where the registering run wrote the files: how a later run finds its parent
 
 
 def register_adapter(uri: str, name: str, run_id: str, *, artifact: str = "adapter", source: str | Path | None = None,
@@ -56,6 +57,31 @@ def register_adapter(uri: str, name: str, run_id: str, *, artifact: str = "adapt
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="llmcluster: adapters or merged models of one served model")
     return client.create_model_version(name, str(source), run_id=run_id, tags=tags)
+
+
+def register_output(run: Recording, name: str, summary: dict) -> str:
+    """What a finished command wrote (summary's `artifact`: its adapter) as the next version of `name`, alias
+    `candidate`, parent the version of `name` registered from the adapter it started from (summary's
+    `start_adapter`), if any; returns NAME@VERSION (`llmc promote`'s argument)."""
+    if not summary.get("artifact"):
+        raise ValueError(f"field 'run.register_as': the run wrote no artifact to register as {name!r}")
+    path = Path(summary["artifact"]).resolve()
+    inside = path.is_relative_to(run.out) and path.relative_to(run.out).parts[0] not in BY_PATH
+    where = {"artifact": path.relative_to(run.out).as_posix()} if inside else {"source": path}
+    found = register_adapter(run.uri, name, run.run_id, parent=_registered_from(run.uri, name,
+                                                                               summary.get("start_adapter")), **where)
+    tag_version(run.uri, name, found.version, {ARTIFACT_PATH: str(path)})
+    set_alias(run.uri, name, CANDIDATE, found.version)
+    return f"{name}@{found.version}"
+
+
+def _registered_from(uri: str, name: str, adapter: str | None) -> str | None:
+    """NAME/VERSION of the newest version of `name` registered from the directory `adapter`; None when none was."""
+    if not adapter or not _client(uri).search_registered_models(filter_string=f"name = '{name}'"):
+        return None
+    path = str(Path(adapter).resolve())
+    found = [v for v in _client(uri).search_model_versions(f"name = '{name}'") if v.tags.get(ARTIFACT_PATH) == path]
+    return f"{name}/{max(int(v.version) for v in found)}" if found else None
 
 
 def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:

@@ -23,6 +23,11 @@ class RunConfig(StrictModel):
                           "in its storage. Without it a run starts fresh and replaces that storage."
     )
     merge_adapter: bool = Field(False, description="Also write base+adapter merged weights.")
+    register_as: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Register the adapter this run writes as the next version of this "
+        "MLflow registered model (alias candidate; its parent the version the run's start adapter was registered "
+        "as); the summary's registered_version (NAME@VERSION) is what `llmc promote` takes.",
+    )
     forward_env: list[str] = Field(
         default_factory=list,
         description="Environment variables `llmc submit` forwards to the job (e.g. HF_TOKEN for gated weights).",
