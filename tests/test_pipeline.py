@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_llmc
+from workloads.common import registry
 from workloads.common.recipe import RecipeError
 from workloads.common.record import resolved_recipe
 from workloads.kinds import KINDS, load_recipe
@@ -42,8 +43,10 @@ def _pipeline(tmp_path: Path, name: str = "pipeline.yaml", edit=None, sft_data: 
 def test_shipped_pipelines_name_their_stages_and_what_they_read():
     smollm2 = KINDS["pipeline"].plan(load_recipe(SMOLLM2))["stages"]
     assert [(s["name"], s["kind"]) for s in smollm2] == [
-        ("baseline", "eval"), ("prompt_search", "prompt_search"), ("sft", "finetune"), ("grpo", "align")]
+        ("baseline", "eval"), ("prompt_search", "prompt_search"), ("sft", "finetune"), ("grpo", "align"),
+        ("promote", "promote")]
     assert smollm2[3]["reads"] == ["sft"] and smollm2[3]["gates"] == [{"metric": "final_mean_reward", "min": 0.3}]
+    assert smollm2[4]["reads"] == ["grpo"]
     tiny = KINDS["pipeline"].plan(load_recipe(TINY))["stages"]
     assert [(s["name"], s["kind"], s["reads"]) for s in tiny] == [
         ("reward", "align", []), ("sft", "finetune", []), ("dpo", "align", ["sft"])]
@@ -79,6 +82,11 @@ def _gate(index: int, metric: str):
      "stage 'base', which does not exist"),
     (lambda raw: raw["stages"][1].update(gates=[{"metric": "final_eval_loss"}]), "stages.1.gates.0",
      "give min, max or both"),
+    (lambda raw: raw["stages"].append({"name": "promote", "recipe": {
+        "kind": "promote", "version": "${stages.reward.outputs.registered_version}"}}), "stages.3.recipe.version",
+     "stage 'reward' writes no output 'registered_version'"),  # the reward stage registers nothing
+    (lambda raw: raw["stages"].append({"name": "promote", "recipe": {"kind": "promote", "version": "tiny-arith"}}),
+     "stages.3.recipe.version", "should match pattern"),
 ])
 def test_a_broken_pipeline_names_the_field(tmp_path, edit, field, said):
     field = field.format(**_appended())
@@ -96,6 +104,18 @@ def test_a_broken_pipeline_exits_2_before_any_work(tmp_path):
         named = f"field 'stages.1.set.{_appended()['sft']}'" if args[0] != str(TINY) else "field '--from'"
         assert named in result.stderr, result.stderr
         assert "Ray" not in result.stdout + result.stderr and not out.exists()
+
+
+def test_a_promote_stage_needs_the_cluster_serving_the_endpoint_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    recipe = load_recipe(_pipeline(tmp_path, edit=lambda raw: raw["stages"].append({"name": "promote", "recipe": {
+        "kind": "promote", "version": "${stages.dpo.outputs.registered_version}"}})))
+    with pytest.raises(RecipeError, match="field 'stages.3.recipe.address': stage 'promote' promotes on a running "
+                       "endpoint"):
+        check_start(recipe, None)
+    check_start(recipe, None, "127.0.0.1:6379")  # --address
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    check_start(recipe, None)
 
 
 def test_from_names_a_stage_and_forces_it_and_those_after_it():
@@ -208,6 +228,16 @@ def test_the_tiny_pipeline_runs_each_stage_as_a_nested_mlflow_run(tiny_pipeline)
     assert sorted(r.info.run_name for r in nested) == ["dpo", "reward", "sft"]
     assert {r.info.status for r in nested} == {"FINISHED"}
     assert pipeline.data.tags["llmc.path.sft"] == str(out / "sft")  # the stage's files are its own run's
+    # Lineage: SFT's adapter is version 1 of tiny-pipeline-arith, DPO's (started from it) version 2, its child.
+    uri = f"sqlite:///{tiny_pipeline['root'] / 'mlflow.db'}"
+    assert [summaries[s]["registered_version"] for s in ("sft", "dpo")] == ["tiny-pipeline-arith@1",
+                                                                            "tiny-pipeline-arith@2"]
+    assert "registered_version" not in summaries["reward"]
+    chain = registry.lineage(uri, "tiny-pipeline-arith", 2)
+    assert [str(v.version) for v in chain] == ["2", "1"]
+    runs_by_name = {r.info.run_name: r.info.run_id for r in nested}
+    assert [v.tags["llmc.run_id"] for v in chain] == [runs_by_name["dpo"], runs_by_name["sft"]]
+    assert chain[0].tags[registry.ARTIFACT_PATH] == summaries["dpo"]["artifact"]
 
 
 @pytest.mark.slow
@@ -237,3 +267,7 @@ def test_new_sft_data_reruns_sft_and_what_follows_not_the_stage_before(tiny_pipe
     state = json.loads((tiny_pipeline["out"] / "pipeline_state.json").read_text())["stages"]
     assert state["reward"]["key"] == tiny_pipeline["state"]["stages"]["reward"]["key"]
     assert all(state[s]["key"] != tiny_pipeline["state"]["stages"][s]["key"] for s in ("sft", "dpo"))
+    # Only the stages that ran registered: SFT and DPO again (versions 3 and 4), none of the skipping reruns.
+    uri = f"sqlite:///{tiny_pipeline['root'] / 'mlflow.db'}"
+    assert [str(v.version) for v in registry.lineage(uri, "tiny-pipeline-arith", 4)] == ["4", "3"]
+    assert str(registry.candidate(uri, "tiny-pipeline-arith").version) == "4"

@@ -410,3 +410,38 @@ def test_the_gate_refuses_a_worse_candidate_naming_the_metric_and_both_values(se
     gate_tags = registry.version(server.registry_uri, PROMOTED_MODEL, worse).tags  # the refusal's scores are kept
     kept = float(gate_tags[f"llmc.gate.{PROMOTED_MODEL}/v{worse}.accuracy"])
     assert kept == pytest.approx(float(found.group(1)), abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.last_on_server
+def test_a_pipeline_registers_its_adapter_and_its_promote_stage_is_gated_on_the_live_endpoint(
+        server, versions, ray_cluster, tmp_path):
+    """A pipeline on the server's cluster: a 2-step LoRA stage registered as the next `tiny-arith` version (recorded
+    in the endpoint's registry, its run the stage's nested run), then a promote stage: the endpoint's gate finds it
+    no better than the trained champion, the pipeline exits 1 naming the metric and both values, nothing switches."""
+    trained = versions["trained"]
+    if _listed(server).get("tiny:prod", {}).get("llmc_version") != trained:
+        promoted = _llmc(server, "promote", f"{PROMOTED_MODEL}@{trained}")
+        assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-3000:]
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(json.dumps({"kind": "pipeline", "name": "promote-pipeline", "stages": [
+        {"name": "sft", "recipe": "workloads/configs/tiny-lora.yaml",
+         "set": ["train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "deepspeed.enabled=false",
+                 "scaling.num_workers=1", f"run.register_as={PROMOTED_MODEL}"]},
+        {"name": "promote", "recipe": {"kind": "promote", "version": "${stages.sft.outputs.registered_version}"}}]}))
+    started = time.monotonic()
+    result = run_llmc("pipeline", str(recipe), "--output-dir", str(tmp_path / "run"), "--address",
+                      ray_cluster.address, timeout=900, env={GATE_KEY_ENV: server.key, "LLMC_MLFLOW": "on",
+                                                            "MLFLOW_TRACKING_URI": server.registry_uri})
+    print(f"pipeline with a promote stage: exit {result.returncode} in {time.monotonic() - started:.1f} s")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    made = json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())["registered_version"]
+    assert "[llmc] promote: running promote" in result.stdout
+    assert re.search(rf"{made} refused: accuracy = [0-9.e-]+ against champion {PROMOTED_MODEL}@{trained}'s "
+                     rf"[0-9.e-]+", result.stderr), result.stderr[-3000:]
+    version = registry.version(server.registry_uri, *made.split("@"))
+    assert registry.PARENT not in version.tags  # trained from the base model
+    assert f"llmc.gate.{PROMOTED_MODEL}/v{version.version}.accuracy" in version.tags
+    assert str(registry.candidate(server.registry_uri, PROMOTED_MODEL).version) == str(version.version)
+    assert str(registry.champion(server.registry_uri, PROMOTED_MODEL).version) == trained
+    assert _listed(server)["tiny:prod"]["llmc_version"] == trained

@@ -125,7 +125,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, kind="pipeline")
     from workloads.pipeline.run import check_start
 
-    check_start(recipe, args.start_from)  # a bad --from exits 2 before any work, as a bad recipe does
+    check_start(recipe, args.start_from, args.address)  # a bad --from exits 2 before any work, as a bad recipe does
     KINDS["pipeline"].run(recipe, output_dir=args.output_dir, address=args.address, start_from=args.start_from)
     return 0
 

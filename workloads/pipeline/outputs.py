@@ -54,23 +54,29 @@ _HPARAM_SEARCH = frozenset((
     "best_trial", "best_config", "best_artifact", "best_run_dir", "metric", "mode", "num_trials", "finished",
     "stopped_early", "rungs", "steps_trained", "steps_exhaustive", "trials"))
 
+# workloads.serve.promote.promote
+_PROMOTE = frozenset(("model", "version", "alias", "switched", "previous", "gate", "scores"))
+# workloads.kinds (Kind.run) adds it to a run with run.register_as: the version its artifact was registered as
+REGISTERED = "registered_version"
+
 # Kinds a pipeline runs; `serve` runs until stopped (an eval stage starts its own server), a pipeline is no stage.
-STAGE_KINDS = ("finetune", "align", "eval", "optimize", "prompt_search", "hparam_search")
+STAGE_KINDS = ("finetune", "align", "eval", "optimize", "prompt_search", "hparam_search", "promote")
 
 
 def summary_keys(raw: dict[str, Any], schema: type) -> frozenset[str]:
     """The keys of the summary a recipe's run writes, from its mapping (`kind`, and the `method` or `metric` that
     shape the summary, the schema's default where the mapping names none)."""
     kind = raw["kind"]
+    registered = {REGISTERED} if (raw.get("run") or {}).get("register_as") else set()
     if kind == "finetune":
-        return _FINETUNE
+        return _FINETUNE | registered
     if kind == "align":
         method = raw.get("method")
-        return _PAIRS | _PAIR_METHODS[method] if method in _PAIR_METHODS else _RL
+        return (_PAIRS | _PAIR_METHODS[method] if method in _PAIR_METHODS else _RL) | registered
     if kind == "hparam_search":
         metric = raw.get("metric", schema.model_fields["metric"].default)
         return _HPARAM_SEARCH | {f"best_{metric}"}
-    return {"eval": _EVAL, "optimize": _OPTIMIZE, "prompt_search": _PROMPT_SEARCH}[kind]
+    return {"eval": _EVAL, "optimize": _OPTIMIZE, "prompt_search": _PROMPT_SEARCH, "promote": _PROMOTE}[kind]
 
 
 def stage_outputs(output_dir: str, summary: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 from workloads.common.recipe import RecipeError
@@ -22,17 +23,24 @@ from workloads.pipeline.recipe import PipelineRecipe
 from workloads.pipeline.state import STATE_FILE, PipelineState, forced_stages, stage_key
 
 
-def check_start(recipe: PipelineRecipe, start_from: str | None) -> None:
-    """`--from STAGE` must name a stage of the recipe (RecipeError, exit 2, before any work)."""
+def check_start(recipe: PipelineRecipe, start_from: str | None, address: str | None = None) -> None:
+    """`--from STAGE` must name a stage of the recipe, and a promote stage needs the cluster serving the endpoint
+    (RecipeError, exit 2, before any work)."""
     if start_from is not None and start_from not in recipe.stage_names():
         raise RecipeError(f"field '--from': got {start_from!r}; stages: {', '.join(recipe.stage_names())}")
+    for index, stage in enumerate(recipe.stages):
+        raw = stages.mapping(stage)
+        if raw.get("kind") == "promote" and not (raw.get("address") or address or os.environ.get("RAY_ADDRESS")):
+            raise RecipeError(f"field 'stages.{index}.recipe.address': stage {stage.name!r} promotes on a running "
+                              "endpoint: give its Ray cluster's address (the stage's address, `llmc pipeline "
+                              "--address`, or RAY_ADDRESS)")
 
 
 def run(recipe: PipelineRecipe, output_dir: str | Path | None = None, address: str | None = None,
         start_from: str | None = None) -> dict:
     """Run the stages in order; `start_from` forces that stage and every later one to run. Returns the summary
     (also written to summary.json); raises GateFailed after a stage that misses a gate."""
-    check_start(recipe, start_from)
+    check_start(recipe, start_from, address)
     out = recipe.output_dir(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out)

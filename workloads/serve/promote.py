@@ -24,7 +24,7 @@ from workloads.common.recipe import NAME_PATTERN, RecipeError
 from workloads.common.record import TAG
 from workloads.pipeline.gates import GateFailed
 from workloads.serve.objectstore import S3Endpoint
-from workloads.serve.recipe import PromotionGateConfig, ServeRecipe
+from workloads.serve.recipe import PromoteRecipe, PromotionGateConfig, ServeRecipe
 
 _REF = re.compile(r"^(?P<model>[^@\s]+)@(?P<version>[1-9][0-9]*)$")
 
@@ -136,6 +136,16 @@ def promote(ref: str, address: str | None = None, url: str | None = None, tracki
           f"{f'{model}@{previous}' if previous else 'none'}", flush=True)
     return {"model": model, "version": version, "alias": served.alias, "switched": True, "previous": previous,
             "gate": verdict, "scores": values}
+
+
+def run(recipe: PromoteRecipe, output_dir: str | Path | None = None, address: str | None = None) -> dict:
+    """`kind: promote` (a pipeline's stage): `promote` as the recipe says, its summary written to summary.json;
+    GateFailed (exit 1) when the candidate is refused, after writing nothing."""
+    summary = promote(recipe.version, address=recipe.address or address, tracking_uri=recipe.tracking_uri)
+    out = recipe.output_dir(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def rollback(model: str, address: str | None = None, tracking_uri: str | None = None) -> dict:

@@ -4,6 +4,7 @@ vLLM knobs every engine of this project takes."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -260,3 +261,21 @@ class ServeRecipe(StrictModel):
         if self.generate.max_tokens >= e.max_model_len:
             raise ValueError("generate.max_tokens must leave room for the prompt within engine.max_model_len")
         return self
+
+
+class PromoteRecipe(StrictModel):
+    """`kind: promote`: `llmc promote` as a recipe, the last stage of a pipeline: a registered version gated through
+    the live endpoint that serves its model and, when it passes, put behind that model's stable name."""
+
+    kind: Literal["promote"] = "promote"
+    version: str = Field(..., pattern=r"^\S+@\S+$", description="MODEL@VERSION, e.g. "
+                         "${stages.grpo.outputs.registered_version} (a stage run with run.register_as).")
+    address: str | None = Field(None, description="The Ray cluster serving the endpoint; null: `llmc pipeline "
+                                "--address`, else RAY_ADDRESS.")
+    tracking_uri: str | None = Field(None, description="MLflow store of the registry; null: the one the endpoint "
+                                     "was started with.")
+
+    def output_dir(self, given: str | Path | None = None) -> Path:
+        """Where the summary (the gate's scores, the switch) goes: `given` (a pipeline's stage directory), else
+        runs/promote."""
+        return Path(given or "runs/promote")
