@@ -21,7 +21,8 @@ _FINETUNE = frozenset((
 # workloads.align.run.write_outputs and method_summary
 _PAIRS = frozenset((
     "method", "initial_eval_loss", "final_eval_loss", "initial_train_loss", "final_train_loss", "steps",
-    "train_pairs", "pairs_per_worker", "batches_per_worker", "held_out_pairs", "train_method", "model", "base_model_path", "workers", "deepspeed_stage",
+    "train_pairs", "pairs_per_worker", "batches_per_worker", "held_out_pairs",
+    "train_method", "model", "base_model_path", "workers", "deepspeed_stage",
     "train_seconds", "wall_seconds", "artifact", "merged", "checkpoint"))
 _PAIR_METHODS = {
     "reward": frozenset(("heldout_pairwise_accuracy", "initial_eval_accuracy", "final_eval_accuracy",
