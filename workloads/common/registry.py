@@ -31,10 +31,11 @@ ARTIFACT_PATH = f"{TAG}artifact_path"  # where the registering run wrote the fil
 
 
 def register_adapter(uri: str, name: str, run_id: str, *, artifact: str = "adapter", source: str | Path | None = None,
-                     parent: str | None = None, scores: dict[str, float] | None = None) -> ModelVersion:
+                     parent: str | None = None, scores: dict[str, float] | None = None,
+                     tags: dict[str, str] | None = None) -> ModelVersion:
     """The next version of registered model `name` (created if new): the run's logged `artifact` (its adapter), or
     `source` (a merged model's directory, kept where it is); tagged with the run, its lineage tags, `parent`
-    (NAME/VERSION, which must exist) and `scores` (default: the run's eval metrics)."""
+    (NAME/VERSION, which must exist), `scores` (default: the run's eval metrics) and any further `tags`."""
     client = _client(uri)
     run = client.get_run(run_id)
     if source is None:
@@ -45,8 +46,8 @@ def register_adapter(uri: str, name: str, run_id: str, *, artifact: str = "adapt
         source = f"{run.info.artifact_uri}/{artifact}"
     elif Path(source).exists():
         source = Path(source).resolve().as_uri()
-    tags = {f"{TAG}run_id": run_id, **{f"{TAG}{t}": run.data.tags[f"{TAG}{t}"] for t in LINEAGE_TAGS
-                                         if f"{TAG}{t}" in run.data.tags}}
+    tags = {**(tags or {}), f"{TAG}run_id": run_id, **{f"{TAG}{t}": run.data.tags[f"{TAG}{t}"] for t in LINEAGE_TAGS
+                                                       if f"{TAG}{t}" in run.data.tags}}
     if parent is not None:
         parent_name, _, parent_version = parent.partition("/")
         client.get_model_version(parent_name, parent_version)  # raises if there is no such version
@@ -69,15 +70,15 @@ def register_output(run: Recording, name: str, summary: dict) -> str:
     inside = path.is_relative_to(run.out) and path.relative_to(run.out).parts[0] not in BY_PATH
     where = {"artifact": path.relative_to(run.out).as_posix()} if inside else {"source": path}
     found = register_adapter(run.uri, name, run.run_id, parent=_registered_from(run.uri, name,
-                                                                               summary.get("start_adapter")), **where)
-    tag_version(run.uri, name, found.version, {ARTIFACT_PATH: str(path)})
+                                                                               summary.get("start_adapter")),
+                             tags={ARTIFACT_PATH: str(path)}, **where)
     set_alias(run.uri, name, CANDIDATE, found.version)
     return f"{name}@{found.version}"
 
 
 def _registered_from(uri: str, name: str, adapter: str | None) -> str | None:
     """NAME/VERSION of the newest version of `name` registered from the directory `adapter`; None when none was."""
-    if not adapter or not _client(uri).search_registered_models(filter_string=f"name = '{name}'"):
+    if not adapter:
         return None
     path = str(Path(adapter).resolve())
     found = [v for v in _client(uri).search_model_versions(f"name = '{name}'") if v.tags.get(ARTIFACT_PATH) == path]
