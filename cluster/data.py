@@ -66,6 +66,14 @@ def limit(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
     return ds.limit(rows)
 
 
+def cap_cpus(ds: ray.data.Dataset, cpus: int | None) -> ray.data.Dataset:
+    """At most `cpus` CPUs held by the dataset's tasks at once (None: Ray Data's own limit, the cluster's CPUs). It
+    applies to the datasets `ds` was made from and to those made from it (they share its options)."""
+    if cpus is not None:
+        ds.context.execution_options.resource_limits = ray.data.ExecutionResources(cpu=cpus)
+    return ds
+
+
 def count(ds: ray.data.Dataset) -> int:
     """The rows of one pass, counted as they stream (none are kept)."""
     with _unwrapped():

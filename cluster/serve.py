@@ -369,7 +369,7 @@ def _wait_running(app_name: str, timeout_s: float) -> None:
             return
         if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RuntimeError(f"serving app {app_name!r} failed: {app.message or _deployment_messages(app)}")
-        time.sleep(2)
+        time.sleep(0.5)
     raise TimeoutError(f"serving app {app_name!r} not running after {timeout_s:.0f}s")
 
 

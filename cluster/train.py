@@ -31,6 +31,7 @@ from cluster import _ray_private, metrics
 
 # Ray Train V2 keeps this file in `storage_path/name` and continues any run it finds there.
 _SNAPSHOT = "checkpoint_manager_snapshot.json"
+_HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train's controller polls the workers this often
 ABORT_TIMEOUT_S = 60  # a stopped run's controller gets this long to end its workers, then it is killed
 
 
@@ -99,6 +100,9 @@ def fit(
     _prepare_storage(storage_path, name, resume)
     # The dashboard's Train API (`/api/train/v2/runs/v1`, read by `llmc status`) lists runs only with this.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    # The controller polls its workers every 2 s by default, so a finished run waited up to 4 s more to end (a short
+    # run took 13 s, 9 s with 0.5 s); the poll is one cheap call per worker.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(_HEALTH_CHECK_INTERVAL_S))
     reports = _report_queue(on_report)
 
     refs = {key: value if isinstance(value, PerRank) else (value if isinstance(value, Shared) else share(value)).ref

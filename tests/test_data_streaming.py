@@ -35,7 +35,7 @@ def _rows(n: int) -> list[dict]:
 
 
 def _config(path: Path, **fields) -> DataConfig:
-    streaming = {"enabled": True, **fields.pop("streaming", {})}
+    streaming = {"enabled": True, "max_cpus": 2, **fields.pop("streaming", {})}  # this machine's cores
     return DataConfig.model_validate({"path": str(path), "format": "alpaca", "max_length": 64, "eval_fraction": 0.25,
                                       "streaming": streaming, **fields})
 
@@ -167,6 +167,7 @@ def test_workers_stream_disjoint_shards_whose_union_is_the_train_split(ray_clust
     again = pipeline.build(configs["plain"], 5, args, count=True)  # the same data: its count is not streamed again
     assert (streams["plain"].counted, again.counted) == ("counted", "cached")
     assert again.train_examples == streams["plain"].train_examples
+    assert {s.train.context.execution_options.resource_limits.cpu for s in streams.values()} == {2}  # max_cpus
     tokenizer = load_tokenizer(*args)
     ids = {tuple(tokenize_examples([r], "alpaca", configs["plain"], tokenizer)[0]["input_ids"]): i
            for i, r in enumerate(rows)}
@@ -195,8 +196,9 @@ def test_workers_stream_disjoint_shards_whose_union_is_the_train_split(ray_clust
 def test_a_lora_run_through_the_streamed_path_lowers_the_loss(ray_cluster, tmp_path):
     from workloads.finetune import driver
 
-    recipe = load_recipe(TINY, ["data.streaming.enabled=true", "train.max_steps=24", "train.eval_every=12",
-                                "train.checkpoint_every=12", "deepspeed.enabled=false", "run.name=streamed-lora"])
+    recipe = load_recipe(TINY, ["data.streaming.enabled=true", "data.streaming.max_cpus=2", "train.max_steps=24",
+                                "train.eval_every=12", "train.checkpoint_every=12", "deepspeed.enabled=false",
+                                "run.name=streamed-lora"])
     summary = driver.run(recipe, output_dir=str(tmp_path / "run"))
     assert summary["steps"] == 24 and (tmp_path / "run" / "adapter").is_dir()
     assert summary["final_train_loss"] < 0.7 * summary["initial_train_loss"], summary
@@ -266,7 +268,8 @@ def test_a_run_resumed_after_a_worker_is_killed_trains_on_the_uninterrupted_runs
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     path = write_jsonl(_rows(192), tmp_path / "rows.jsonl")
     recipe = load_recipe(TINY, [f"data.path={path}", "data.eval_path=null", "data.eval_fraction=0",
-                                "data.streaming.enabled=true", "data.streaming.batch_rows=16",
+                                "data.streaming.enabled=true", "data.streaming.max_cpus=2",
+                                "data.streaming.batch_rows=16",
                                 "data.streaming.shuffle_buffer_rows=32", "train.micro_batch_size=8",
                                 "train.gradient_accumulation_steps=2"])
     model = (str(tiny_model_dir), None, None)
@@ -322,7 +325,8 @@ recipe_path, data, model, out = sys.argv[1:5]
 started = time.perf_counter()
 ray.init(address="local", num_cpus=4, object_store_memory=75 * 2**20, include_dashboard=False, log_to_driver=False)
 recipe = load_recipe(recipe_path, [f"data.path={data}", "data.eval_path=null", "data.eval_fraction=0",
-                                   "data.max_length=512", "data.streaming.enabled=true"])
+                                   "data.max_length=512", "data.streaming.enabled=true",
+                                   "data.streaming.max_cpus=2"])
 streams = pipeline.build(recipe.data, recipe.train.seed, (model, None, None), count=False)
 cluster_train.fit(read_shard, {"out": out}, name="small-store", storage_path=f"{out}/storage",
                   datasets={"train": streams.train},

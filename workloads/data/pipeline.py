@@ -52,13 +52,13 @@ def build(cfg: DataConfig, seed: int, tokenizer_args: tuple, count: bool) -> Str
     counts = _Counts(cfg, seed, tokenizer_args)
     for prefix, source in cfg.sources():
         step = {"cfg": cfg, "source": source, "seed": seed, "tokenizer_args": tokenizer_args}
-        field, label, raw = _read(source, prefix, seed)
+        field, label, raw = _read(source, prefix, seed, cfg.streaming.max_cpus)
         train = cluster_data.map_rows(raw, stream.examples, batch_rows=cfg.streaming.batch_rows, field=field,
                                       label=label, eval_split=False, **step)
         parts.append(cluster_data.limit(train, cfg.max_samples) if cfg.max_samples else train)
         if source.eval_path:
             field, label = f"{prefix}.eval_path", source.eval_path
-            raw = _read_path(source.eval_path, source, seed, field)
+            raw = _read_path(source.eval_path, source, seed, field, cfg.streaming.max_cpus)
         if source.eval_path or cfg.eval_fraction > 0:
             evals.append(cluster_data.map_rows(raw, stream.examples, batch_rows=cfg.streaming.batch_rows,
                                                field=field, label=label, eval_split=True, **step))
@@ -80,11 +80,11 @@ def eval_records(cfg: DataConfig, seed: int):
     def rows(prefix: str, source: DatasetConfig):
         if source.eval_path:
             field, label = f"{prefix}.eval_path", source.eval_path
-            raw = _read_path(source.eval_path, source, seed, field)
+            raw = _read_path(source.eval_path, source, seed, field, cfg.streaming.max_cpus)
             kept = cluster_data.map_rows(raw, stream.checked_rows, batch_rows=cfg.streaming.batch_rows,
                                          source=source, field=field, label=label)
         else:
-            field, label, raw = _read(source, prefix, seed)
+            field, label, raw = _read(source, prefix, seed, cfg.streaming.max_cpus)
             kept = cluster_data.map_rows(raw, _held_out_rows, batch_rows=cfg.streaming.batch_rows, source=source,
                                          field=field, label=label, seed=seed, fraction=cfg.eval_fraction)
         return ((source.format, row) for row in cluster_data.iter_rows(kept))
@@ -134,7 +134,7 @@ def count_key(cfg: DataConfig, seed: int, tokenizer_args: tuple) -> str | None:
     tokenizer_files = sorted(p for p in model.iterdir() if p.name.startswith("tokenizer") or p.suffix == ".jinja") \
         if model.is_dir() else []
     identity = {"data": cfg.model_dump(mode="json", exclude={"streaming": {"enabled", "check_rows",
-                                                                            "shuffle_buffer_rows"}}),
+                                                                            "shuffle_buffer_rows", "max_cpus"}}),
                 "seed": seed, "tokenizer": [*map(str, tokenizer_args), *_stats(map(str, tokenizer_files))],
                 "files": _stats(files)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
@@ -162,23 +162,27 @@ def _mix(parts: list, weights: list[float], seed: int, counts: _Counts) -> list:
     return mixed
 
 
-def _read(source: DatasetConfig, prefix: str, seed: int) -> tuple[str, str, Any]:
-    """(field, label, raw rows) of one dataset: its path, data_files or hub dataset."""
+def _read(source: DatasetConfig, prefix: str, seed: int, max_cpus: int | None) -> tuple[str, str, Any]:
+    """(field, label, raw rows) of one dataset: its path, data_files or hub dataset; what is made from it holds at
+    most `max_cpus` CPUs at once (`data.streaming.max_cpus`)."""
     if source.hub is not None:
         label = f"{source.hub}:{source.split}"
-        return f"{prefix}.hub", label, cluster_data.read_iterable(open_hub(source.hub, source.subset, source.split,
-                                                                           prefix, streaming=True))
+        raw = cluster_data.read_iterable(open_hub(source.hub, source.subset, source.split, prefix, streaming=True))
+        return f"{prefix}.hub", label, cluster_data.cap_cpus(raw, max_cpus)
     if source.data_files is not None:
         files = [str(path) for pattern in source.data_files for path in resolve_files(pattern)]
-        return f"{prefix}.data_files", ", ".join(source.data_files), _read_files(files, source, seed)
-    return f"{prefix}.path", source.path, _read_path(source.path, source, seed, f"{prefix}.path")
+        raw = _read_files(files, source, seed)
+        return f"{prefix}.data_files", ", ".join(source.data_files), cluster_data.cap_cpus(raw, max_cpus)
+    return f"{prefix}.path", source.path, _read_path(source.path, source, seed, f"{prefix}.path", max_cpus)
 
 
-def _read_path(path: str, source: DatasetConfig, seed: int, field: str):
+def _read_path(path: str, source: DatasetConfig, seed: int, field: str, max_cpus: int | None):
     resolved = resolve_path(path)
     if resolved.is_dir():  # a save_to_disk directory: its Arrow files, read as they stream
-        return cluster_data.read_iterable(open_saved(resolved, source.split, field).to_iterable_dataset())
-    return _read_files([str(resolved)], source, seed)
+        raw = cluster_data.read_iterable(open_saved(resolved, source.split, field).to_iterable_dataset())
+    else:
+        raw = _read_files([str(resolved)], source, seed)
+    return cluster_data.cap_cpus(raw, max_cpus)
 
 
 def _read_files(files: list[str], source: DatasetConfig, seed: int):

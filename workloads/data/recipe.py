@@ -138,6 +138,12 @@ class StreamingConfig(StrictModel):
                                                   "examples are packed within such a batch.")
     shuffle_buffer_rows: int = Field(2048, ge=1, description="Each worker's local shuffle buffer (examples), "
                                                             "seeded with train.seed plus the epoch.")
+    max_cpus: int | None = Field(
+        None, ge=1, description="CPUs Ray Data's read and tokenize tasks may hold at once (null: what the cluster "
+        "has beside the training workers). Set it to the cores a machine really has where Ray claims more logical "
+        "CPUs (the embedded Ray claims 8 on a laptop): each task beyond them is one more process loading the "
+        "tokenizer, on cores already busy."
+    )
 
 
 class DataConfig(_DatasetSource):
