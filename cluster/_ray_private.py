@@ -7,6 +7,7 @@ upgrade that renames one fails with a message naming it, not with an AttributeEr
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -58,3 +59,26 @@ def require_train_controller_hook(trainer_cls: type) -> None:
     if not callable(getattr(trainer_cls.__mro__[1], TRAIN_CONTROLLER_HOOK, None)):
         raise RayPrivateApiError(f"Ray {ray.__version__}'s TorchTrainer has no {TRAIN_CONTROLLER_HOOK} (used as of "
                                  f"Ray {WRITTEN_FOR} to stop a run cleanly): update cluster/_ray_private.py")
+
+
+
+_UNWANTED_DRIVER_MESSAGES: list[Callable[[str], bool]] = []
+
+
+def drop_driver_messages(unwanted: Callable[[str], bool]) -> None:
+    """The messages the raylet pushes to every driver (printed to stdout whatever `log_to_driver` says), less the
+    lines `unwanted` picks; the raylet's own log keeps them all."""
+    worker = importlib.import_module("ray._private.worker")
+    printer = _attribute("ray._private.worker", "print_to_stdstream")
+    if unwanted not in _UNWANTED_DRIVER_MESSAGES:
+        _UNWANTED_DRIVER_MESSAGES.append(unwanted)
+    if getattr(printer, "llmc_filtered", False):
+        return
+
+    def filtered(data: dict, ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if not any(f(line) for f in _UNWANTED_DRIVER_MESSAGES)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    filtered.llmc_filtered = True
+    worker.print_to_stdstream = filtered

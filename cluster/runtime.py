@@ -17,6 +17,7 @@ import time
 import psutil
 import ray
 
+from cluster import _ray_private
 from cluster.stopping import on_sigterm, stop_on_sigterm
 
 # Serve runs an ingress and one engine per replica beside training workers; on a 2-core laptop a logical CPU
@@ -57,6 +58,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     if not loud:
         for name in _CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        # On 2 cores the raylet warns on every run that it started "N PYTHON worker processes" (Train workers,
+        # engines and Ray Data tasks start at once); a note for Ray's logs, not the terminal.
+        _ray_private.drop_driver_messages(_worker_pool_note)
     ctx = ray.get_runtime_context()
     dashboard = dashboard_url()
     where = f"Ray cluster at {address}" if address else "embedded local Ray"
@@ -65,6 +69,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         f"{where} (node {ctx.get_node_id()[:8]}, {resources.get('CPU', 0):g} CPUs, "
         f"{resources.get('GPU', 0):g} GPUs{', dashboard ' + dashboard if dashboard else ''})"
     )
+
+
+def _worker_pool_note(line: str) -> bool:
+    return "PYTHON worker processes have been started" in line
 
 
 def node_ips() -> tuple[str, list[str]]:

@@ -32,3 +32,21 @@ def test_no_other_module_reaches_into_rays_private_packages():
                  for path in (REPO / folder).rglob("*.py") if path.name != "_ray_private.py"
                  for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, offenders
+
+
+def test_the_raylets_worker_pool_note_is_kept_from_the_terminal_and_its_other_messages_are_not(capsys):
+    """Ray prints what the raylet pushes to a driver whatever `log_to_driver` says; without --verbose, `connect`
+    drops its note on how many worker processes it started (2 cores, many at once: every run on a laptop)."""
+    import importlib
+
+    from cluster import runtime
+
+    _ray_private.drop_driver_messages(runtime._worker_pool_note)
+    printer = importlib.import_module("ray._private.worker").print_to_stdstream
+    note = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 10.0.0.1, which is 4x "
+            "the maximum expected startup concurrency (2).")
+    printer({"lines": [note], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    printer({"lines": [note, "A worker died or was killed while executing a task."], "pid": "raylet",
+             "is_err": False}, ignore_prefix=False)
+    shown = capsys.readouterr().out
+    assert "worker processes have been started" not in shown and shown.count("A worker died or was killed") == 1
