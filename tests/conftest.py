@@ -137,7 +137,9 @@ def _start_ray_head() -> None:
          f"--dashboard-agent-listen-port={agent_port}",
          "--num-cpus=8", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-        env=os.environ.copy(),  # this venv first on PATH: jobs run `python -m workloads.cli`
+        # This venv first on PATH: jobs run `python -m workloads.cli`. Metrics every second, not every 10: a
+        # watched run lasts seconds (`watched_finetune`).
+        env={**os.environ, "RAY_metrics_report_interval_ms": "1000"},
     )
     _ray_head = (proc, RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}",
                                   f"http://127.0.0.1:{metrics_port}/metrics", temp_dir, proc.pid), log)
@@ -176,13 +178,13 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
             samples = []
         values = {wanted[n]: v for n, labels, v in samples if n in wanted and labels.get("run") == name}
         last = values or last
-        if status is None and values.get("step", 0) >= 1:
-            status = collect(ray_cluster.dashboard_url)
+        if not _running(status, name) and proc.poll() is None and values.get("step", 0) >= 1:
+            status = collect(ray_cluster.dashboard_url)  # again until it is seen running: the run lasts seconds
         if proc.poll() is not None:
             ended = ended or time.monotonic()
             if last.get("step") == WATCHED_STEPS or time.monotonic() - ended > 30:
                 break
-        time.sleep(1)
+        time.sleep(0.25)
     proc.wait(timeout=60)
     output = log.read_text()
     assert proc.returncode == 0, output[-5000:]
@@ -196,6 +198,10 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
     return {"out": out, "name": name, "output": output, "summary": summary, "rows": read_metrics_csv(out),
             "storage": storage, "checkpoint": checkpoint,  # a copy of the final checkpoint
             "last": last, "status_run": status_run, "status_jobs": (status or {}).get("jobs", [])}
+
+
+def _running(status: dict | None, name: str) -> bool:
+    return any(r["name"] == name and r["status"] == "RUNNING" for r in (status or {}).get("train_runs", []))
 
 
 LORA_STEPS = 30

@@ -43,7 +43,7 @@ SFT_SET = ["train.max_steps=10", "train.eval_every=10", "train.checkpoint_every=
            f"eval.generate_samples={HELD_OUT}"]
 # GRPO scores its held-out prompts before and after (greedy, on its own engine) on half as many: stage 4 asks the
 # served adapter all HELD_OUT.
-GRPO_SET = ["rl.iterations=3", "train.eval_every=3", "train.checkpoint_every=3", f"rl.eval_prompts={HELD_OUT // 2}"]
+GRPO_SET = ["rl.iterations=5", "train.eval_every=5", "train.checkpoint_every=5", f"rl.eval_prompts={HELD_OUT // 2}"]
 EVAL_VARIANTS = ("zero-shot", "one-shot", "three-shot")  # of smollm2-eval-json.yaml's: its role variant costs a minute
 SEARCH_SET = ["dev_set.limit=40"]  # ASHA's rungs on 40 dev items, the winner on the full test split
 # Stage 4, per adapter name on the endpoint: its task's held-out split, scorer and most tokens per reply.
