@@ -137,15 +137,14 @@ def _start_ray_head() -> None:
          f"--dashboard-agent-listen-port={agent_port}",
          "--num-cpus=8", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-        # This venv first on PATH: jobs run `python -m workloads.cli`. Metrics every second, not every 10: a
-        # watched run lasts seconds (`watched_finetune`).
-        env={**os.environ, "RAY_metrics_report_interval_ms": "1000"},
+        env=os.environ.copy(),  # this venv first on PATH: jobs run `python -m workloads.cli`
     )
     _ray_head = (proc, RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}",
                                   f"http://127.0.0.1:{metrics_port}/metrics", temp_dir, proc.pid), log)
 
 
 WATCHED_STEPS = 10
+_METRICS_INTERVAL = "RAY_metrics_report_interval_ms"
 
 
 @pytest.fixture(scope="session")
@@ -160,15 +159,18 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("watched")
     out, name = root / "run", f"mon-{os.getpid()}"
-    command = ["submit", "--address", ray_cluster.dashboard_url, "--", "finetune", "workloads/configs/tiny-lora.yaml",
-               "--output-dir", str(out)]
+    # The job's processes export their metrics every second, not every 10 s: the run lasts seconds. (Only the job's:
+    # the cluster's own gauges, refreshed less often, would vanish between refreshes.)
+    command = ["submit", "--address", ray_cluster.dashboard_url, "--env", _METRICS_INTERVAL, "--", "finetune",
+               "workloads/configs/tiny-lora.yaml", "--output-dir", str(out)]
     for override in (f"run.name={name}", f"train.max_steps={WATCHED_STEPS}", "train.eval_every=5",
                      "train.checkpoint_every=5", "train.log_every=1", "deepspeed.enabled=false"):
         command += ["--set", override]
     wanted = {exported_name(TRAIN_METRIC_PREFIX + key): key for key in TRAIN_GAUGES}
     log = root / "submit.log"  # a file, not a pipe: nobody reads a pipe while this loop polls
     proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *command], cwd=REPO, text=True,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            env={**os.environ, _METRICS_INTERVAL: "1000"}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
     last, status, ended = {}, None, None
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
