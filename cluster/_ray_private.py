@@ -61,7 +61,6 @@ def require_train_controller_hook(trainer_cls: type) -> None:
                                  f"Ray {WRITTEN_FOR} to stop a run cleanly): update cluster/_ray_private.py")
 
 
-
 _UNWANTED_DRIVER_MESSAGES: list[Callable[[str], bool]] = []
 
 
