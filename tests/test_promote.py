@@ -3,7 +3,7 @@
 Fast: the alias table's rules, answers renamed to the alias (JSON and server-sent events), the promotion recipe's
 checks, the registry's bookkeeping on a real SQLite MLflow store, the gate's verdicts and eval recipe, and the CLI's
 exit statuses before any cluster work. Slow (the session's `server`, which declares `tiny-arith` as `tiny:prod`):
-promotion and rollback under 4 concurrent clients with no failed request, answers switching to the candidate's own and
+promotion and rollback under 8 concurrent clients with no failed request, answers switching to the candidate's own and
 back, `/v1/models` showing the version; and the gate refusing a zero-step adapter while the champion keeps serving.
 Those run last on that server (`last_on_server`): the adapters they publish and the alias show in its listing.
 """
@@ -256,7 +256,7 @@ def test_promote_and_rollback_exit_2_naming_the_argument_before_any_cluster_work
 # On the session's server: promotion and rollback under load, and a refused candidate
 # ---------------------------------------------------------------------------------------------
 
-LOAD_CLIENTS = 4
+LOAD_CLIENTS = 8
 QUESTIONS = ["17 + 72", "32 + 15", "63 + 97", "57 + 60"]
 
 
@@ -346,7 +346,7 @@ class Load:
 @pytest.mark.slow
 @pytest.mark.last_on_server
 def test_promote_and_rollback_under_load_switch_the_alias_with_no_failed_request(server, versions, ray_cluster):
-    """`tiny:prod` first gets the zero-step adapter (no champion to beat); under 4 clients the trained adapter is
+    """`tiny:prod` first gets the zero-step adapter (no champion to beat); under 8 clients the trained adapter is
     promoted (the gate's eval sees it beat the champion) and rolled back: no request fails, no replica restarts, the
     alias's greedy answers are the candidate adapter's own and then the old champion's again, and `/v1/models` shows
     each version."""
