@@ -19,7 +19,6 @@ a second run on unchanged data counts nothing (hub datasets are counted every ti
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 from cluster import data as cluster_data
 from workloads.common.paths import resolve_files, resolve_path
 from workloads.data import stream
+from workloads.data.prepared import fingerprint
 from workloads.data.recipe import DataConfig, DatasetConfig
 from workloads.data.sources import builder_for, open_hub, open_saved
 from workloads.models.cache import cache_dir
@@ -120,34 +120,10 @@ class _Counts:
 
 
 def count_key(cfg: DataConfig, seed: int, tokenizer_args: tuple) -> str | None:
-    """What a count of the streamed examples depends on, hashed: the data config (but the fields that only say how
-    to stream it), the seed, the tokenizer (its model's tokenizer files' sizes and mtimes, when a local directory)
-    and each file read (path, size, mtime). None when a dataset comes from the hub."""
-    if any(source.hub is not None for _, source in cfg.sources()):
-        return None
-    files = []
-    for _, source in cfg.sources():
-        paths = [str(p) for pattern in source.data_files for p in resolve_files(pattern)] if source.data_files \
-            else [str(resolve_path(source.path))]
-        files += [*paths, *([str(resolve_path(source.eval_path))] if source.eval_path else [])]
-    model = Path(tokenizer_args[0])
-    tokenizer_files = sorted(p for p in model.iterdir() if p.name.startswith("tokenizer") or p.suffix == ".jinja") \
-        if model.is_dir() else []
-    identity = {"data": cfg.model_dump(mode="json", exclude={"streaming": {"enabled", "check_rows",
-                                                                            "shuffle_buffer_rows", "max_cpus"}}),
-                "seed": seed, "tokenizer": [*map(str, tokenizer_args), *_stats(map(str, tokenizer_files))],
-                "files": _stats(files)}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _stats(paths) -> list:
-    """(path, size, mtime) of each file, of each file under a directory (a save_to_disk dataset)."""
-    out = []
-    for path in map(Path, paths):
-        for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            stat = file.stat()
-            out.append((str(file), stat.st_size, stat.st_mtime_ns))
-    return out
+    """What a count of the streamed examples depends on (`prepared.fingerprint`): the data config but the fields that
+    only say how to stream it, the seed, the tokenizer and each file read. None when a dataset comes from the hub."""
+    return fingerprint(cfg, seed, tokenizer_args,
+                       ignore={"streaming": {"enabled", "check_rows", "shuffle_buffer_rows", "max_cpus"}})
 
 
 def _mix(parts: list, weights: list[float], seed: int, counts: _Counts) -> list:

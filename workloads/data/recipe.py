@@ -171,6 +171,10 @@ class DataConfig(_DatasetSource):
     system_prompt: str | None = Field(None, description="Prepended as a system turn to every example.")
     streaming: StreamingConfig = Field(default_factory=StreamingConfig, description="Ray Data streaming of the "
                                        "training data (fine-tuning).")
+    cache: bool = Field(True, description="Keep the tokenized train and eval examples (the driver path, not "
+                        "data.streaming) under $LLMC_CACHE/prepared: a rerun whose data files' contents, "
+                        "data settings, seed, tokenizer and eval generation settings are unchanged skips reading, "
+                        "checking and tokenizing them. Hub datasets are never kept.")
 
     @model_validator(mode="after")
     def _one_form(self) -> DataConfig:

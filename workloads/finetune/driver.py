@@ -21,6 +21,7 @@ from cluster import train as cluster_train
 from workloads.common import multinode, reporting, tracking
 from workloads.common.recipe import RecipeError
 from workloads.common.run import RESUME_LATEST, RunConfig
+from workloads.data import prepared as prepared_data
 from workloads.data.check import check_data, check_heads, describe
 from workloads.data.formats import build_datasets
 from workloads.finetune import schedule
@@ -83,17 +84,28 @@ class Prepared:
 
 def prepare(recipe: FinetuneRecipe, address: str | None = None) -> Prepared:
     """Check the data, then tokenize it once for all workers: bad data fails here, in seconds, naming file, line
-    and field, not in every worker after Ray starts. With data.streaming, only the first rows are checked here; then
-    Ray is connected (`address`) and the data becomes Ray Data pipelines (`_prepare_streams`)."""
+    and field, not in every worker after Ray starts; an earlier run's tokenized data is taken instead when nothing it
+    depends on changed (data.cache). With data.streaming, only the first rows are checked here; then Ray is connected
+    (`address`) and the data becomes Ray Data pipelines (`_prepare_streams`)."""
     model_path = resolve_model_path(recipe.model)
     print(f"[llmc] model {recipe.model.name} -> {model_path}", flush=True)
-    tokenizer = load_tokenizer(model_path, recipe.model.revision, recipe.model.chat_template)
+    tokenizer_args = (model_path, recipe.model.revision, recipe.model.chat_template)
     if recipe.data.streaming.enabled:
-        return _prepare_streams(recipe, model_path, tokenizer, address)
-    print(f"[llmc] {describe(check_data(recipe.data, tokenizer))}", flush=True)
-    train_ex, eval_ex = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-    cases = generation_cases(recipe, tokenizer) if recipe.eval.generate and eval_ex else []
-    return Prepared(model_path, _total_steps(recipe, len(train_ex)), (train_ex, eval_ex, cases))
+        return _prepare_streams(recipe, model_path, load_tokenizer(*tokenizer_args), address)
+    generation = {"generate": recipe.eval.generate, "samples": recipe.eval.generate_samples}
+    data_key = prepared_data.key(recipe.data, recipe.train.seed, tokenizer_args, generation)
+    if (kept := prepared_data.load(data_key)) is not None:
+        print(f"[llmc] {kept.description} (tokenized by an earlier run: the files and settings are unchanged)",
+              flush=True)
+    else:
+        tokenizer = load_tokenizer(*tokenizer_args)
+        description = describe(check_data(recipe.data, tokenizer))
+        print(f"[llmc] {description}", flush=True)
+        train_ex, eval_ex = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+        cases = generation_cases(recipe, tokenizer) if recipe.eval.generate and eval_ex else []
+        kept = prepared_data.PreparedData(description, (train_ex, eval_ex, cases))
+        prepared_data.save(data_key, kept)
+    return Prepared(model_path, _total_steps(recipe, len(kept.data[0])), kept.data)
 
 
 def _prepare_streams(recipe: FinetuneRecipe, model_path: str, tokenizer, address: str | None) -> Prepared:
