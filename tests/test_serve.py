@@ -509,7 +509,11 @@ def test_serving_metrics_count_what_the_ingress_answered_and_a_burst_beyond_the_
     answers = asyncio.run(burst())
     shed = [a.status_code for a in answers]
     print(f"\nburst of {len(shed)}: {shed.count(200)} answered, {shed.count(503)} shed with 503")
-    assert set(shed) <= {200, 503} and shed.count(200) >= limits.max_ongoing_requests
+    # Admitted: the caller's queue (it waits for a free slot) and whatever replica slots the router sees free at the
+    # burst, at most every replica's; beyond that, 503 at once. A run right after an engine replica was replaced
+    # answered exactly the queue (32 of 160): the router saw no free slot then, and the queue still got served.
+    ceiling = limits.max_replicas * limits.max_ongoing_requests + limits.max_queued_requests
+    assert set(shed) <= {200, 503} and limits.max_queued_requests <= shed.count(200) <= ceiling
     assert shed.count(503) > 0 and all("backpressure" in a.text for a in answers if a.status_code == 503)
     expected = {"unauthorized": 3, "reason=api_key": 3, "reason=max_tokens": 2, "completions 401": 3,
                 "completions 200": 2 + shed.count(200), "cache hits": 1, "cache misses": 1, "shed": shed.count(503)}
