@@ -47,7 +47,7 @@ def test_a_rerun_takes_the_first_runs_examples_without_loading_a_tokenizer(prepa
     again, printed, tokenizers = prepare("train.learning_rate=0.5", "train.max_steps=3", "lora.r=4")
     assert tokenizers == 0 and "rows.jsonl: 60 rows" in printed and "tokenized by an earlier run" in printed
     assert again == first and len(first[0]) == 48 and len(first[1]) == 12 and len(first[2]) == 5
-    assert len(list((tmp_path / "cache" / "prepared").glob("*.pkl"))) == 1
+    assert len(list((tmp_path / "cache" / "prepared").glob("*.json"))) == 1
 
 
 CHANGES = ["data.max_length=20", "train.seed=7", "data.system_prompt=Be brief.", "eval.generate_samples=3",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,11 @@ _CODE = [*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).parent.pare
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A run's tokenized data as the driver made it, and the line that described its files."""
+    """A run's tokenized data as the driver made it, and the line that described its files. Kept as JSON (not
+    pickle): a shared $LLMC_CACHE cannot hand a run code to execute."""
 
     description: str
-    data: Any  # (train examples, eval examples, eval generation cases)
+    data: dict[str, Any]  # JSON values only: train and eval examples, eval generation cases as (ids, reference)
 
 
 def fingerprint(cfg: DataConfig, seed: int, tokenizer_args: tuple, ignore: dict | None = None,
@@ -57,7 +57,7 @@ def key(cfg: DataConfig, seed: int, tokenizer_args: tuple, generation: dict) -> 
     if not cfg.cache or not Path(tokenizer_args[0]).is_dir():
         return None
     if any(source.hub is not None for _, source in cfg.sources()):
-        return None
+        return None  # before `_files`: a hub dataset has no file to read
     # The driver path reads every file whole anyway: their contents, not only their mtimes (a clock tick apart, two
     # writes of the same size look alike), and the code's.
     contents = [_digest([file]) for file, _, _ in _stats(_files(cfg))]
@@ -70,8 +70,8 @@ def load(data_key: str | None) -> PreparedData | None:
     path = _path(data_key)
     if path is None or not path.is_file():
         return None
-    with path.open("rb") as handle:
-        return pickle.load(handle)
+    kept = json.loads(path.read_text())
+    return PreparedData(kept["description"], kept["data"])
 
 
 def save(data_key: str | None, prepared: PreparedData) -> None:
@@ -81,13 +81,12 @@ def save(data_key: str | None, prepared: PreparedData) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    with partial.open("wb") as handle:
-        pickle.dump(prepared, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    partial.write_text(json.dumps({"description": prepared.description, "data": prepared.data}))
     partial.replace(path)
 
 
 def _path(data_key: str | None) -> Path | None:
-    return cache_dir() / "prepared" / f"{data_key}.pkl" if data_key else None
+    return cache_dir() / "prepared" / f"{data_key}.json" if data_key else None
 
 
 def _files(cfg: DataConfig) -> list[str]:

@@ -103,9 +103,12 @@ def prepare(recipe: FinetuneRecipe, address: str | None = None) -> Prepared:
         print(f"[llmc] {description}", flush=True)
         train_ex, eval_ex = build_datasets(recipe.data, tokenizer, recipe.train.seed)
         cases = generation_cases(recipe, tokenizer) if recipe.eval.generate and eval_ex else []
-        kept = prepared_data.PreparedData(description, (train_ex, eval_ex, cases))
+        kept = prepared_data.PreparedData(description, {"train": train_ex, "eval": eval_ex, "cases": [
+            [case.prompt_ids, case.reference] for case in cases]})
         prepared_data.save(data_key, kept)
-    return Prepared(model_path, _total_steps(recipe, len(kept.data[0])), kept.data)
+    data = kept.data
+    cases = [GenerationCase(ids, reference) for ids, reference in data["cases"]]
+    return Prepared(model_path, _total_steps(recipe, len(data["train"])), (data["train"], data["eval"], cases))
 
 
 def _prepare_streams(recipe: FinetuneRecipe, model_path: str, tokenizer, address: str | None) -> Prepared:
