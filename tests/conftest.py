@@ -150,8 +150,9 @@ _METRICS_INTERVAL = "RAY_metrics_report_interval_ms"
 @pytest.fixture(scope="session")
 def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
     """One small DDP fine-tune (2 workers, 10 steps, a checkpoint every 5), submitted with `llmc submit` and
-    watched while it runs: its node metrics export and `llmc status` are read during the run (gauges vanish
-    ~15 s after the worker that set them exits). Shared by the submit, monitoring and resume tests, so the
+    watched while it runs: its node metrics export and `llmc status`'s jobs are read during the run (gauges vanish
+    ~15 s after the worker that set them exits; `llmc status` of a running train run is read in test_lifecycle.py,
+    on a run that cannot end before it is seen). Shared by the submit, monitoring and resume tests, so the
     suite pays for one Ray Train run instead of three; a test that changes the run copies it first.
     """
     from cluster.metrics import TRAIN_GAUGES, TRAIN_METRIC_PREFIX, exported_name, scrape
@@ -180,8 +181,8 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
             samples = []
         values = {wanted[n]: v for n, labels, v in samples if n in wanted and labels.get("run") == name}
         last = values or last
-        if not _running(status, name) and proc.poll() is None and values.get("step", 0) >= 1:
-            status = collect(ray_cluster.dashboard_url)  # again until it is seen running: the run lasts seconds
+        if status is None and proc.poll() is None and values.get("step", 0) >= 1:
+            status = collect(ray_cluster.dashboard_url)  # the job is running (its run may have ended: it lasts seconds)
         if proc.poll() is not None:
             ended = ended or time.monotonic()
             if last.get("step") == WATCHED_STEPS or time.monotonic() - ended > 30:
@@ -193,17 +194,12 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     checkpoint = root / "final-checkpoint"  # kept apart: tests that rerun into `out` replace its checkpoints
     shutil.copytree(summary["checkpoint"], checkpoint)
-    status_run = next((r for r in (status or {}).get("train_runs", []) if r["name"] == name), None)
     storage = {run.name: [json.loads((c / "trainer_state.json").read_text())["step"]  # each kept checkpoint's step
                           for c in sorted(run.glob("checkpoint_*")) if c.is_dir()]
                for run in (out / "checkpoints").iterdir()}
     return {"out": out, "name": name, "output": output, "summary": summary, "rows": read_metrics_csv(out),
             "storage": storage, "checkpoint": checkpoint,  # a copy of the final checkpoint
-            "last": last, "status_run": status_run, "status_jobs": (status or {}).get("jobs", [])}
-
-
-def _running(status: dict | None, name: str) -> bool:
-    return any(r["name"] == name and r["status"] == "RUNNING" for r in (status or {}).get("train_runs", []))
+            "last": last, "status_jobs": (status or {}).get("jobs", [])}
 
 
 LORA_STEPS = 30

@@ -10,7 +10,9 @@ Replica failures under load are in tests/test_serve.py (they reuse its server).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,33 +134,75 @@ def test_sigterm_stops_serve_deploying_on_embedded_ray_cleanly(tiny_model_dir, t
     assert_stopped_cleanly(returncode, output, sid)
 
 
-def start_finetune(run_dir: Path, log: Path) -> subprocess.Popen:
+def start_finetune(run_dir: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`llmc finetune` of the tiny LoRA recipe, long enough never to finish, in a process session of its own."""
     command = [sys.executable, "-m", "workloads.cli", "finetune", str(FINETUNE_RECIPE), "--output-dir", str(run_dir),
                "--set", "train.max_steps=100000", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000",
                "--set", "deepspeed.enabled=false"]  # DDP: the stop path is Ray Train's, DeepSpeed only adds start-up
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=embedded_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(command, cwd=REPO, env={**embedded_env(), **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.slow
-def test_sigterm_stops_finetune_mid_training_cleanly(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    log = tmp_path / "finetune.log"
-    proc = start_finetune(run_dir, log)
-    sid = proc.pid
+@pytest.fixture(scope="module")
+def sigterm_finetune(tiny_model_dir, tmp_path_factory) -> dict:
+    """A fine-tune that never ends on its own: `llmc status` reads it on its embedded Ray's dashboard until it shows
+    the run RUNNING with a step and loss, then, once a checkpoint holds that step, SIGTERM stops it. A run that cannot
+    end before it is seen makes the status check hold on a machine of any speed (a 10-step run could finish first)."""
+    from cluster.status import collect
+
+    root = tmp_path_factory.mktemp("sigterm")
+    run_dir, log = root / "run", root / "finetune.log"
+    proc = start_finetune(run_dir, log, {"RAY_metrics_report_interval_ms": "1000"})  # gauges every second
+    sid, seen, history = proc.pid, None, []
     try:
-        first = wait_for_checkpoint(run_dir, proc, timeout_s=600)
-        assert first is not None, f"no checkpoint before the process ended:\n{log.read_text()[-6000:]}"
+        deadline = time.monotonic() + 600
+        while seen is None and time.monotonic() < deadline and proc.poll() is None:
+            found = re.search(r"\[llmc\] run tiny-lora: dashboard (http\S+)/#/jobs/", log.read_text())
+            if found:
+                runs = collect(found.group(1))["train_runs"]
+                seen = next((r for r in runs if r["status"] == "RUNNING" and r.get("step", 0) >= 1), None)
+            time.sleep(0.5)
+        while seen is not None and time.monotonic() < deadline and proc.poll() is None:
+            history = _checkpointed_history(run_dir)
+            if len(history) >= seen["step"]:
+                break
+            time.sleep(0.5)
+        running = proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=EXIT_TIMEOUT_S)
     finally:
         if proc.poll() is None:
             kill_session(sid)
-    output = log.read_text()
+    return {"run_dir": run_dir, "output": log.read_text(), "sid": sid, "returncode": returncode, "seen": seen,
+            "history": history, "running": running}
+
+
+def _checkpointed_history(run_dir: Path) -> list[dict]:
+    """The metrics rows in the run's newest complete checkpoint (empty while there is none)."""
+    for state in sorted(run_dir.glob("checkpoints/tiny-lora/checkpoint_*/trainer_state.json"), reverse=True):
+        try:
+            return json.loads(state.read_text())["history"]
+        except (OSError, ValueError):  # being written, or removed as an older checkpoint
+            continue
+    return []
+
+
+@pytest.mark.slow
+def test_llmc_status_shows_a_running_finetune_with_its_step_and_loss(sigterm_finetune):
+    seen, history = sigterm_finetune["seen"], sigterm_finetune["history"]
+    assert seen is not None, "never RUNNING with a step in llmc status:\n" + sigterm_finetune["output"][-6000:]
+    assert seen["name"] == "tiny-lora" and seen["job_id"], seen
+    assert len(history) >= seen["step"], (seen, len(history))
+    assert seen["loss"] == pytest.approx(history[int(seen["step"]) - 1]["loss"], rel=1e-6), seen
+
+
+@pytest.mark.slow
+def test_sigterm_stops_finetune_mid_training_cleanly(sigterm_finetune):
+    run_dir, output = sigterm_finetune["run_dir"], sigterm_finetune["output"]
+    assert sigterm_finetune["running"] and sigterm_finetune["history"], output[-6000:]  # stopped mid-training
     assert not (run_dir / "summary.json").exists()  # stopped mid-run, not finished
-    assert_stopped_cleanly(returncode, output, sid, status=143, last_line=(
+    assert_stopped_cleanly(sigterm_finetune["returncode"], output, sigterm_finetune["sid"], status=143, last_line=(
         f"[llmc] interrupted by SIGTERM before it finished: training stopped; its checkpoints stay in "
         f"{run_dir / 'checkpoints' / 'tiny-lora'} (continue with --set run.resume_from=latest)"))
 
@@ -184,14 +228,3 @@ def test_ctrl_c_stops_finetune_as_its_workers_start_cleanly(tiny_model_dir, tmp_
             kill_session(sid)
     assert_stopped_cleanly(returncode, log.read_text(), sid, status=130, last_line=(
         "[llmc] interrupted by SIGINT before it finished: training stopped; its checkpoints stay in"))
-
-
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout_s: float) -> Path | None:
-    """The first checkpoint directory of the run (training is then under way), or None if the process ended."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = sorted((run_dir / "checkpoints").glob("*/checkpoint_*"))
-        if found:
-            return found[0]
-        time.sleep(2)
-    return None
