@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -160,8 +161,8 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("watched")
     out, name = root / "run", f"mon-{os.getpid()}"
-    # The job's processes export their metrics every second, not every 10 s: the run lasts seconds. (Only the job's:
-    # the cluster's own gauges, refreshed less often, would vanish between refreshes.)
+    # The job's processes export their metrics four times a second, not every 10 s: the run lasts seconds. (Only the
+    # job's: the cluster's own gauges, refreshed less often, would vanish between refreshes.)
     command = ["submit", "--address", ray_cluster.dashboard_url, "--env", _METRICS_INTERVAL, "--", "finetune",
                "workloads/configs/tiny-lora.yaml", "--output-dir", str(out)]
     for override in (f"run.name={name}", f"train.max_steps={WATCHED_STEPS}", "train.eval_every=5",
@@ -170,7 +171,7 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
     wanted = {exported_name(TRAIN_METRIC_PREFIX + key): key for key in TRAIN_GAUGES}
     log = root / "submit.log"  # a file, not a pipe: nobody reads a pipe while this loop polls
     proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *command], cwd=REPO, text=True,
-                            env={**os.environ, _METRICS_INTERVAL: "1000"}, stdout=log.open("w"),
+                            env={**os.environ, _METRICS_INTERVAL: "250"}, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
     last, status, ended = {}, None, None
     deadline = time.monotonic() + 900
@@ -181,8 +182,9 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
             samples = []
         values = {wanted[n]: v for n, labels, v in samples if n in wanted and labels.get("run") == name}
         last = values or last
-        if status is None and proc.poll() is None and values.get("step", 0) >= 1:
-            status = collect(ray_cluster.dashboard_url)  # the job is running (its run may have ended: it lasts seconds)
+        submitted = re.search(r"submitted (\S+) to", log.read_text())
+        if submitted and proc.poll() is None and not _job_running(status, submitted.group(1)):
+            status = collect(ray_cluster.dashboard_url)  # until it shows the job RUNNING (from its start to its end)
         if proc.poll() is not None:
             ended = ended or time.monotonic()
             if last.get("step") == WATCHED_STEPS or time.monotonic() - ended > 30:
@@ -200,6 +202,10 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
     return {"out": out, "name": name, "output": output, "summary": summary, "rows": read_metrics_csv(out),
             "storage": storage, "checkpoint": checkpoint,  # a copy of the final checkpoint
             "last": last, "status_jobs": (status or {}).get("jobs", [])}
+
+
+def _job_running(status: dict | None, job_id: str) -> bool:
+    return any(j["id"] == job_id and j["status"] == "RUNNING" for j in (status or {}).get("jobs", []))
 
 
 LORA_STEPS = 30

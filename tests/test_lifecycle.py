@@ -149,7 +149,7 @@ def sigterm_finetune(tiny_model_dir, tmp_path_factory) -> dict:
     """A fine-tune that never ends on its own: `llmc status` reads it on its embedded Ray's dashboard until it shows
     the run RUNNING with a step and loss, then, once a checkpoint holds that step, SIGTERM stops it. A run that cannot
     end before it is seen makes the status check hold on a machine of any speed (a 10-step run could finish first)."""
-    from cluster.status import collect
+    from cluster.status import ClusterUnreachable, collect
 
     root = tmp_path_factory.mktemp("sigterm")
     run_dir, log = root / "run", root / "finetune.log"
@@ -159,9 +159,11 @@ def sigterm_finetune(tiny_model_dir, tmp_path_factory) -> dict:
         deadline = time.monotonic() + 600
         while seen is None and time.monotonic() < deadline and proc.poll() is None:
             found = re.search(r"\[llmc\] run tiny-lora: dashboard (http\S+)/#/jobs/", log.read_text())
-            if found:
-                runs = collect(found.group(1))["train_runs"]
-                seen = next((r for r in runs if r["status"] == "RUNNING" and r.get("step", 0) >= 1), None)
+            try:
+                runs = collect(found.group(1))["train_runs"] if found else []
+            except (ClusterUnreachable, OSError):  # its dashboard still starting
+                runs = []
+            seen = next((r for r in runs if r["status"] == "RUNNING" and r.get("step", 0) >= 1), None)
             time.sleep(0.5)
         while seen is not None and time.monotonic() < deadline and proc.poll() is None:
             history = _checkpointed_history(run_dir)

@@ -675,9 +675,21 @@ def replica_processes(deployment: str) -> dict[int, list[int]]:
     return found
 
 
+def _alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
 def kill_under_load(server: Server, ray_cluster, deployment: str, capsys) -> None:
     """SIGKILL every replica of `deployment` while clients ask; check the aftermath and print the recovery time."""
-    import psutil
     import ray
 
     if not ray.is_initialized():
@@ -707,8 +719,10 @@ def kill_under_load(server: Server, ray_cluster, deployment: str, capsys) -> Non
     assert slowest <= REQUEST_TIMEOUT_S + 15, f"a request took {slowest:.0f}s (limit {REQUEST_TIMEOUT_S}s)"
     replacements = replica_processes(deployment)
     assert replacements and not set(replacements) & set(victims), (victims, replacements)
-    orphans = [pid for children in victims.values() for pid in children if psutil.pid_exists(pid)
-               and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    deadline = time.monotonic() + 30  # a killed replica's engine process notices its parent is gone within seconds
+    while (orphans := _alive([pid for children in victims.values() for pid in children])) and \
+            time.monotonic() < deadline:
+        time.sleep(1)
     assert not orphans, f"processes of the killed replicas still run: {orphans}"
     server.client().completions.create(model="tiny", prompt="2+2=", max_tokens=4)
 
