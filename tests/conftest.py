@@ -145,7 +145,7 @@ def _start_ray_head() -> None:
 
 
 WATCHED_STEPS = 10
-_METRICS_INTERVAL = "RAY_metrics_report_interval_ms"
+METRICS_INTERVAL_ENV = "RAY_metrics_report_interval_ms"  # how often Ray processes export metrics
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +163,7 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
     out, name = root / "run", f"mon-{os.getpid()}"
     # The job's processes export their metrics four times a second, not every 10 s: the run lasts seconds. (Only the
     # job's: the cluster's own gauges, refreshed less often, would vanish between refreshes.)
-    command = ["submit", "--address", ray_cluster.dashboard_url, "--env", _METRICS_INTERVAL, "--", "finetune",
+    command = ["submit", "--address", ray_cluster.dashboard_url, "--env", METRICS_INTERVAL_ENV, "--", "finetune",
                "workloads/configs/tiny-lora.yaml", "--output-dir", str(out)]
     for override in (f"run.name={name}", f"train.max_steps={WATCHED_STEPS}", "train.eval_every=5",
                      "train.checkpoint_every=5", "train.log_every=1", "deepspeed.enabled=false"):
@@ -171,9 +171,9 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
     wanted = {exported_name(TRAIN_METRIC_PREFIX + key): key for key in TRAIN_GAUGES}
     log = root / "submit.log"  # a file, not a pipe: nobody reads a pipe while this loop polls
     proc = subprocess.Popen([sys.executable, "-m", "workloads.cli", *command], cwd=REPO, text=True,
-                            env={**os.environ, _METRICS_INTERVAL: "250"}, stdout=log.open("w"),
+                            env={**os.environ, METRICS_INTERVAL_ENV: "250"}, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
-    last, status, ended = {}, None, None
+    last, status, ended, job_id = {}, None, None, None
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         try:
@@ -182,8 +182,9 @@ def watched_finetune(ray_cluster, tmp_path_factory) -> dict:
             samples = []
         values = {wanted[n]: v for n, labels, v in samples if n in wanted and labels.get("run") == name}
         last = values or last
-        submitted = re.search(r"submitted (\S+) to", log.read_text())
-        if submitted and proc.poll() is None and not _job_running(status, submitted.group(1)):
+        if job_id is None and (submitted := re.search(r"submitted (\S+) to", log.read_text())):
+            job_id = submitted.group(1)
+        if job_id and proc.poll() is None and not _job_running(status, job_id):
             status = collect(ray_cluster.dashboard_url)  # until it shows the job RUNNING (from its start to its end)
         if proc.poll() is not None:
             ended = ended or time.monotonic()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, session_processes
+from tests.conftest import METRICS_INTERVAL_ENV, REPO, session_processes
 from tests.test_serve import random_adapter
 from workloads.serve.deploy import ServeProcess
 
@@ -153,7 +153,7 @@ def sigterm_finetune(tiny_model_dir, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("sigterm")
     run_dir, log = root / "run", root / "finetune.log"
-    proc = start_finetune(run_dir, log, {"RAY_metrics_report_interval_ms": "1000"})  # gauges every second
+    proc = start_finetune(run_dir, log, {METRICS_INTERVAL_ENV: "1000"})  # gauges every second
     sid, seen, history = proc.pid, None, []
     try:
         deadline = time.monotonic() + 600
