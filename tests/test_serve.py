@@ -459,7 +459,8 @@ def test_load_200_requests_at_concurrency_32_all_succeed(server, capsys):
 
 
 def test_serving_metrics_count_what_the_ingress_answered_and_a_burst_beyond_the_queue_gets_quick_503s(server,
-                                                                                                        ray_cluster):
+                                                                                                        ray_cluster,
+                                                                                                        capsys):
     """`llmc_serve_*` counters match the requests sent, a burst beyond the queue included (shed with 503, not left
     hanging); vLLM's and Serve's series (those Grafana reads) are there."""
     from cluster.metrics import scrape, total
@@ -500,21 +501,29 @@ def test_serving_metrics_count_what_the_ingress_answered_and_a_burst_beyond_the_
     limits = load_recipe(RECIPE).autoscaling
     capacity = limits.max_ongoing_requests + limits.max_queued_requests
 
-    async def burst() -> list[httpx.Response]:  # twice what the app admits: the rest get a quick 503, not a hang
-        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=2 * capacity)) as client:
-            return await asyncio.gather(*(client.post(url, headers=server.headers, json={
-                **body, "prompt": f"{i}+2=", "max_tokens": 96, "temperature": 1.0, "ignore_eos": True})
-                for i in range(2 * capacity)))
+    async def timed(client: httpx.AsyncClient, i: int) -> tuple[int, str, float]:
+        answer = await client.post(url, headers=server.headers, json={
+            **body, "prompt": f"{i}+2=", "max_tokens": 384, "temperature": 1.0, "ignore_eos": True})
+        return answer.status_code, answer.text, time.monotonic()
 
+    async def burst() -> list[tuple[int, str, float]]:  # twice what the app admits: the rest get a quick 503
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2 * capacity)) as client:
+            return await asyncio.gather(*(timed(client, i) for i in range(2 * capacity)))
+
+    start = time.monotonic()
     answers = asyncio.run(burst())
-    shed = [a.status_code for a in answers]
-    print(f"\nburst of {len(shed)}: {shed.count(200)} answered, {shed.count(503)} shed with 503")
-    # Admitted: the caller's queue (it waits for a free slot) and whatever replica slots the router sees free at the
-    # burst, at most every replica's; beyond that, 503 at once. A run right after an engine replica was replaced
-    # answered exactly the queue (32 of 160): the router saw no free slot then, and the queue still got served.
-    ceiling = limits.max_replicas * limits.max_ongoing_requests + limits.max_queued_requests
-    assert set(shed) <= {200, 503} and limits.max_queued_requests <= shed.count(200) <= ceiling
-    assert shed.count(503) > 0 and all("backpressure" in a.text for a in answers if a.status_code == 503)
+    shed = [code for code, _, _ in answers]
+    assert set(shed) <= {200, 503} and shed.count(503) > 0 and shed.count(200) > 0, shed
+    assert all("backpressure" in text for code, text, _ in answers if code == 503)
+    with capsys.disabled():  # shown in the test run's output, not only on failure
+        print(f"\nburst of {len(shed)}: {shed.count(200)} answered, {shed.count(503)} shed with 503 (the last after "
+              f"{max(t for c, _, t in answers if c == 503) - start:.1f} s; the first answer after "
+              f"{min(t for c, _, t in answers if c == 200) - start:.1f} s)")
+    # Admitted: at least the caller's queue (it waits for a free slot, and it was empty when the burst began). How
+    # many more depends on the slots that free while the burst is still arriving, so no ceiling is asserted: a CI run
+    # admitted 141 of 160, 13 over every replica's slots plus the queue. 384-token answers (not 96) hold their slots
+    # longer: here the last 503 came after 5.6 s and the first answer after 6.9 s.
+    assert shed.count(200) >= limits.max_queued_requests
     expected = {"unauthorized": 3, "reason=api_key": 3, "reason=max_tokens": 2, "completions 401": 3,
                 "completions 200": 2 + shed.count(200), "cache hits": 1, "cache misses": 1, "shed": shed.count(503)}
     deadline, seen = time.monotonic() + 120, {}
