@@ -522,7 +522,8 @@ def test_serving_metrics_count_what_the_ingress_answered_and_a_burst_beyond_the_
     # Admitted: at least the caller's queue (it waits for a free slot, and it was empty when the burst began). How
     # many more depends on the slots that free while the burst is still arriving, so no ceiling is asserted: a CI run
     # admitted 141 of 160, 13 over every replica's slots plus the queue. 384-token answers (not 96) hold their slots
-    # longer: here the last 503 came after 5.6 s and the first answer after 6.9 s.
+    # longer, so more of the burst is shed, but slots still free as it arrives: one clean-clone run here got its
+    # last 503 after 7.6 s and its first answer after 7.3 s.
     assert shed.count(200) >= limits.max_queued_requests
     expected = {"unauthorized": 3, "reason=api_key": 3, "reason=max_tokens": 2, "completions 401": 3,
                 "completions 200": 2 + shed.count(200), "cache hits": 1, "cache misses": 1, "shed": shed.count(503)}
